@@ -1,0 +1,207 @@
+"""Pytree utilities: task vectors, stacking, leafwise mapping."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusionjax._src import validation
+from fusionjax._src.base import ArrayLike, Params, PRNGKey, Stacked
+
+keystr = jax.tree_util.keystr
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def is_mergeable(x: Any) -> bool:
+    """Whether a leaf takes part in merging: a floating-point (inexact) array."""
+    return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """Dtype merges are computed in: at least float32 (bf16/fp16 are upcast)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+def leaf_key(key: Optional[PRNGKey], path) -> Optional[PRNGKey]:
+    """A PRNG key for one leaf, derived from ``key`` and the leaf's path.
+
+    Keys depend on the path (not on the leaf's position), so a random step gives
+    a leaf the same randomness however the tree around it is split or filtered.
+    """
+    if key is None:
+        return None
+    return jax.random.fold_in(key, zlib.crc32(keystr(path).encode()) & 0x7FFFFFFF)
+
+
+def task_vector(base: Params, finetuned: Params) -> Params:
+    r"""Task vector :math:`\tau = \theta_{ft} - \theta_0` of one fine-tuned model.
+
+    Args:
+      base: Base (pretrained) parameters :math:`\theta_0`.
+      finetuned: Fine-tuned parameters :math:`\theta_{ft}` with the same structure.
+
+    Returns:
+      A pytree like ``base``: the difference on floating-point leaves (computed in
+      at least float32 and cast back), ``None`` on every other leaf.
+
+    Raises:
+      ValueError: if the structures, shapes or dtypes differ (the message names
+        the path).
+
+    Examples:
+      >>> import jax.numpy as jnp, fusionjax as fj
+      >>> fj.task_vector({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})
+      {'w': Array([1., 1.], dtype=float32)}
+
+    References:
+      Ilharco et al, `Editing Models with Task Arithmetic
+      <https://arxiv.org/abs/2212.04089>`_, ICLR 2023
+    """
+    validation.check_models(base, [finetuned], check_values=False)
+
+    def sub(b, f):
+        if not is_mergeable(b):
+            return None
+        dt = compute_dtype(b.dtype)
+        return (jnp.asarray(f, dt) - jnp.asarray(b, dt)).astype(b.dtype)
+
+    return jax.tree.map(sub, base, finetuned)
+
+
+def task_vectors(base: Params, finetuned: Sequence[Params]) -> list[Params]:
+    """Task vectors of several fine-tuned models; see :func:`task_vector`.
+
+    Args:
+      base: Base parameters.
+      finetuned: Fine-tuned models with the structure of ``base``.
+
+    Returns:
+      A list with one task-vector pytree per fine-tuned model.
+    """
+    validation.check_models(base, finetuned, check_values=False)
+    return [task_vector(base, ft) for ft in finetuned]
+
+
+def apply_task_vector(base: Params, tv: Params, scaling: ArrayLike = 1.0) -> Params:
+    r"""Adds a (scaled) task vector to a model: :math:`\theta_0 + \lambda\tau`.
+
+    Args:
+      base: Base parameters :math:`\theta_0`.
+      tv: Task vector, ``None`` on leaves that are not merged.
+      scaling: Multiplier :math:`\lambda`.
+
+    Returns:
+      Parameters with the structure and dtypes of ``base``; leaves where ``tv`` is
+      ``None`` are taken from ``base`` unchanged.
+    """
+
+    def add(b, t):
+        if t is None:
+            return b
+        if np.shape(t) != np.shape(b):
+            raise ValueError(f"task vector shape {np.shape(t)} != parameter shape {np.shape(b)}")
+        dt = compute_dtype(b.dtype)
+        out = jnp.asarray(b, dt) + jnp.asarray(scaling, dt) * jnp.asarray(t, dt)
+        return out.astype(b.dtype)
+
+    return jax.tree.map(add, base, tv, is_leaf=_is_none)
+
+
+def stack(trees: Sequence[Params]) -> Stacked:
+    """Stacks pytrees of equal structure along a new leading axis ``T``.
+
+    ``None`` leaves stay ``None``. Note that stacking ``T`` models costs ``T``
+    times their memory; :func:`fusionjax.merge` streams leaf by leaf instead.
+
+    Args:
+      trees: A non-empty sequence of pytrees with the same structure.
+
+    Returns:
+      One pytree whose leaves have a leading axis of size ``len(trees)``.
+    """
+    if not trees:
+        raise ValueError("stack needs at least one tree, got an empty sequence.")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: Stacked) -> list[Params]:
+    """Inverse of :func:`stack`: splits the leading axis into a list of pytrees."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return []
+    n = leaves[0].shape[0]
+    return [treedef.unflatten([x[i] for x in leaves]) for i in range(n)]
+
+
+def broadcast_leaves(full: Any, extra: Any, name: str) -> list:
+    """Leaves of ``extra`` aligned with the leaves of ``full``.
+
+    ``extra`` has the structure of ``full`` (``None`` where it has no value) or is
+    a prefix of it, whose leaves then apply to whole subtrees.
+
+    Args:
+      full: The reference pytree (its ``None`` leaves are skipped).
+      extra: The tree to align, or ``None``.
+      name: Name used in the error message.
+
+    Returns:
+      A list with one entry per leaf of ``full``.
+    """
+    treedef = jax.tree.structure(full)
+    if extra is None:
+        return [None] * treedef.num_leaves
+    try:
+        return treedef.flatten_up_to(extra)
+    except (ValueError, TypeError):
+        pass
+    try:
+        nested = jax.tree.map(
+            lambda pre, sub: [pre] * len(jax.tree.leaves(sub)), extra, full, is_leaf=_is_none
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{name} must have the structure of the parameters (or a prefix of it): {e}"
+        ) from None
+    out = []
+    for chunk in jax.tree.leaves(nested, is_leaf=lambda x: isinstance(x, list)):
+        out.extend(chunk)
+    return out
+
+
+def map_leafwise(
+    leaf_fn: Callable[..., Any],
+    tvs: Stacked,
+    *,
+    key: Optional[PRNGKey] = None,
+    **extra_args,
+) -> Any:
+    """Maps a leaf function over a stacked tree, slicing extra trees per leaf.
+
+    Args:
+      leaf_fn: ``leaf_fn(x, *, key, **extra) -> array``.
+      tvs: Stacked task vectors ``[T, ...]``; ``None`` leaves are skipped.
+      key: Optional PRNG key, split per leaf with :func:`leaf_key`.
+      **extra_args: Pytrees with the structure of ``tvs`` (or a prefix of it).
+
+    Returns:
+      A pytree with the structure of ``tvs``.
+    """
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tvs)
+    extras = {k: broadcast_leaves(tvs, v, k) for k, v in extra_args.items()}
+    out = []
+    for i, (path, x) in enumerate(paths_leaves):
+        kw = {k: v[i] for k, v in extras.items()}
+        try:
+            out.append(leaf_fn(x, key=leaf_key(key, path), **kw))
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"at {keystr(path)}: {e}") from e
+    return treedef.unflatten(out)

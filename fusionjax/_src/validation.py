@@ -1,0 +1,188 @@
+"""Input checks shared by every method. Errors name the model index and the path.
+
+Static facts (structure, shapes, dtypes, Python-number hyperparameters) are
+checked always. Values (NaN/Inf, equality of integer leaves) are checked only
+when they are concrete: under :func:`jax.jit` they are traced and skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+keystr = jax.tree_util.keystr
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _is_inexact_array(x) -> bool:
+    return _is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def is_concrete(x) -> bool:
+    """Whether ``x`` holds a value (not a tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _path_map(tree) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {keystr(p): (p, x) for p, x in leaves}
+
+
+def _describe(x) -> str:
+    if _is_array(x):
+        return f"array{tuple(x.shape)} {x.dtype}"
+    return type(x).__name__
+
+
+def check_nonempty(models: Sequence[Any], name: str = "finetuned") -> None:
+    """Raises if ``models`` is not a non-empty list or tuple of pytrees."""
+    if not isinstance(models, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a list or tuple of parameter pytrees, got {type(models).__name__}."
+        )
+    if len(models) == 0:
+        raise ValueError(f"{name} is empty: merging needs at least one model.")
+
+
+def check_same_structure(
+    base: Any, other: Any, name: str = "finetuned[0]", ref_name: str = "base"
+) -> None:
+    """Raises ``ValueError`` naming the first path where ``other`` differs from ``base``.
+
+    Checks tree structure (missing or extra keys), then every leaf's shape and
+    dtype (arrays), or type (other leaves).
+
+    Args:
+      base: Reference pytree.
+      other: Pytree that must match it.
+      name: How ``other`` is named in the message, e.g. ``"finetuned[2]"``.
+      ref_name: How ``base`` is named in the message.
+    """
+    tdb, tdo = jax.tree.structure(base), jax.tree.structure(other)
+    if tdb != tdo:
+        pb, po = _path_map(base), _path_map(other)
+        missing = [k for k in pb if k not in po]
+        extra = [k for k in po if k not in pb]
+        if missing:
+            raise ValueError(f"{name} differs from {ref_name}: it is missing {missing[0]}.")
+        if extra:
+            raise ValueError(f"{name} differs from {ref_name}: it has an extra leaf {extra[0]}.")
+        raise ValueError(
+            f"{name} differs from {ref_name} in tree structure (container types): "
+            f"{tdo} != {tdb}"
+        )
+    lb = jax.tree_util.tree_flatten_with_path(base)[0]
+    lo = jax.tree.leaves(other)
+    for (path, b), o in zip(lb, lo):
+        where = f"{name} differs from {ref_name} at {keystr(path)}"
+        if _is_array(b) != _is_array(o):
+            raise ValueError(f"{where}: {_describe(o)} != {_describe(b)}")
+        if _is_array(b):
+            if tuple(b.shape) != tuple(o.shape):
+                raise ValueError(f"{where}: shape {tuple(o.shape)} != {tuple(b.shape)}")
+            if b.dtype != o.dtype:
+                raise ValueError(f"{where}: dtype {o.dtype} != {b.dtype}")
+
+
+def check_finite(tree: Any, name: str) -> None:
+    """Raises ``ValueError`` naming the first floating-point leaf with NaN or Inf."""
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if _is_inexact_array(x) and is_concrete(x) and not bool(jnp.isfinite(x).all()):
+            raise ValueError(f"{name} has NaN or Inf values at {keystr(path)}.")
+
+
+def _values_equal(a, b) -> bool:
+    if _is_array(a):
+        if not (is_concrete(a) and is_concrete(b)):
+            return True
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    try:
+        return bool(a == b)
+    except Exception:  # pylint: disable=broad-except
+        return a is b
+
+
+def check_passthrough_equal(base: Any, models: Sequence[Any], name: str = "finetuned") -> None:
+    """Raises if a leaf that is not merged (integer, bool, non-array) differs.
+
+    Such leaves (step counters, integer buffers, equinox static leaves) must be
+    equal in every model; they are passed through from ``base``.
+    """
+    lb = jax.tree_util.tree_flatten_with_path(base)[0]
+    for i, m in enumerate(models):
+        for (path, b), o in zip(lb, jax.tree.leaves(m)):
+            if not _is_inexact_array(b) and not _values_equal(b, o):
+                raise ValueError(
+                    f"{name}[{i}] differs from base at {keystr(path)}: this "
+                    f"{_describe(b)} leaf is not floating point, so it is not merged "
+                    "and must be equal in every model."
+                )
+
+
+def check_models(
+    base: Any, finetuned: Sequence[Any], *, name: str = "finetuned", check_values: bool = True
+) -> None:
+    """All checks on a base model and a list of fine-tuned models.
+
+    Args:
+      base: Base parameters.
+      finetuned: Non-empty list of fine-tuned parameters.
+      name: How the list is named in messages.
+      check_values: Also check non-float leaves for equality (when concrete).
+        NaN/Inf are checked by :func:`fusionjax.merge` as it reads the leaves.
+    """
+    check_nonempty(finetuned, name)
+    for i, ft in enumerate(finetuned):
+        check_same_structure(base, ft, name=f"{name}[{i}]")
+    if check_values:
+        check_passthrough_equal(base, finetuned, name)
+
+
+def check_hparam(
+    name: str,
+    value: Any,
+    *,
+    lower: Optional[float] = None,
+    upper: Optional[float] = None,
+    lower_open: bool = False,
+    upper_open: bool = False,
+) -> None:
+    """Raises ``ValueError`` if a concrete hyperparameter is out of range or NaN.
+
+    Traced values are not checked (they are validated by the caller's own code).
+
+    Args:
+      name: Hyperparameter name for the message, e.g. ``"density"``.
+      value: A Python number or array (every entry is checked).
+      lower: Lower bound, or ``None``.
+      upper: Upper bound, or ``None``.
+      lower_open: Exclude the lower bound.
+      upper_open: Exclude the upper bound.
+    """
+    if value is None or not is_concrete(value):
+        return
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}.") from None
+    lo = "(" if lower_open else "["
+    hi = ")" if upper_open else "]"
+    interval = (
+        f"{lo}{-math.inf if lower is None else lower}, {math.inf if upper is None else upper}{hi}"
+    )
+    bad = np.isnan(arr)
+    if lower is not None:
+        bad |= (arr <= lower) if lower_open else (arr < lower)
+    if upper is not None:
+        bad |= (arr >= upper) if upper_open else (arr > upper)
+    if bad.any():
+        shown = value if arr.ndim == 0 else arr.tolist()
+        raise ValueError(f"{name} must lie in {interval}, got {shown}.")

@@ -1,0 +1,154 @@
+"""Linear mergers: sum, (weighted) mean, scaling; task arithmetic and model soups."""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from fusionjax._src import validation
+from fusionjax._src.base import ArrayLike, Step
+from fusionjax._src.merge import chain
+
+
+def sum_rows(x: jax.Array) -> jax.Array:
+    """Sums the leading (model) axis of ``[T, ...]`` by adding its ``T`` rows.
+
+    On XLA:CPU ``jnp.sum(x, axis=0)`` over a short leading axis was measured
+    ~60x slower than adding the rows; ``T`` is small, so the unrolled sum is cheap.
+    """
+    return functools.reduce(operator.add, [x[t] for t in range(x.shape[0])])
+
+
+def check_model_weights(weights, num_models: int, name: str = "weights") -> jax.Array:
+    """Validates per-model weights ``[T]`` against the number of models."""
+    w = jnp.asarray(weights)
+    if w.ndim != 1 or w.shape[0] != num_models:
+        raise ValueError(
+            f"{name} must have one entry per model, shape ({num_models},), got shape {w.shape}."
+        )
+    return w
+
+
+def scale(scaling: ArrayLike) -> Step:
+    r"""Multiplies task vectors (stacked or merged) by :math:`\lambda`.
+
+    Elementwise, so it may follow a merger in a :func:`fusionjax.chain`.
+
+    Args:
+      scaling: The factor :math:`\lambda`; a scalar (it may be traced, so a sweep
+        over it can be vmapped).
+
+    Returns:
+      A :class:`fusionjax.Step`.
+    """
+    validation.check_hparam("scaling", scaling)
+
+    def leaf_fn(x, **_):
+        return x * jnp.asarray(scaling, x.dtype)
+
+    return Step("scale", reduces=False, leaf_fn=leaf_fn, elementwise=True)
+
+
+def sum() -> Step:  # pylint: disable=redefined-builtin
+    r"""Merger :math:`\tau = \sum_t \tau_t`.
+
+    Returns:
+      A leafwise :class:`fusionjax.Step` that reduces ``[T, ...] -> [...]``.
+    """
+
+    def leaf_fn(x, **_):
+        return sum_rows(x)
+
+    return Step("sum", reduces=True, leaf_fn=leaf_fn)
+
+
+def mean(weights: Optional[ArrayLike] = None) -> Step:
+    r"""Merger :math:`\tau = \sum_t w_t \tau_t / \sum_t w_t` (uniform if no weights).
+
+    In parameter space this is the weighted average
+    :math:`\theta = \sum_t w_t\theta_t / \sum_t w_t` of the fine-tuned models.
+
+    Args:
+      weights: Optional non-negative weights ``[T]``, one per model; they are
+        normalised to sum to one.
+
+    Returns:
+      A leafwise :class:`fusionjax.Step` that reduces ``[T, ...] -> [...]``.
+    """
+    if weights is not None:
+        validation.check_hparam("weights", weights, lower=0.0)
+        if validation.is_concrete(weights) and float(jnp.sum(jnp.asarray(weights))) <= 0:
+            raise ValueError("weights must not all be zero.")
+
+    def leaf_fn(x, **_):
+        n = x.shape[0]
+        if weights is None:
+            return sum_rows(x) / jnp.asarray(n, x.dtype)
+        w = check_model_weights(weights, n).astype(x.dtype)
+        w = w / sum_rows(w)
+        return functools.reduce(operator.add, [w[t] * x[t] for t in range(n)])
+
+    return Step("mean", reduces=True, leaf_fn=leaf_fn)
+
+
+def weighted_average(weights: ArrayLike) -> Step:
+    r"""Weighted parameter average :math:`\theta = \sum_t w_t\theta_t / \sum_t w_t`.
+
+    Args:
+      weights: Non-negative weights ``[T]``, one per fine-tuned model.
+
+    Returns:
+      A merger for :func:`fusionjax.merge`.
+
+    Examples:
+      >>> import jax.numpy as jnp, fusionjax as fj
+      >>> base = {"w": jnp.zeros(2)}
+      >>> fts = [{"w": jnp.ones(2)}, {"w": 4 * jnp.ones(2)}]
+      >>> fj.merge(base, fts, fj.merging.weighted_average(jnp.array([3.0, 1.0])))
+      {'w': Array([1.75, 1.75], dtype=float32)}
+
+    References:
+      Wortsman et al, `Model soups <https://arxiv.org/abs/2203.05482>`_, ICML 2022
+    """
+    return mean(weights)
+
+
+def uniform_soup() -> Step:
+    r"""Uniform model soup: the plain average :math:`\frac1T\sum_t\theta_t`.
+
+    Returns:
+      A merger for :func:`fusionjax.merge`.
+
+    References:
+      Wortsman et al, `Model soups <https://arxiv.org/abs/2203.05482>`_, ICML 2022
+    """
+    return mean()
+
+
+def task_arithmetic(*, scaling: ArrayLike = 0.3) -> Step:
+    r"""Task arithmetic: :math:`\theta = \theta_0 + \lambda\sum_t\tau_t`.
+
+    Args:
+      scaling: :math:`\lambda`. The paper picks it on validation data from
+        :math:`\{0, 0.05, \dots, 1\}`; 0.3 is the common default for 8 tasks.
+        ``1/T`` gives the plain average.
+
+    Returns:
+      A merger for :func:`fusionjax.merge`.
+
+    Examples:
+      >>> import jax.numpy as jnp, fusionjax as fj
+      >>> base = {"w": jnp.zeros(2)}
+      >>> fts = [{"w": jnp.ones(2)}, {"w": -jnp.ones(2)}]
+      >>> fj.merge(base, fts, fj.merging.task_arithmetic(scaling=1.0))
+      {'w': Array([0., 0.], dtype=float32)}
+
+    References:
+      Ilharco et al, `Editing Models with Task Arithmetic
+      <https://arxiv.org/abs/2212.04089>`_, ICLR 2023
+    """
+    return chain(sum(), scale(scaling))

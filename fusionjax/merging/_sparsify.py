@@ -1,0 +1,163 @@
+"""Magnitude-aware sparsification: Model Breadcrumbs and DELLA's MagPrune."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fusionjax._src import quantile
+from fusionjax._src import validation
+from fusionjax._src.base import ArrayLike, Step
+from fusionjax._src.merge import chain
+from fusionjax.merging import _linear
+from fusionjax.merging._ties import disjoint_mean, elect_sign, num_kept
+
+
+def drop_extremes(*, density: ArrayLike = 0.15, gamma: ArrayLike = 0.01) -> Step:
+    r"""Model Breadcrumbs mask: drops the largest and the smallest magnitudes.
+
+    Per task vector and per leaf (the paper masks layer by layer), the
+    :math:`\lceil\gamma n\rceil` largest :math:`|\tau_{t,i}|` (outliers) are
+    zeroed, the next :math:`\lceil\rho n\rceil` are kept, and the rest (the
+    negligible perturbations) are zeroed.
+
+    Args:
+      density: :math:`\rho`, fraction of entries kept. The paper masks about the
+        bottom 85% per layer, i.e. ``density`` around 0.15.
+      gamma: :math:`\gamma`, fraction of the largest entries dropped as outliers.
+
+    Returns:
+      A task-vector :class:`fusionjax.Step` ``[T, ...] -> [T, ...]``.
+
+    References:
+      Davari & Belilovsky, `Model Breadcrumbs: Scaling Multi-Task Model Merging
+      with Sparse Masks <https://arxiv.org/abs/2312.06795>`_, ECCV 2024
+    """
+    validation.check_hparam("density", density, lower=0.0, upper=1.0, lower_open=True)
+    validation.check_hparam("gamma", gamma, lower=0.0, upper=1.0, upper_open=True)
+
+    def leaf_fn(x, **_):
+        rows = jnp.abs(x).reshape(x.shape[0], -1)
+        n = rows.shape[1]
+        k_top = num_kept(gamma, n)
+        k_end = k_top + num_kept(density, n)
+        ks = jnp.broadcast_to(jnp.stack([k_top, k_end]), (x.shape[0], 2))
+        thr = quantile.kth_largest([rows], ks)
+        top, end = thr[:, 0], thr[:, 1]
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        mag = jnp.abs(x)
+        keep = (mag < top.reshape(shape)) & (mag >= end.reshape(shape))
+        return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+    return Step("drop_extremes", reduces=False, leaf_fn=leaf_fn)
+
+
+def breadcrumbs(
+    *, density: ArrayLike = 0.15, gamma: ArrayLike = 0.01, scaling: ArrayLike = 0.3
+) -> Step:
+    r"""Model Breadcrumbs: task arithmetic on task vectors masked by :func:`drop_extremes`.
+
+    :math:`\theta = \theta_0 + \lambda\sum_t m_t\odot\tau_t`.
+
+    Args:
+      density: Fraction of entries kept per layer (see :func:`drop_extremes`).
+      gamma: Fraction of the largest entries dropped per layer.
+      scaling: :math:`\lambda`, as in task arithmetic.
+
+    Returns:
+      A merger for :func:`fusionjax.merge`.
+
+    References:
+      Davari & Belilovsky, `Model Breadcrumbs <https://arxiv.org/abs/2312.06795>`_,
+      ECCV 2024
+    """
+    return chain(drop_extremes(density=density, gamma=gamma), _linear.sum(), _linear.scale(scaling))
+
+
+def _ranks01(mag: jax.Array) -> jax.Array:
+    """Normalised magnitude ranks in [0, 1] over all axes but the first and last."""
+    t = mag.shape[0]
+    if mag.ndim <= 2:
+        flat = mag.reshape(t, 1, -1)
+    else:
+        flat = jnp.moveaxis(mag.reshape(t, -1, mag.shape[-1]), -1, 1)
+    n = flat.shape[-1]
+    ranks = jnp.argsort(jnp.argsort(flat, axis=-1), axis=-1).astype(mag.dtype)
+    r01 = ranks / jnp.maximum(n - 1, 1)
+    if mag.ndim <= 2:
+        return r01.reshape(mag.shape)
+    return jnp.moveaxis(r01, 1, -1).reshape(mag.shape)
+
+
+def magnitude_drop(*, density: ArrayLike = 0.5, epsilon: ArrayLike = 0.1) -> Step:
+    r"""DELLA's MagPrune: random drop with keep probabilities ranked by magnitude.
+
+    Within each output unit (for a kernel ``[..., d_out]``, over all its other
+    axes; for a vector, over the whole leaf) entries are ranked by
+    :math:`|\tau_{t,i}|`. Entry of normalised rank :math:`r_i\in[0,1]`
+    (0 smallest) is kept with probability
+    :math:`q_i = \rho - \epsilon + 2\epsilon r_i` and rescaled by :math:`1/q_i`,
+    so :math:`\mathbb{E}[\hat\tau] = \tau` and the mean keep rate is :math:`\rho`.
+    Random: needs ``key``. Ranking sorts each unit's entries.
+
+    Args:
+      density: :math:`\rho`, mean fraction kept (:math:`1 - p` in the paper).
+      epsilon: :math:`\epsilon`, half-width of the keep-probability range;
+        :math:`\rho\pm\epsilon` must lie in :math:`(0, 1]`.
+
+    Returns:
+      A random task-vector :class:`fusionjax.Step` ``[T, ...] -> [T, ...]``.
+
+    References:
+      Deep et al, `DELLA-Merging: Reducing Interference in Model Merging through
+      Magnitude-Based Sampling <https://arxiv.org/abs/2406.11617>`_, 2024
+    """
+    validation.check_hparam("density", density, lower=0.0, upper=1.0, lower_open=True)
+    validation.check_hparam("epsilon", epsilon, lower=0.0)
+    if validation.is_concrete(density) and validation.is_concrete(epsilon):
+        lo, hi = float(density) - float(epsilon), float(density) + float(epsilon)
+        if lo <= 0.0 or hi > 1.0:
+            raise ValueError(
+                f"density ± epsilon must lie in (0, 1], got density={float(density)}, "
+                f"epsilon={float(epsilon)}."
+            )
+
+    def leaf_fn(x, *, key=None, **_):
+        if key is None:
+            raise ValueError("magnitude_drop is random and needs a PRNG key.")
+        q = (
+            jnp.asarray(density, x.dtype)
+            - jnp.asarray(epsilon, x.dtype)
+            + 2 * jnp.asarray(epsilon, x.dtype) * _ranks01(jnp.abs(x))
+        )
+        keep = jax.random.uniform(key, x.shape, x.dtype) < q
+        return jnp.where(keep, x / q, jnp.zeros((), x.dtype))
+
+    return Step("magnitude_drop", reduces=False, leaf_fn=leaf_fn, needs_key=True)
+
+
+def della(
+    *, density: ArrayLike = 0.5, epsilon: ArrayLike = 0.1, scaling: ArrayLike = 1.0
+) -> Step:
+    r"""DELLA-merging: MagPrune, elect sign, disjoint mean, scale.
+
+    ``chain(magnitude_drop(density, epsilon), elect_sign(), disjoint_mean(),
+    scale(scaling))``.
+
+    Args:
+      density: Mean fraction of entries kept (see :func:`magnitude_drop`).
+      epsilon: Half-width of the keep-probability range.
+      scaling: :math:`\lambda`.
+
+    Returns:
+      A random merger for :func:`fusionjax.merge` (pass ``key=``).
+
+    References:
+      Deep et al, `DELLA-Merging <https://arxiv.org/abs/2406.11617>`_, 2024
+    """
+    return chain(
+        magnitude_drop(density=density, epsilon=epsilon),
+        elect_sign(),
+        disjoint_mean(),
+        _linear.scale(scaling),
+    )
