@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fusionjax._src import quantile
 from fusionjax._src import validation
@@ -18,7 +20,13 @@ Scope = Literal["leaf", "model"]
 
 
 def num_kept(density: ArrayLike, n: int) -> jax.Array:
-    """Entries kept out of ``n`` at a given density: ``ceil(density * n)``."""
+    """Entries kept out of ``n`` at a given density: ``ceil(density * n)``.
+
+    A concrete density is rounded in float64 (so 0.3 of 90 is 27, not the 28 a
+    float32 product gives); a traced one in float32.
+    """
+    if validation.is_concrete(density) and np.ndim(density) == 0:
+        return jnp.asarray(math.ceil(round(float(density) * n, 9)), jnp.int32)
     return jnp.ceil(jnp.asarray(density, jnp.float32) * n).astype(jnp.int32)
 
 

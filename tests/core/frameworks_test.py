@@ -1,0 +1,86 @@
+"""merge works unchanged on flax linen params, nnx.State and equinox modules."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+import fusionjax as fj
+from tests import _testing as T
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(16)(x))
+        x = nn.BatchNorm(use_running_average=True)(x)
+        return nn.Dense(3)(x)
+
+
+def perturb(params, key, scale=0.05):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten(
+        [x + (scale * jax.random.normal(k, x.shape)).astype(x.dtype) for x, k in zip(leaves, keys)]
+    )
+
+
+def test_linen_params():
+    model = LinenMLP()
+    x = jnp.ones((2, 5))
+    variables = model.init(jax.random.key(0), x)
+    base = variables["params"]
+    fts = [perturb(base, jax.random.key(i)) for i in (1, 2)]
+    merged = fj.merge(base, fts, fj.merging.ties(density=0.5))
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+    out = model.apply({**variables, "params": merged}, x)
+    assert out.shape == (2, 3) and np.isfinite(out).all()
+    avg = fj.merge(base, fts, fj.merging.mean())
+    T.assert_trees_close(avg, jax.tree.map(lambda a, b: (a + b) / 2, *fts))
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(5, 16, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.l2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(self.bn(nnx.relu(self.l1(x)), use_running_average=True))
+
+
+def test_nnx_state():
+    model = NnxMLP(nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    fts = [perturb(params, jax.random.key(i)) for i in (1, 2, 3)]
+    merged = fj.merge(params, fts, fj.merging.task_arithmetic(scaling=0.5))
+    assert isinstance(merged, nnx.State)
+    rebuilt = nnx.merge(graphdef, merged, rest)
+    y = rebuilt(jnp.ones((2, 5)))
+    assert y.shape == (2, 3)
+    want = params["l1"]["kernel"][...] + 0.5 * sum(
+        f["l1"]["kernel"][...] - params["l1"]["kernel"][...] for f in fts
+    )
+    np.testing.assert_allclose(merged["l1"]["kernel"][...], want, rtol=1e-5, atol=1e-6)
+
+
+def test_equinox_module_filtered_arrays():
+    model = eqx.nn.MLP(4, 2, width_size=8, depth=2, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    fts = [perturb(params, jax.random.key(i)) for i in (1, 2)]
+    merged = fj.merge(params, fts, fj.merging.mean())
+    out_model = eqx.combine(merged, static)
+    assert out_model(jnp.ones(4)).shape == (2,)
+    T.assert_trees_close(merged, jax.tree.map(lambda a, b: (a + b) / 2, *fts))
+
+
+def test_equinox_module_directly():
+    # Non-array leaves (activation functions) are passed through when they match.
+    model = eqx.nn.MLP(4, 2, width_size=8, depth=1, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    fts = [eqx.combine(perturb(params, jax.random.key(i)), static) for i in (1, 2)]
+    merged = fj.merge(model, fts, fj.merging.mean())
+    assert isinstance(merged, eqx.nn.MLP)
+    assert merged(jnp.ones(4)).shape == (2,)
