@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from fusionjax import interop
 from fusionjax import merging
 from fusionjax._src.base import ArrayLike
 from fusionjax._src.base import Merger
@@ -31,6 +32,7 @@ __all__ = [
     "TaskVectorFn",
     "apply_task_vector",
     "chain",
+    "interop",
     "merge",
     "merging",
     "stack",
