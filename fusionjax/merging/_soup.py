@@ -30,8 +30,11 @@ class GreedySoupResult(NamedTuple):
     individual_scores: np.ndarray
 
 
+_MEAN = mean()  # one merger object, so its compiled leaf functions are reused
+
+
 def _average(models: Sequence[Params]) -> Params:
-    return merge(models[0], list(models), mean())
+    return merge(models[0], list(models), _MEAN)
 
 
 def greedy_soup(finetuned: Sequence[Params], evaluate: Callable[[Params], float]) -> GreedySoupResult:

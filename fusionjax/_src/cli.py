@@ -1,0 +1,60 @@
+"""The ``fusionjax`` command line: ``fusionjax demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Optional
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+    from fusionjax import testbed  # pylint: disable=g-import-not-at-top
+    from fusionjax.demo import _merging  # pylint: disable=g-import-not-at-top
+
+    start = time.perf_counter()
+    with tqdm(total=1, desc="testbed", unit="step", leave=False, file=sys.stderr) as bar:
+        tb = testbed.load(seed=args.seed, cache=not args.no_cache, progress=bar)
+    print(
+        f"fusionjax demo: digits testbed (seed {args.seed}), {len(tb.tasks)} tasks, "
+        f"ready in {time.perf_counter() - start:.1f}s"
+    )
+    methods = list(_merging.default_methods())
+    if args.methods:
+        methods = [m for m in methods if any(s.lower() in m.lower() for s in args.methods)]
+    with tqdm(total=len(methods), desc="merging", unit="method", leave=False, file=sys.stderr) as bar:
+
+        def progress(name):
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        rows = _merging.run_merging_suite(tb, methods=methods, progress=progress)
+    print()
+    print(_merging.format_table(tb.task_names, rows))
+    print(
+        "\nTest accuracy (%) per task of the merged encoder with each task's fixed head."
+        "\nλ marked (val) was chosen on a validation slice of the training data."
+    )
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``fusionjax`` console script."""
+    parser = argparse.ArgumentParser(prog="fusionjax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="merge fine-tuned models on the digits testbed")
+    demo.add_argument("--seed", type=int, default=0, help="testbed seed (default 0)")
+    demo.add_argument("--no-cache", action="store_true", help="retrain instead of loading the cache")
+    demo.add_argument(
+        "--methods", nargs="*", default=None, help="only methods whose names contain these words"
+    )
+    demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

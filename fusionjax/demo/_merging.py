@@ -1,0 +1,206 @@
+"""Every merging method on the digits multi-task testbed, as a table.
+
+Hyperparameters follow the papers. Where a paper tunes the final scaling
+:math:`\\lambda` on validation data (task arithmetic, TIES, breadcrumbs, DARE,
+DELLA), the suite does too: the merged task vector is computed once with
+:math:`\\lambda=1` and :math:`\\lambda` is picked from a grid by the mean accuracy
+on a validation slice of each task's *training* split. Test data is used only
+for the reported accuracies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fusionjax as fj
+from fusionjax import interop
+from fusionjax import merging
+
+SCALING_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2, 1.5)
+VALIDATION_SIZE = 200
+FISHER_SIZE = 256
+
+
+class MethodResult(NamedTuple):
+    """One row of the table.
+
+    Attributes:
+      name: Method name.
+      accuracies: Per-task test accuracy ``[num_tasks]``; NaN for tasks the
+        method does not merge (SLERP takes two models).
+      note: Chosen hyperparameters, or other remarks.
+      seconds: Wall time of the merge (including data statistics).
+    """
+
+    name: str
+    accuracies: np.ndarray
+    note: str
+    seconds: float
+
+    @property
+    def tasks(self) -> np.ndarray:
+        """Indices of the tasks this row covers."""
+        return np.flatnonzero(~np.isnan(self.accuracies))
+
+    @property
+    def average(self) -> float:
+        """Mean accuracy over the tasks the row covers."""
+        return float(np.nanmean(self.accuracies))
+
+    def average_over(self, tasks: Sequence[int]) -> float:
+        """Mean accuracy over the given tasks."""
+        return float(np.mean(self.accuracies[np.asarray(tasks)]))
+
+
+class _Context(NamedTuple):
+    tb: Any
+    key: jax.Array
+    validate: Callable[[Any], float]
+
+
+def _validation_accuracy(tb) -> Callable[[Any], float]:
+    xs = [jnp.asarray(t.x_train[:VALIDATION_SIZE]) for t in tb.tasks]
+    ys = [np.asarray(t.y_train[:VALIDATION_SIZE]) for t in tb.tasks]
+    logits = jax.jit(tb.logits, static_argnums=1)
+
+    def validate(params) -> float:
+        accs = [
+            float(np.mean(np.asarray(jnp.argmax(logits(params, i, x), -1)) == y))
+            for i, (x, y) in enumerate(zip(xs, ys))
+        ]
+        return float(np.mean(accs))
+
+    return validate
+
+
+def _tuned(ctx: _Context, merger: fj.Step, **extra) -> tuple[Any, str]:
+    """Merges with :math:`\\lambda=1`, then picks :math:`\\lambda` on validation data."""
+    tb = ctx.tb
+    merged = fj.merge(tb.pretrained, list(tb.finetuned), merger, key=ctx.key, **extra)
+    tv = fj.task_vector(tb.pretrained, merged)
+    best = max(
+        SCALING_GRID,
+        key=lambda lam: ctx.validate(fj.apply_task_vector(tb.pretrained, tv, lam)),
+    )
+    return fj.apply_task_vector(tb.pretrained, tv, best), f"λ={best:g} (val)"
+
+
+def _plain(ctx: _Context, merger: fj.Step, note: str = "", **extra) -> tuple[Any, str]:
+    tb = ctx.tb
+    return fj.merge(tb.pretrained, list(tb.finetuned), merger, key=ctx.key, **extra), note
+
+
+def _greedy_soup(ctx: _Context):
+    out = merging.greedy_soup(list(ctx.tb.finetuned), ctx.validate)
+    return out.params, f"{len(out.selected)} of {len(ctx.tb.finetuned)} models"
+
+
+SLERP_TASKS = (0, 1)
+
+
+def _slerp(ctx: _Context):
+    # SLERP merges two models; here the first two tasks', scored on those tasks.
+    tb = ctx.tb
+    pair = [tb.finetuned[i] for i in SLERP_TASKS]
+    params = fj.merge(tb.pretrained, pair, merging.slerp(t=0.5, space="task_vectors"))
+    return params, "2 models: tasks 1-2 only"
+
+
+def _fisher(ctx: _Context):
+    tb = ctx.tb
+    fishers = []
+    for i, (task, ft) in enumerate(zip(tb.tasks, tb.finetuned)):
+        fn = lambda p, x, i=i: tb.logits(p, i, x)  # noqa: E731
+        x = jnp.asarray(task.x_train[:FISHER_SIZE])
+        fishers.append(merging.fisher_diagonal(fn, ft, x, batch_size=32))
+    return _plain(ctx, merging.fisher_merging(), f"{FISHER_SIZE} examples/task", fishers=fj.stack(fishers))
+
+
+def _regmean(ctx: _Context):
+    tb = ctx.tb
+    grams = [
+        interop.dense_grams(tb.encoder, {"params": ft}, jnp.asarray(task.x_train))
+        for task, ft in zip(tb.tasks, tb.finetuned)
+    ]
+    return _plain(ctx, merging.regmean(alpha=0.9), "α=0.9, train inputs", grams=fj.stack(grams))
+
+
+def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
+    """The methods of the demo table, in order: name -> ``fn(ctx) -> (params, note)``."""
+    return {
+        "uniform soup (average)": lambda c: _plain(c, merging.uniform_soup()),
+        "greedy soup": _greedy_soup,
+        "task arithmetic": lambda c: _tuned(c, merging.task_arithmetic(scaling=1.0)),
+        "TIES (density 0.2)": lambda c: _tuned(c, merging.ties(density=0.2, scaling=1.0)),
+        "DARE + TA (drop 0.5)": lambda c: _tuned(
+            c, merging.dare(drop_rate=0.5, merger=merging.task_arithmetic(scaling=1.0))
+        ),
+        "DARE-TIES (drop 0.5)": lambda c: _tuned(c, merging.dare_ties(drop_rate=0.5, scaling=1.0)),
+        "breadcrumbs": lambda c: _tuned(c, merging.breadcrumbs(scaling=1.0)),
+        "DELLA": lambda c: _tuned(c, merging.della(scaling=1.0)),
+        "model stock": lambda c: _plain(c, merging.model_stock()),
+        "SLERP (2 models)": _slerp,
+        "Fisher merging": _fisher,
+        "RegMean": _regmean,
+    }
+
+
+def run_merging_suite(
+    tb,
+    *,
+    methods: Optional[Sequence[str]] = None,
+    key: Optional[jax.Array] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> list[MethodResult]:
+    """Evaluates pretrained, individual models and merging methods on a testbed.
+
+    Args:
+      tb: A :class:`fusionjax.testbed.Testbed`.
+      methods: Names from :func:`default_methods` (default: all).
+      key: PRNG key for the random methods (DARE, DELLA).
+      progress: Optional callback, called with each method's name when it is done.
+
+    Returns:
+      Rows: ``pretrained``, ``individual`` (each fine-tuned model on its own task:
+      the upper bound), then one per method.
+    """
+    table = default_methods()
+    names = list(table) if methods is None else list(methods)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(table)}.")
+    ctx = _Context(tb, jax.random.key(0) if key is None else key, _validation_accuracy(tb))
+    pre = np.asarray(tb.evaluate(tb.pretrained), np.float64)
+    rows = [MethodResult("pretrained", pre, "", 0.0)]
+    individual = [float(np.asarray(tb.evaluate(ft))[i]) for i, ft in enumerate(tb.finetuned)]
+    rows.append(MethodResult("individual (upper bound)", np.asarray(individual), "own task", 0.0))
+    for name in names:
+        start = time.perf_counter()
+        params, note = table[name](ctx)
+        params = jax.block_until_ready(params)
+        seconds = time.perf_counter() - start
+        accs = np.asarray(tb.evaluate(params), np.float64)
+        if table[name] is _slerp:
+            accs[[i for i in range(len(accs)) if i not in SLERP_TASKS]] = np.nan
+        rows.append(MethodResult(name, accs, note, seconds))
+        if progress is not None:
+            progress(name)
+    return rows
+
+
+def format_table(task_names: Sequence[str], rows: Sequence[MethodResult]) -> str:
+    """Formats rows as a fixed-width text table of accuracies in percent."""
+    width = max(len(r.name) for r in rows) + 2
+    cols = [n[:9] for n in task_names]
+    head = "method".ljust(width) + "".join(c.rjust(10) for c in cols) + "      avg  note"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        accs = "".join("·".rjust(10) if np.isnan(a) else f"{100 * a:10.1f}" for a in r.accuracies)
+        lines.append(f"{r.name.ljust(width)}{accs}{100 * r.average:9.1f}  {r.note}")
+    return "\n".join(lines)
