@@ -124,7 +124,11 @@ def _merge_leaf(leaf_fn, base, finetuned, key, extra, check_finite):
     out = (b + merged).astype(base.dtype)
     if not check_finite:
         return out, None
-    finite = jnp.stack([jnp.isfinite(x).all() for x in (base, *finetuned)])
+    # sum(x - x) is NaN iff x has a NaN or an Inf. Unlike isfinite(x).all(), it
+    # is a plain float reduction that XLA:CPU runs fused and vectorised; the
+    # predicate form materialises a bool copy of every input first (measured
+    # 100 ms vs 24 ms for 4 x 16M float32). It still reads every input once more.
+    finite = jnp.isfinite(jnp.stack([jnp.sum(x - x) for x in (base, *finetuned)]))
     return out, finite
 
 
@@ -258,5 +262,10 @@ def _merge_global(base, finetuned, merger, key, check_finite, extra_args):
 
     base_c = jax.tree.map(compute, base)
     tvs = jax.tree.map(stacked_tv, base, *finetuned)
-    merged = merger(tvs, key=key, base=base_c, **extra_args)
+    merged = _apply_global(merger, tvs, key, base_c, extra_args)
     return tree_lib.apply_task_vector(base, merged)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_global(merger, tvs, key, base, extra_args):
+    return merger(tvs, key=key, base=base, **extra_args)

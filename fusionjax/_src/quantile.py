@@ -3,69 +3,184 @@
 Magnitude pruning (TIES, breadcrumbs) needs the k-th largest :math:`|x|` of
 large arrays. ``jnp.sort``/``lax.top_k`` cost :math:`O(n\\log n)` and were
 measured ~130x slower than ``np.partition`` on XLA:CPU for 16M entries. For
-non-negative floats the IEEE bit pattern, read as a signed integer, is
-monotone in the value, so the k-th largest value is found exactly by bisection
-over bit patterns: each round counts the entries above a candidate. The counts
-are fused reductions, and the whole search is jittable on every backend.
+non-negative floats the IEEE bit pattern, read as an integer, is monotone in
+the value, so the k-th largest value is found exactly by a most-significant-
+digit radix select over the bit patterns: each pass histograms the next 15-16
+bits of the entries that share the prefix chosen so far (a scatter-add), and the
+suffix sums of the histogram pick the next digit. A float32 takes 2 passes over
+the data (16 + 15 bits), a bfloat16/float16 one, a float64 four. Ties, ``k <= 0``
+and ``k > n`` are exact by construction, and it is jittable on every backend.
+
+Measured on XLA:CPU (2 cores), 3 rows of 16M float32: the previous bisection
+(32 passes of ``sum(x >= t)``) took 1.6 s, this select 0.19 s (``np.partition``
+of the same rows: 0.14 s). XLA:CPU does not vectorise a
+compare-and-count reduction (~1.5 ns per entry and threshold), while one scatter
+pass costs ~2-3 ns per entry and settles 15-16 bits at once. Rows are read in a
+few static chunks (see ``_histogram``) so that no large temporary is created.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-_INT_FOR_FLOAT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
+# Bits of the sign-free bit pattern and the digits of the radix select, by itemsize.
+_NBITS = {2: 15, 4: 31, 8: 63}
+_DIGIT_BITS = 16
+# Entries (rows x ranks x chunk) scattered per step: bounds the temporaries to a
+# few MiB however large the arrays are (fresh large buffers page-fault on CPU).
+_STEP_ENTRIES = 1 << 20
+_MAX_CHUNKS = 4
 
 
-def _bits(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, _INT_FOR_FLOAT[x.dtype.itemsize])
+def _magnitude_bits(x: jax.Array) -> jax.Array:
+    """The bit pattern of ``|x|`` as a non-negative integer (int32, or int64 for f64)."""
+    size = x.dtype.itemsize
+    if size == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.int16).astype(jnp.int32) & 0x7FFF
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.int32) & 0x7FFFFFFF
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.int64) & 0x7FFFFFFFFFFFFFFF
+    raise TypeError(f"kth_largest needs a 16-, 32- or 64-bit float dtype, got {x.dtype}.")
+
+
+def _digits(nbits: int) -> list[int]:
+    passes = -(-nbits // _DIGIT_BITS)
+    return [nbits // passes + (1 if i < nbits % passes else 0) for i in range(passes)]
+
+
+def _histogram(xs, shift, base, nbins, count_dtype):
+    """Counts ``[T, m, nbins]`` of ``(bits(|x|) >> shift) - base[t, r]`` over row ``t``.
+
+    Entries outside ``[0, nbins)`` (a different prefix) are dropped. Each row is
+    read in a few static chunks: a chunk of one row of a stacked ``[T, ...]``
+    leaf fuses with the arithmetic that produced it (no ``[T, ...]`` temporary),
+    and the bit patterns and scatter indices only ever exist for one chunk
+    (fresh large buffers page-fault on CPU). Each chunk's indices depend on the
+    previous chunk's histogram, so XLA cannot compute them all up front.
+    """
+    t_rows, m = base.shape
+    size = t_rows * m * nbins
+    step_min = max(1024, _STEP_ENTRIES // m)
+    hist = jnp.zeros((size,), count_dtype)
+    if sum(x.size for x in xs) * m <= _STEP_ENTRIES:  # small: one scatter for all rows
+        seg = jnp.concatenate([x.reshape(t_rows, -1) for x in xs], axis=1)
+        d = (_magnitude_bits(seg)[:, None, :] >> shift) - base[:, :, None]
+        offsets = (jnp.arange(t_rows * m, dtype=jnp.int32) * nbins).reshape(t_rows, m, 1)
+        flat = jnp.where((d >= 0) & (d < nbins), d.astype(jnp.int32) + offsets, size)
+        return hist.at[flat.reshape(-1)].add(1, mode="drop").reshape(t_rows, m, nbins)
+    for t in range(t_rows):
+        offsets = ((t * m + jnp.arange(m, dtype=jnp.int32)) * nbins)[:, None]
+        for x in xs:
+            # Chunk along axis 1 of x itself: a slice of row t of a stacked leaf
+            # then reads that model's own arrays, not a materialised stack.
+            rest = math.prod(x.shape[2:])
+            step = -(-max(step_min, -(-x.shape[1] * rest // _MAX_CHUNKS)) // rest)
+            for c0 in range(0, x.shape[1], step):
+                seg = _magnitude_bits(x[t, c0 : c0 + step].reshape(-1))
+                # min(h, 0) == 0, but XLA cannot know: it orders this chunk after
+                # the previous scatter.
+                b = base[t][:, None] + jnp.minimum(hist[0], 0).astype(base.dtype)
+                d = (seg[None, :] >> shift) - b
+                inside = (d >= 0) & (d < nbins)
+                flat = jnp.where(inside, d.astype(jnp.int32) + offsets, size).reshape(-1)
+                hist = hist.at[flat].add(1, mode="drop")
+    return hist.reshape(t_rows, m, nbins)
+
+
+def _select(hist, above, k):
+    """The largest bin ``j`` with ``above + #{entries in bins >= j} >= k``.
+
+    Returns ``j`` (0 when no bin qualifies) and the count of entries above bin
+    ``j``, both ``[T, m]``. Histograms of more than 256 bins are searched in two
+    levels (blocks, then bins of the chosen block), each by one small
+    triangular matmul for the suffix sums: few kernels, so it compiles fast.
+    """
+    nbins = hist.shape[-1]
+    if nbins > 256:
+        inner = 1 << ((nbins.bit_length() - 1 + 1) // 2)
+        blocks = hist.reshape(*hist.shape[:-1], nbins // inner, inner)
+        jb, above = _select(blocks.sum(-1), above, k)
+        picked = jnp.take_along_axis(blocks, jb[..., None, None], axis=-2)[..., 0, :]
+        ji, above = _select(picked, above, k)
+        return jb * inner + ji, above
+    ge = np.arange(nbins)[:, None] >= np.arange(nbins)[None, :]
+    total = above[..., None] + jnp.matmul(hist, jnp.asarray(ge, hist.dtype))
+    j = jnp.maximum(jnp.sum(total >= k[..., None], axis=-1, dtype=k.dtype) - 1, 0)
+    nxt = jnp.take_along_axis(total, jnp.minimum(j + 1, nbins - 1)[..., None], axis=-1)[..., 0]
+    return j, jnp.where(j + 1 < nbins, nxt, above)
+
+
+@jax.jit
+def _kth_largest(xs, k):
+    dtype = xs[0].dtype
+    nbits = _NBITS[dtype.itemsize]
+    int_dtype = jnp.int64 if dtype.itemsize == 8 else jnp.int32
+    t_rows, m = k.shape
+    # Arrays below a chunk are scanned together (one scatter per pass, not one each).
+    small = [x.reshape(t_rows, -1) for x in xs if x.size * m < _STEP_ENTRIES]
+    xs = [x for x in xs if x.size * m >= _STEP_ENTRIES]
+    if small:
+        xs.append(jnp.concatenate(small, axis=1) if len(small) > 1 else small[0])
+    prefix = jnp.zeros((t_rows, m), int_dtype)
+    above = jnp.zeros((t_rows, m), k.dtype)
+    done = 0
+    for p, d in enumerate(_digits(nbits)):
+        shift = nbits - done - d
+        base = prefix << d
+        if p == 0:  # every rank starts from the empty prefix: one shared histogram
+            hist = _histogram(xs, shift, base[:, :1], 1 << d, k.dtype)
+            hist = jnp.broadcast_to(hist, (t_rows, m, 1 << d))
+        else:
+            hist = _histogram(xs, shift, base, 1 << d, k.dtype)
+        j, above = _select(hist, above, k)
+        prefix = base + j.astype(int_dtype)
+        done += d
+    int_type = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[dtype.itemsize]
+    value = jax.lax.bitcast_convert_type(prefix.astype(int_type), dtype)
+    n = min(sum(math.prod(x.shape[1:]) for x in xs), int(jnp.iinfo(k.dtype).max))
+    value = jnp.where(k > n, jnp.zeros((), dtype), value)
+    return jnp.where(k <= 0, jnp.asarray(jnp.inf, dtype), value)
 
 
 def kth_largest(xs: Sequence[jax.Array], k: jax.Array) -> jax.Array:
     """The ``k[t]``-th largest value of row ``t`` over several non-negative arrays.
 
     Args:
-      xs: Arrays ``[T, n_i]`` of one float dtype, non-negative and not NaN (e.g.
-        magnitudes), whose row ``t`` together forms one population.
+      xs: Arrays ``[T, n_i]`` (or ``[T, ...]``, ranking all trailing entries) of
+        one float dtype (16, 32 or 64 bits), non-negative and not NaN (e.g.
+        magnitudes), whose row ``t`` together forms one population. A negative
+        entry counts as its magnitude, so ``x`` may be passed for ``|x|``.
       k: Integer ranks ``[T]`` (1 = the largest), or ``[T, m]`` for ``m`` ranks
         per row found in the same passes. ``k <= 0`` gives ``+inf`` (nothing is
         at least that large); ``k > n`` gives 0.
 
     Returns:
-      Values of the shape of ``k``, ``v`` with ``v`` with ``#{x >= v} >= k`` and ``#{x > v} < k``: keeping
-      ``x >= v`` keeps the top ``k`` entries (and any ties with the k-th).
+      Values of the shape of ``k``: the ``v`` with ``#{x >= v} >= k`` and
+      ``#{x > v} < k``, so keeping ``x >= v`` keeps the top ``k`` entries (and any
+      ties with the k-th).
     """
+    xs = tuple(xs)
+    if not xs:
+        raise ValueError("kth_largest needs at least one array.")
     dtype = xs[0].dtype
-    itype = _INT_FOR_FLOAT[dtype.itemsize]
-    nbits = 8 * dtype.itemsize - 1
-    bits = [_bits(x) for x in xs]
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize not in _NBITS:
+        raise TypeError(f"kth_largest needs a 16-, 32- or 64-bit float dtype, got {dtype}.")
+    for x in xs:
+        if x.dtype != dtype or x.ndim < 1 or x.shape[0] != xs[0].shape[0]:
+            raise ValueError(
+                f"kth_largest needs arrays [T, ...] of one dtype; got {[(a.shape, a.dtype) for a in xs]}."
+            )
+    xs = tuple(x.reshape(x.shape[0], 1) if x.ndim == 1 else x for x in xs)
     k = jnp.asarray(k, jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
-    inf_bits = _bits(jnp.asarray(jnp.inf, dtype))
     squeeze = k.ndim == 1
     k = k.reshape(k.shape[0], -1)
-
-    def count_at_least(b):
-        cols = []
-        for j in range(b.shape[1]):
-            total = 0
-            for xb in bits:
-                total = total + jnp.sum(xb >= b[:, j : j + 1], axis=1, dtype=k.dtype)
-            cols.append(total)
-        return jnp.stack(cols, axis=1)
-
-    # Invariant: count(>= lo) >= k and count(>= hi) < k, for 1 <= k <= n.
-    lo = jnp.zeros(k.shape, itype)
-    hi = jnp.full(k.shape, inf_bits + 1, itype)
-
-    def body(_, lohi):
-        lo, hi = lohi
-        mid = lo + (hi - lo) // 2
-        ok = count_at_least(mid) >= k
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, nbits + 1, body, (lo, hi))
-    value = jax.lax.bitcast_convert_type(lo, dtype)
-    value = jnp.where(k <= 0, jnp.asarray(jnp.inf, dtype), value)
+    if k.shape[0] != xs[0].shape[0]:
+        raise ValueError(f"k must have one row per array row, shape ({xs[0].shape[0]}, ...), got {k.shape}.")
+    value = _kth_largest(xs, k)
     return value[:, 0] if squeeze else value

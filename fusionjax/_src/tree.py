@@ -134,7 +134,14 @@ def stack(trees: Sequence[Params]) -> Stacked:
 
 
 def unstack(tree: Stacked) -> list[Params]:
-    """Inverse of :func:`stack`: splits the leading axis into a list of pytrees."""
+    """Inverse of :func:`stack`: splits the leading axis into a list of pytrees.
+
+    Args:
+      tree: A pytree whose leaves share a leading axis ``T``.
+
+    Returns:
+      A list of ``T`` pytrees (empty if ``tree`` has no leaves).
+    """
     leaves, treedef = jax.tree.flatten(tree)
     if not leaves:
         return []

@@ -102,14 +102,19 @@ def _greedy_soup(ctx: _Context):
 
 
 SLERP_TASKS = (0, 1)
+_SLERP = merging.slerp(t=0.5, space="task_vectors")
 
 
 def _slerp(ctx: _Context):
     # SLERP merges two models; here the first two tasks', scored on those tasks.
     tb = ctx.tb
     pair = [tb.finetuned[i] for i in SLERP_TASKS]
-    params = fj.merge(tb.pretrained, pair, merging.slerp(t=0.5, space="task_vectors"))
+    params = fj.merge(tb.pretrained, pair, _SLERP)
     return params, "2 models: tasks 1-2 only"
+
+
+_FISHER = merging.fisher_merging()
+_REGMEAN = merging.regmean(alpha=0.9)
 
 
 def _fisher(ctx: _Context):
@@ -119,7 +124,7 @@ def _fisher(ctx: _Context):
         fn = lambda p, x, i=i: tb.logits(p, i, x)  # noqa: E731
         x = jnp.asarray(task.x_train[:FISHER_SIZE])
         fishers.append(merging.fisher_diagonal(fn, ft, x, batch_size=32))
-    return _plain(ctx, merging.fisher_merging(), f"{FISHER_SIZE} examples/task", fishers=fj.stack(fishers))
+    return _plain(ctx, _FISHER, f"{FISHER_SIZE} examples/task", fishers=fj.stack(fishers))
 
 
 def _regmean(ctx: _Context):
@@ -128,23 +133,37 @@ def _regmean(ctx: _Context):
         interop.dense_grams(tb.encoder, {"params": ft}, jnp.asarray(task.x_train))
         for task, ft in zip(tb.tasks, tb.finetuned)
     ]
-    return _plain(ctx, merging.regmean(alpha=0.9), "α=0.9, train inputs", grams=fj.stack(grams))
+    return _plain(ctx, _REGMEAN, "α=0.9, train inputs", grams=fj.stack(grams))
+
+
+# Merger objects are built once: merge compiles one function per merger and leaf
+# shape, so reusing them across seeds and calls reuses the compiled code.
+_UNIFORM = merging.uniform_soup()
+_TASK_ARITHMETIC = merging.task_arithmetic(scaling=1.0)
+_TIES = merging.ties(density=0.2, scaling=1.0)
+_DARE = merging.dare(drop_rate=0.5, merger=_TASK_ARITHMETIC)
+_DARE_TIES = merging.dare_ties(drop_rate=0.5, scaling=1.0)
+_BREADCRUMBS = merging.breadcrumbs(scaling=1.0)
+_DELLA = merging.della(scaling=1.0)
+_MODEL_STOCK = merging.model_stock()
 
 
 def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
-    """The methods of the demo table, in order: name -> ``fn(ctx) -> (params, note)``."""
+    """The methods of the demo table, in order.
+
+    Returns:
+      A dict from method name to ``fn(ctx) -> (params, note)``.
+    """
     return {
-        "uniform soup (average)": lambda c: _plain(c, merging.uniform_soup()),
+        "uniform soup (average)": lambda c: _plain(c, _UNIFORM),
         "greedy soup": _greedy_soup,
-        "task arithmetic": lambda c: _tuned(c, merging.task_arithmetic(scaling=1.0)),
-        "TIES (density 0.2)": lambda c: _tuned(c, merging.ties(density=0.2, scaling=1.0)),
-        "DARE + TA (drop 0.5)": lambda c: _tuned(
-            c, merging.dare(drop_rate=0.5, merger=merging.task_arithmetic(scaling=1.0))
-        ),
-        "DARE-TIES (drop 0.5)": lambda c: _tuned(c, merging.dare_ties(drop_rate=0.5, scaling=1.0)),
-        "breadcrumbs": lambda c: _tuned(c, merging.breadcrumbs(scaling=1.0)),
-        "DELLA": lambda c: _tuned(c, merging.della(scaling=1.0)),
-        "model stock": lambda c: _plain(c, merging.model_stock()),
+        "task arithmetic": lambda c: _tuned(c, _TASK_ARITHMETIC),
+        "TIES (density 0.2)": lambda c: _tuned(c, _TIES),
+        "DARE + TA (drop 0.5)": lambda c: _tuned(c, _DARE),
+        "DARE-TIES (drop 0.5)": lambda c: _tuned(c, _DARE_TIES),
+        "breadcrumbs": lambda c: _tuned(c, _BREADCRUMBS),
+        "DELLA": lambda c: _tuned(c, _DELLA),
+        "model stock": lambda c: _plain(c, _MODEL_STOCK),
         "SLERP (2 models)": _slerp,
         "Fisher merging": _fisher,
         "RegMean": _regmean,
@@ -188,6 +207,11 @@ def run_merging_suite(
         accs = np.asarray(tb.evaluate(params), np.float64)
         if table[name] is _slerp:
             accs[[i for i in range(len(accs)) if i not in SLERP_TASKS]] = np.nan
+            on = list(SLERP_TASKS)
+            note += (
+                f" (there: pretrained {100 * rows[0].average_over(on):.1f},"
+                f" individual {100 * rows[1].average_over(on):.1f})"
+            )
         rows.append(MethodResult(name, accs, note, seconds))
         if progress is not None:
             progress(name)
@@ -195,12 +219,20 @@ def run_merging_suite(
 
 
 def format_table(task_names: Sequence[str], rows: Sequence[MethodResult]) -> str:
-    """Formats rows as a fixed-width text table of accuracies in percent."""
+    """Formats rows as a fixed-width text table of accuracies in percent.
+
+    Args:
+      task_names: Column names, one per task.
+      rows: Rows from :func:`run_merging_suite`.
+
+    Returns:
+      The table as one string.
+    """
     width = max(len(r.name) for r in rows) + 2
-    cols = [n[:9] for n in task_names]
-    head = "method".ljust(width) + "".join(c.rjust(10) for c in cols) + "      avg  note"
+    cols = [n.removeprefix("digits_")[:10] for n in task_names]
+    head = "method".ljust(width) + "".join(c.rjust(11) for c in cols) + "      avg  note"
     lines = [head, "-" * len(head)]
     for r in rows:
-        accs = "".join("·".rjust(10) if np.isnan(a) else f"{100 * a:10.1f}" for a in r.accuracies)
+        accs = "".join("·".rjust(11) if np.isnan(a) else f"{100 * a:11.1f}" for a in r.accuracies)
         lines.append(f"{r.name.ljust(width)}{accs}{100 * r.average:9.1f}  {r.note}")
     return "\n".join(lines)
