@@ -186,3 +186,35 @@ def check_hparam(
     if bad.any():
         shown = value if arr.ndim == 0 else arr.tolist()
         raise ValueError(f"{name} must lie in {interval}, got {shown}.")
+
+
+def check_examples(inputs: Any, batch_size: Optional[int], name: str = "inputs") -> tuple[int, int]:
+    """Checks a pytree of examples with a shared leading axis and a batch size.
+
+    Args:
+      inputs: Pytree whose leaves are arrays ``[N, ...]`` with the same ``N``.
+      batch_size: Positive integer, or ``None`` for all ``N`` at once.
+      name: How ``inputs`` is named in messages.
+
+    Returns:
+      ``(N, batch_size)`` with ``batch_size`` clipped to ``N``.
+    """
+    leaves = jax.tree.leaves(inputs)
+    if not leaves:
+        raise ValueError(f"{name} is empty: at least one example is needed.")
+    sizes = {np.shape(a)[0] if np.ndim(a) else None for a in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"every leaf of {name} must be an array with the same leading (example) axis N, "
+            f"got leading sizes {sorted(str(s) for s in sizes)}."
+        )
+    (n,) = sizes
+    if n == 0:
+        raise ValueError(f"{name} has no examples (N = 0).")
+    if batch_size is None:
+        batch_size = n
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}.")
+    return n, min(int(batch_size), n)

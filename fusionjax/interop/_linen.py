@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionjax._src import validation
 from fusionjax.merging._regmean import gram_matrices
 
 
@@ -160,25 +161,7 @@ def dense_grams(
              [1., 1., 1.],
              [1., 1., 1.]], dtype=float32)
     """
-    leaves = jax.tree.leaves(xs)
-    if not leaves:
-        raise ValueError("xs is empty: dense_grams needs at least one example.")
-    sizes = {np.shape(a)[0] if np.ndim(a) else None for a in leaves}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            "every leaf of xs must be an array with the same leading (example) axis N, "
-            f"got leading sizes {sorted(str(s) for s in sizes)}."
-        )
-    (n,) = sizes
-    if n == 0:
-        raise ValueError("xs has no examples (N = 0).")
-    if batch_size is None:
-        batch_size = n
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}.")
-    batch_size = int(batch_size)
+    n, batch_size = validation.check_examples(xs, batch_size, name="xs")
 
     # Array-valued keyword arguments (rngs, masks) are traced, the rest (flags) static;
     # with a hashable module and flags, models of one architecture share one compile.

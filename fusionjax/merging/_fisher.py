@@ -91,25 +91,7 @@ def fisher_diagonal(
       Matena & Raffel, `Merging Models with Fisher-Weighted Averaging
       <https://arxiv.org/abs/2111.09832>`_, NeurIPS 2022
     """
-    in_leaves = jax.tree.leaves(inputs)
-    if not in_leaves:
-        raise ValueError("inputs is empty: fisher_diagonal needs at least one example.")
-    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in in_leaves}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            "every leaf of inputs must be an array with the same leading (example) axis N, "
-            f"got leading sizes {sorted(str(s) for s in sizes)}."
-        )
-    (n,) = sizes
-    if n == 0:
-        raise ValueError("inputs has no examples (N = 0).")
-    if batch_size is None:
-        batch_size = n
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}.")
-    batch_size = min(int(batch_size), n)
+    n, batch_size = validation.check_examples(inputs, batch_size)
 
     leaves, treedef = jax.tree.flatten(params)
     float_idx = tuple(i for i, x in enumerate(leaves) if tree_lib.is_mergeable(x))

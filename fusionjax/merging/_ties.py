@@ -46,8 +46,8 @@ def trim(*, density: ArrayLike = 0.2, scope: Scope = "leaf") -> Step:
 
     Entry :math:`\tau_{t,i}` is kept when :math:`|\tau_{t,i}|` is among the
     :math:`\lceil \rho n\rceil` largest of task vector :math:`t`; the rest are
-    zeroed (ties with the threshold are kept). The threshold is exact (found by
-    bisection, not by sorting).
+    zeroed (ties with the threshold are kept). The threshold is exact (found by a
+    radix select over the float bit patterns, not by sorting).
 
     Args:
       density: :math:`\rho\in(0, 1]`, the fraction kept (:math:`k` in TIES).
@@ -88,7 +88,7 @@ def trim(*, density: ArrayLike = 0.2, scope: Scope = "leaf") -> Step:
         if not leaves:
             return tvs
         rows = [_rows(x) for x in leaves]
-        n = sum(r.shape[1] for r in rows)  # pylint: disable=redefined-builtin
+        n = sum(r.shape[1] for r in rows)
         k = jnp.full((leaves[0].shape[0],), num_kept(density, n))
         thr = quantile.kth_largest(rows, k)
         return treedef.unflatten([_keep_top(x, thr) for x in leaves])

@@ -7,21 +7,14 @@ import numpy as np
 import pytest
 
 import fusionjax as fj
+from tests import _testing as T
 from fusionjax.merging import fisher_diagonal, fisher_merging
 
 RTOL, ATOL = 1e-5, 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _strict_promotion():
-    with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
-        yield
-
-
 def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    T.assert_trees_close(a, b, rtol=rtol, atol=atol)
 
 
 def random_params(key):
