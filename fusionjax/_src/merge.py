@@ -151,7 +151,11 @@ def merge(
 
     When ``merger`` is leafwise, the models are streamed one leaf at a time: peak
     memory is the inputs, the output and ``T`` copies of the largest leaf, never
-    the stacked ``[T, *params]`` tree. Each leaf is merged by one jitted function.
+    the stacked ``[T, *params]`` tree. Each leaf is merged by one jitted function,
+    compiled once per merger object and leaf shape: reuse a merger object across
+    calls, and sweep a hyperparameter by passing it as an argument of your own
+    :func:`jax.jit` or :func:`jax.vmap` (hyperparameters may be traced), which
+    compiles once for the whole sweep.
 
     Args:
       base: Base parameters :math:`\theta_0`: any pytree of arrays (a dict, flax
@@ -237,7 +241,9 @@ def _merge_leafwise(base, finetuned, merger, key, check_finite, extra_args):
         except (ValueError, TypeError) as e:
             raise type(e)(f"{merger.name} at {keystr(path)}: {e}") from e
         out.append(merged)
-        if finite is not None:
+        # Under an outer jit the flags are traced even when the inputs are
+        # closed-over constants; they can only be checked when concrete.
+        if finite is not None and validation.is_concrete(finite):
             flag_paths.append(path)
             flags.append(finite)
     if flags:

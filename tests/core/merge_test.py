@@ -111,6 +111,21 @@ def test_scaling_sweep_under_vmap_traces_once():
         T.assert_trees_close(jax.tree.map(lambda x: x[i], out), one)
 
 
+def test_scaling_sweep_under_jit_traces_once():
+    base = T.random_model(K(0))
+    fts = T.finetune_like(base, K(1), 3)
+    traces = []
+
+    @jax.jit
+    def merged(lam):
+        traces.append(lam)
+        return fj.merge(base, fts, fj.merging.ties(density=0.5, scaling=lam))
+
+    for lam in (0.1, 0.5, 1.0):
+        T.assert_trees_close(merged(lam), fj.merge(base, fts, fj.merging.ties(density=0.5, scaling=lam)))
+    assert len(traces) == 1
+
+
 def test_integer_leaves_pass_through_and_inputs_unchanged():
     base = T.random_model(K(0))
     fts = T.finetune_like(base, K(1), 2)
