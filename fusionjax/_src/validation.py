@@ -218,3 +218,10 @@ def check_examples(inputs: Any, batch_size: Optional[int], name: str = "inputs")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}.")
     return n, min(int(batch_size), n)
+
+
+def check_weights(weights: Any, name: str = "weights") -> None:
+    """Raises unless concrete per-model weights are non-negative and not all zero."""
+    check_hparam(name, weights, lower=0.0)
+    if weights is not None and is_concrete(weights) and float(np.sum(np.asarray(weights))) <= 0:
+        raise ValueError(f"{name} must not all be zero.")

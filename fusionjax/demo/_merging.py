@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fusionjax as fj
-from fusionjax import interop
-from fusionjax import merging
+from fusionjax import interop, merging
 
 SCALING_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2, 1.5)
 VALIDATION_SIZE = 200

@@ -11,9 +11,8 @@ import numpy as np
 from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike, Step
 from fusionjax._src.merge import chain
-from fusionjax.merging._linear import task_arithmetic
-from fusionjax.merging._ties import elect_sign, disjoint_mean
-from fusionjax.merging._linear import scale
+from fusionjax.merging._linear import scale, task_arithmetic
+from fusionjax.merging._ties import disjoint_mean, elect_sign
 
 
 def drop_and_rescale(*, drop_rate: ArrayLike = 0.9) -> Step:

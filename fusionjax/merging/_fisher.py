@@ -260,10 +260,7 @@ def fisher_merging(
       <https://arxiv.org/abs/2111.09832>`_, NeurIPS 2022
     """
     validation.check_hparam("fisher_floor", fisher_floor, lower=0.0, lower_open=True)
-    if weights is not None:
-        validation.check_hparam("weights", weights, lower=0.0)
-        if validation.is_concrete(weights) and float(jnp.sum(jnp.asarray(weights))) <= 0:
-            raise ValueError("weights must not all be zero.")
+    validation.check_weights(weights)
 
     def leaf_fn(x, *, fishers=_MISSING, **_):
         f = _check_fisher(fishers, x)

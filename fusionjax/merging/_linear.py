@@ -79,10 +79,7 @@ def mean(weights: Optional[ArrayLike] = None) -> Step:
     Returns:
       A leafwise :class:`fusionjax.Step` that reduces ``[T, ...] -> [...]``.
     """
-    if weights is not None:
-        validation.check_hparam("weights", weights, lower=0.0)
-        if validation.is_concrete(weights) and float(jnp.sum(jnp.asarray(weights))) <= 0:
-            raise ValueError("weights must not all be zero.")
+    validation.check_weights(weights)
 
     def leaf_fn(x, **_):
         n = x.shape[0]

@@ -219,10 +219,7 @@ def regmean(*, alpha: ArrayLike = 0.9, weights: Optional[ArrayLike] = None) -> S
       <https://arxiv.org/abs/2212.09849>`_, ICLR 2023
     """
     validation.check_hparam("alpha", alpha, lower=0.0, upper=1.0)
-    if weights is not None:
-        validation.check_hparam("weights", weights, lower=0.0)
-        if validation.is_concrete(weights) and float(jnp.sum(jnp.asarray(weights))) <= 0:
-            raise ValueError("weights must not all be zero.")
+    validation.check_weights(weights)
 
     def model_weights(t, dtype):
         if weights is None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fusionjax._src import quantile
-from fusionjax._src import validation
+from fusionjax._src import quantile, validation
 from fusionjax._src.base import ArrayLike, Step
 from fusionjax._src.merge import chain
 from fusionjax.merging import _linear

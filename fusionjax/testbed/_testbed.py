@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusionjax.testbed import _model
-from fusionjax.testbed import _tasks
-from fusionjax.testbed import _train
+from fusionjax.testbed import _model, _tasks, _train
 from fusionjax.testbed._tasks import Task
 from fusionjax.testbed._train import Config
 

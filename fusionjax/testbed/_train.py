@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fusionjax.testbed import _model
-from fusionjax.testbed import _tasks
+from fusionjax.testbed import _model, _tasks
 
 Params = Any
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import fusionjax as fj
-from tests import _testing as T
 from fusionjax.merging import fisher_diagonal, fisher_merging
+from tests import _testing as T
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import fusionjax as fj
-from tests import _testing as T
 from fusionjax.merging import gram_matrices, regmean
+from tests import _testing as T
 
 RTOL, ATOL = 1e-5, 1e-6
 

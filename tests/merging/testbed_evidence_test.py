@@ -21,14 +21,21 @@ So over plain averaging TIES gains +10.8/+11.5/+16.9 points, RegMean
 about half the smallest gain measured per method, on every seed.
 """
 
-import numpy as np
 import pytest
 
 from fusionjax import testbed
 from fusionjax.demo import run_merging_suite
 
 SEEDS = (0, 1, 2)
-BEATS_AVERAGING = {"TIES (density 0.2)": 5.0, "RegMean": 5.0, "Fisher merging": 1.5}
+# Minimum gain over plain averaging, in points, asserted on every seed. Task
+# arithmetic: Ilharco et al. (ViT-B/32, 8 tasks) 69.1 vs averaging 65.8; here
+# +2.9/+6.3/+14.2.
+BEATS_AVERAGING = {
+    "TIES (density 0.2)": 5.0,
+    "RegMean": 5.0,
+    "Fisher merging": 1.5,
+    "task arithmetic": 1.5,
+}
 
 
 @pytest.fixture(scope="session")
@@ -73,13 +80,3 @@ def test_averaging_suffers_interference(suite):
         rows = suite[s]
         gap = rows["individual (upper bound)"].average - rows["uniform soup (average)"].average
         assert gap > 0.1, f"seed {s}: averaging is only {gap:.3f} below the individual models"
-
-
-@pytest.mark.slow
-def test_task_arithmetic_beats_averaging(suite):
-    # Ilharco et al. (ViT-B/32, 8 tasks): task arithmetic 69.1 vs averaging 65.8.
-    # Measured gains here: +2.9/+6.3/+14.2 points.
-    for s in SEEDS:
-        rows = suite[s]
-        gain = rows["task arithmetic"].average - rows["uniform soup (average)"].average
-        assert gain > 0.015, f"seed {s}: task arithmetic gains only {gain:.3f} over averaging"
