@@ -3,6 +3,7 @@
 import importlib.metadata
 
 from fusionjax import interop
+from fusionjax import learned
 from fusionjax import merging
 from fusionjax._src.base import ArrayLike
 from fusionjax._src.base import Merger
@@ -33,6 +34,7 @@ __all__ = [
     "apply_task_vector",
     "chain",
     "interop",
+    "learned",
     "merge",
     "merging",
     "stack",

@@ -4,6 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+SEEDS = (0, 1, 2)
+"""Testbed seeds every evidence test runs on."""
+
 F32 = dict(rtol=1e-5, atol=1e-6)
 BF16 = dict(rtol=1e-2, atol=1e-2)
 

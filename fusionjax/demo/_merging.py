@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import numpy as np
 
 import fusionjax as fj
 from fusionjax import interop, merging
+from fusionjax.demo import _learned
 
 SCALING_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2, 1.5)
 VALIDATION_SIZE = 200
@@ -34,13 +35,15 @@ class MethodResult(NamedTuple):
       accuracies: Per-task test accuracy ``[num_tasks]``; NaN for tasks the
         method does not merge (SLERP takes two models).
       note: Chosen hyperparameters, or other remarks.
-      seconds: Wall time of the merge (including data statistics).
+      seconds: Wall time of the merge (including data statistics and training).
+      details: What else the method learned (e.g. AdaMerging's coefficients), or ``None``.
     """
 
     name: str
     accuracies: np.ndarray
     note: str
     seconds: float
+    details: Any = None
 
     @property
     def tasks(self) -> np.ndarray:
@@ -151,7 +154,8 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
     """The methods of the demo table, in order.
 
     Returns:
-      A dict from method name to ``fn(ctx) -> (params, note)``.
+      A dict from method name to ``fn(ctx) -> (params, note)`` or
+      ``fn(ctx) -> (params, note, details)``.
     """
     return {
         "uniform soup (average)": lambda c: _plain(c, _UNIFORM),
@@ -166,15 +170,19 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
         "SLERP (2 models)": _slerp,
         "Fisher merging": _fisher,
         "RegMean": _regmean,
+        "AdaMerging (task-wise)": lambda c: _learned.adamerging(c, granularity="task"),
+        "AdaMerging (layer-wise)": lambda c: _learned.adamerging(c, granularity="layer"),
+        "AdaMerging++ (layer-wise)": lambda c: _learned.adamerging(c, plus_plus=True),
+        "aTLAS": lambda c: _learned.atlas(c, skip=VALIDATION_SIZE),
     }
 
 
 def run_merging_suite(
     tb,
     *,
-    methods: Optional[Sequence[str]] = None,
-    key: Optional[jax.Array] = None,
-    progress: Optional[Callable[[str], None]] = None,
+    methods: Sequence[str] | None = None,
+    key: jax.Array | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[MethodResult]:
     """Evaluates pretrained, individual models and merging methods on a testbed.
 
@@ -200,7 +208,7 @@ def run_merging_suite(
     rows.append(MethodResult("individual (upper bound)", np.asarray(individual), "own task", 0.0))
     for name in names:
         start = time.perf_counter()
-        params, note = table[name](ctx)
+        params, note, *details = table[name](ctx)
         params = jax.block_until_ready(params)
         seconds = time.perf_counter() - start
         accs = np.asarray(tb.evaluate(params), np.float64)
@@ -211,7 +219,7 @@ def run_merging_suite(
                 f" (there: pretrained {100 * rows[0].average_over(on):.1f},"
                 f" individual {100 * rows[1].average_over(on):.1f})"
             )
-        rows.append(MethodResult(name, accs, note, seconds))
+        rows.append(MethodResult(name, accs, note, seconds, details[0] if details else None))
         if progress is not None:
             progress(name)
     return rows

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionjax._src.progress import Progress as _Progress
 from fusionjax.testbed import _model, _tasks, _train
 from fusionjax.testbed._tasks import Task
 from fusionjax.testbed._train import Config
@@ -158,42 +159,6 @@ def make_heads(
     return tuple(heads)
 
 
-class _Progress:
-    """Adapts ``progress`` (None, a callable, a tqdm-like bar or a tqdm-like class)."""
-
-    def __init__(self, progress: Any, total: int):
-        self._bar = None
-        self._fn = None
-        self._owned = False
-        if progress is None:
-            return
-        if isinstance(progress, type):  # e.g. tqdm.tqdm itself
-            self._bar = progress(total=total, desc="testbed")
-            self._owned = True
-        elif hasattr(progress, "update"):
-            self._bar = progress
-            if hasattr(progress, "reset"):
-                progress.reset(total=total)
-        elif callable(progress):
-            self._fn = progress
-        else:
-            raise TypeError(f"progress must be None, a callable or tqdm-like, got {type(progress)}")
-
-    def start(self, message: str) -> None:
-        if self._bar is not None and hasattr(self._bar, "set_postfix_str"):
-            self._bar.set_postfix_str(message)
-        if self._fn is not None:
-            self._fn(message)
-
-    def done(self) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-
-    def close(self) -> None:
-        if self._owned:
-            self._bar.close()
-
-
 def _source_digest(module) -> str:
     try:
         with open(module.__file__, "rb") as f:
@@ -327,12 +292,12 @@ def load(
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # corrupt: rebuild
             built = None
         else:
-            bar = _Progress(progress, total=1)
+            bar = _Progress(progress, total=1, desc="testbed")
             bar.start("loaded from cache")
             bar.done()
             bar.close()
     if built is None:
-        bar = _Progress(progress, total=1 + len(tasks))
+        bar = _Progress(progress, total=1 + len(tasks), desc="testbed")
         try:
             built = _build(config, seed, tasks, bar)
         finally:

@@ -23,10 +23,8 @@ about half the smallest gain measured per method, on every seed.
 
 import pytest
 
-from fusionjax import testbed
-from fusionjax.demo import run_merging_suite
+from tests._testing import SEEDS
 
-SEEDS = (0, 1, 2)
 # Minimum gain over plain averaging, in points, asserted on every seed. Task
 # arithmetic: Ilharco et al. (ViT-B/32, 8 tasks) 69.1 vs averaging 65.8; here
 # +2.9/+6.3/+14.2.
@@ -36,16 +34,6 @@ BEATS_AVERAGING = {
     "Fisher merging": 1.5,
     "task arithmetic": 1.5,
 }
-
-
-@pytest.fixture(scope="session")
-def suite():
-    """{seed: {row name: MethodResult}} for every method of the demo."""
-    out = {}
-    for seed in SEEDS:
-        tb = testbed.load(seed=seed)
-        out[seed] = {r.name: r for r in run_merging_suite(tb)}
-    return out
 
 
 def method_names(suite):

@@ -1,0 +1,195 @@
+"""The learned-merging loops: same trajectory jitted or eager, and as a hand-written optax loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fusionjax as fj
+
+T, D, H, N = 3, 6, 16, 40
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """A 2-layer model fine-tuned three ways, a head per task and an unlabeled pool per task."""
+    k = jax.random.split(jax.random.key(0), 8)
+    base = {
+        "l1": {"kernel": jax.random.normal(k[0], (D, H)) / np.sqrt(D), "bias": jnp.zeros(H)},
+        "l2": {"kernel": jax.random.normal(k[1], (H, H)) / np.sqrt(H), "bias": jnp.zeros(H)},
+        "count": jnp.array(3, jnp.int32),
+    }
+    fts = []
+    for t in range(T):
+        kt = jax.random.split(k[2 + t], 4)
+        ft = jax.tree.map(lambda x: x, base)
+        ft["l1"] = {
+            n: v + 0.3 * jax.random.normal(kt[i], v.shape)
+            for i, (n, v) in enumerate(base["l1"].items())
+        }
+        ft["l2"] = {
+            n: v + 0.3 * jax.random.normal(kt[2 + i], v.shape)
+            for i, (n, v) in enumerate(base["l2"].items())
+        }
+        fts.append(ft)
+    heads = [jax.random.normal(jax.random.fold_in(k[6], t), (H, 2 + t)) for t in range(T)]
+    data = [np.asarray(jax.random.normal(jax.random.fold_in(k[7], t), (N, D))) for t in range(T)]
+
+    def logits_fn(params, t, x):
+        h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"][None])
+        h = jnp.tanh(h @ params["l2"]["kernel"] + params["l2"]["bias"][None])
+        return 3.0 * h @ heads[t]
+
+    return base, fts, data, logits_fn
+
+
+def test_entropy_matches_numpy():
+    z = jax.random.normal(jax.random.key(1), (5, 7)) * 3
+    p = np.exp(np.asarray(z, np.float64))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(fj.learned.entropy(z), -(p * np.log(p)).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(fj.learned.entropy(jnp.zeros(4)), np.log(4), rtol=1e-6)
+    assert float(fj.learned.entropy(jnp.array([1e4, 0.0]))) == 0.0
+
+
+def test_sample_batches_is_deterministic_and_keeps_pairs_aligned():
+    x = np.arange(20.0).reshape(10, 2)
+    y = np.arange(10)
+    a = fj.learned.sample_batches(jax.random.key(3), [(x, y), x[:4]], 6)
+    b = fj.learned.sample_batches(jax.random.key(3), [(x, y), x[:4]], 6)
+    np.testing.assert_array_equal(a[0][0], b[0][0])
+    np.testing.assert_array_equal(a[0][0][:, 0] / 2, a[0][1])
+    assert a[1].shape == (6, 2) and float(a[1].max()) < 8
+
+
+def test_ready_loop_equals_hand_written_optax_loop(problem):
+    base, fts, data, logits_fn = problem
+    key, steps = jax.random.key(5), 30
+    ready = fj.learned.adamerging(
+        base, fts, data, logits_fn, steps=steps, learning_rate=1e-2, key=key, batch_size=8
+    )
+
+    tvs = fj.learned.stacked_task_vectors(base, fts)
+    coef = fj.learned.init_coefficients(tvs, granularity="layer")
+    opt = optax.adam(1e-2)
+    state = opt.init(coef)
+
+    @jax.jit
+    def step(coef, state, batches):
+        loss, grads = jax.value_and_grad(fj.learned.adamerging_loss)(
+            coef, batches, base=base, task_vectors=tvs, logits_fn=logits_fn, clamp=(0.0, 1.0)
+        )
+        with jax.numpy_dtype_promotion("standard"):  # optax is not strict-promotion clean
+            updates, state = opt.update(grads, state, coef)
+            return optax.apply_updates(coef, updates), state, loss
+
+    losses = []
+    for s in range(steps):
+        batches = fj.learned.sample_batches(jax.random.fold_in(key, s), data, 8)
+        coef, state, loss = step(coef, state, batches)
+        losses.append(float(loss))
+    # Same steps, same batches, same arithmetic: bit for bit.
+    np.testing.assert_array_equal(ready.losses, np.asarray(losses, np.float32))
+    for a, b in zip(jax.tree.leaves(ready.coefficients), jax.tree.leaves(coef)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(jax.tree.leaves(coef)[0], 0.3), "the coefficients did not move"
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_jit_and_eager_give_the_same_trajectory(problem, granularity):
+    base, fts, data, logits_fn = problem
+    kw = dict(
+        steps=8, learning_rate=1e-2, key=jax.random.key(2), batch_size=8, granularity=granularity
+    )
+    jitted = fj.learned.adamerging(base, fts, data, logits_fn, **kw)
+    eager = fj.learned.adamerging(base, fts, data, logits_fn, jit=False, **kw)
+    np.testing.assert_allclose(jitted.losses, eager.losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jitted.coefficients), jax.tree.leaves(eager.coefficients)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunking_does_not_change_the_result(problem):
+    base, fts, data, logits_fn = problem
+    tvs = fj.learned.stacked_task_vectors(base, fts)
+    coef = fj.learned.init_coefficients(tvs, granularity="task")
+    kw = dict(optimizer=optax.sgd(0.1), steps=11, batch_size=8, key=jax.random.key(0))
+    a = fj.learned.fit_coefficients(
+        fj.learned.adamerging_loss, base, tvs, data, logits_fn, coef, chunk=4, **kw
+    )
+    b = fj.learned.fit_coefficients(
+        fj.learned.adamerging_loss, base, tvs, data, logits_fn, coef, chunk=50, **kw
+    )
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-6)
+    np.testing.assert_allclose(a.coefficients, b.coefficients, rtol=1e-6)
+
+
+def test_entropy_goes_down_and_params_are_the_merge_of_the_coefficients(problem):
+    base, fts, data, logits_fn = problem
+    res = fj.learned.adamerging(
+        base, fts, data, logits_fn, steps=60, learning_rate=3e-2, batch_size=16
+    )
+    assert res.losses[-10:].mean() < res.losses[:10].mean()
+    tvs = fj.learned.stacked_task_vectors(base, fts)
+    want = fj.learned.combine(base, tvs, res.coefficients, clamp=(0.0, 1.0))
+    for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert res.params["count"].dtype == jnp.int32
+
+
+def test_adamerging_plus_plus_learns_on_trimmed_task_vectors(problem):
+    base, fts, data, logits_fn = problem
+    res = fj.learned.adamerging_plus_plus(
+        base, fts, data, logits_fn, steps=2, density=0.1, granularity="task"
+    )
+    # With λ = 0.3 and 10% of each task vector kept, the merge differs from base on few entries.
+    changed = float(jnp.mean(res.params["l2"]["kernel"] != base["l2"]["kernel"]))
+    assert 0.0 < changed <= 3 * 0.1 + 1e-6
+
+
+def test_atlas_fits_labeled_batches(problem):
+    base, fts, data, logits_fn = problem
+    labels = [np.asarray(jnp.argmax(logits_fn(fts[t], t, x), -1)) for t, x in enumerate(data)]
+    labeled = list(zip(data, labels))
+    res = fj.learned.atlas(base, fts, labeled, logits_fn, num_blocks=3, steps=40, batch_size=16)
+    assert res.coefficients["l1"]["kernel"].shape == (T, 3)
+    assert res.losses[-5:].mean() < res.losses[:5].mean()
+
+
+def test_progress_callable_is_called(problem):
+    base, fts, data, logits_fn = problem
+    messages = []
+    fj.learned.adamerging(
+        base, fts, data, logits_fn, steps=5, progress=messages.append, granularity="task"
+    )
+    assert messages and "step 5/5" in messages[-1]
+
+
+def test_errors(problem):
+    base, fts, data, logits_fn = problem
+    with pytest.raises(ValueError, match="steps"):
+        fj.learned.adamerging(base, fts, data, logits_fn, steps=-1)
+    with pytest.raises(ValueError, match="non-empty list"):
+        fj.learned.adamerging(base, fts, [], logits_fn)
+    with pytest.raises(ValueError, match="task 1's data has no examples"):
+        fj.learned.adamerging(base, fts, [data[0], data[1][:0]], logits_fn)
+    with pytest.raises(ValueError, match="empty"):
+        fj.learned.adamerging(base, [], data, logits_fn)
+    with pytest.raises(TypeError, match="task_vector_fn"):
+        fj.learned.adamerging_plus_plus(base, fts, data, logits_fn, task_vector_fn=None)
+    with pytest.raises(TypeError, match=r"\(x, y\)"):
+        fj.learned.atlas_loss(
+            jnp.ones(T),
+            [data[0]],
+            base=base,
+            task_vectors=fj.learned.stacked_task_vectors(base, fts),
+            logits_fn=logits_fn,
+        )
+    with pytest.raises(TypeError, match="batches must be"):
+        fj.learned.adamerging_loss(
+            jnp.ones(T),
+            data[0],
+            base=base,
+            task_vectors=fj.learned.stacked_task_vectors(base, fts),
+            logits_fn=logits_fn,
+        )
