@@ -25,6 +25,8 @@ def _demo(args: argparse.Namespace) -> int:
     methods = list(_merging.default_methods())
     if args.methods:
         methods = [m for m in methods if any(s.lower() in m.lower() for s in args.methods)]
+    if args.fast:
+        methods = [m for m in methods if m not in _merging.LEARNED_METHODS]
     with tqdm(total=len(methods), desc="merging", unit="method", leave=False, file=sys.stderr) as bar:
 
         def progress(name):
@@ -38,6 +40,10 @@ def _demo(args: argparse.Namespace) -> int:
         "\nTest accuracy (%) per task of the merged encoder with each task's fixed head."
         "\nλ marked (val) was chosen on a validation slice of the training data."
     )
+    for row in rows:
+        if row.name == "AdaMerging (layer-wise)":
+            print("\nLayer-wise AdaMerging's learned λ (rows: parameter tensors, columns: tasks):")
+            print(_merging.format_coefficients(tb.task_names, row.details))
     return 0
 
 
@@ -50,6 +56,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--no-cache", action="store_true", help="retrain instead of loading the cache")
     demo.add_argument(
         "--methods", nargs="*", default=None, help="only methods whose names contain these words"
+    )
+    demo.add_argument(
+        "--fast", action="store_true", help="skip the learned methods (AdaMerging, aTLAS, ...)"
     )
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)

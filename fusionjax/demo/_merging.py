@@ -150,6 +150,15 @@ _DELLA = merging.della(scaling=1.0)
 _MODEL_STOCK = merging.model_stock()
 
 
+LEARNED_METHODS = (
+    "AdaMerging (task-wise)",
+    "AdaMerging (layer-wise)",
+    "AdaMerging++ (layer-wise)",
+    "aTLAS",
+)
+"""The methods that train (seconds each); ``fusionjax demo --fast`` skips them."""
+
+
 def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
     """The methods of the demo table, in order.
 
@@ -242,4 +251,23 @@ def format_table(task_names: Sequence[str], rows: Sequence[MethodResult]) -> str
     for r in rows:
         accs = "".join("·".rjust(11) if np.isnan(a) else f"{100 * a:11.1f}" for a in r.accuracies)
         lines.append(f"{r.name.ljust(width)}{accs}{100 * r.average:9.1f}  {r.note}")
+    return "\n".join(lines)
+
+
+def format_coefficients(task_names: Sequence[str], coefficients: Any) -> str:
+    """Formats learned merging coefficients as a table: one row per tensor, one column per task.
+
+    Args:
+      task_names: Column names, one per task.
+      coefficients: Task-, layer- or block-wise coefficients (block-wise are averaged).
+
+    Returns:
+      The table as one string.
+    """
+    names, table = fj.learned.coefficient_table(coefficients)
+    names = [n.replace("']['", ".").strip("[]'") for n in names]
+    width = max(len(n) for n in names) + 2
+    cols = [n.removeprefix("digits_")[:10] for n in task_names]
+    lines = ["tensor".ljust(width) + "".join(c.rjust(11) for c in cols)]
+    lines += [n.ljust(width) + "".join(f"{v:11.2f}" for v in row) for n, row in zip(names, table)]
     return "\n".join(lines)

@@ -20,11 +20,22 @@ def test_demo_prints_table_for_selected_methods(capsys):
     assert not any(l.startswith("RegMean") for l in lines)
 
 
+@pytest.mark.slow
+def test_demo_prints_learned_coefficients_and_fast_skips_learned(capsys):
+    assert cli.main(["demo", "--methods", "layer-wise"]) == 0
+    out = capsys.readouterr().out
+    assert any(l.startswith("AdaMerging (layer-wise)") for l in out.splitlines())
+    assert "learned λ" in out and "Dense_2.kernel" in out
+    assert cli.main(["demo", "--methods", "AdaMerging", "TIES", "--fast"]) == 0
+    out = capsys.readouterr().out
+    assert "AdaMerging" not in out and "TIES" in out
+
+
 def test_console_script_help():
     out = subprocess.run(
         [sys.executable, "-m", "fusionjax._src.cli", "demo", "--help"], capture_output=True, text=True, check=True
     )
-    assert "--seed" in out.stdout and "--methods" in out.stdout
+    assert "--seed" in out.stdout and "--methods" in out.stdout and "--fast" in out.stdout
 
 
 def test_unknown_method_is_rejected():
