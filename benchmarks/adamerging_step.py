@@ -16,7 +16,8 @@ Each (model, implementation) pair runs in a fresh subprocess (so its peak RSS is
 * ``eager``: the same step op by op (``jit=False``), the naive reference.
 
 Reported: compile seconds (first call minus a warm call), ms per step, speedup over eager,
-peak RSS and its excess over the inputs (base + stacked task vectors + data). Usage::
+peak RSS, and how much it grew while stepping (above the RSS once the inputs, base + stacked
+task vectors + data, were built). Usage::
 
     python benchmarks/adamerging_step.py                       # both models
     python benchmarks/adamerging_step.py --models testbed --steps 200
@@ -204,7 +205,8 @@ def main() -> None:
             r = records[-1]
             print(
                 f"{model:9s} {r['params_m']:6.1f}M  {impl:8s}  {r['ms_per_step']:9.2f} ms/step  "
-                f"compile {r['compile_s']:5.1f}s  peak RSS {r['peak_rss_gb']:.2f} GB "
+                f"compile {r['compile_s']:5.1f}s  peak RSS {r['peak_rss_gb']:.2f} GB, "
+                f"+{r['peak_rss_gb'] - r['rss_ready_gb']:.2f} GB while stepping "
                 f"(inputs {r['input_gb']:.2f} GB)",
                 flush=True,
             )

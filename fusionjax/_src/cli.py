@@ -9,6 +9,26 @@ from collections.abc import Sequence
 from typing import Optional
 
 
+def select_methods(words: Optional[Sequence[str]], *, fast: bool = False) -> list[str]:
+    """The demo's methods whose names contain one of ``words`` (all if ``None``).
+
+    Args:
+      words: Case-insensitive name fragments, or ``None`` for every method.
+      fast: Leave out the learned methods (they train for seconds each).
+
+    Returns:
+      Method names, in the table's order.
+    """
+    from fusionjax.demo import _merging  # pylint: disable=g-import-not-at-top
+
+    methods = list(_merging.default_methods())
+    if words:
+        methods = [m for m in methods if any(w.lower() in m.lower() for w in words)]
+    if fast:
+        methods = [m for m in methods if m not in _merging.LEARNED_METHODS]
+    return methods
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -22,12 +42,10 @@ def _demo(args: argparse.Namespace) -> int:
         f"fusionjax demo: digits testbed (seed {args.seed}), {len(tb.tasks)} tasks, "
         f"ready in {time.perf_counter() - start:.1f}s"
     )
-    methods = list(_merging.default_methods())
-    if args.methods:
-        methods = [m for m in methods if any(s.lower() in m.lower() for s in args.methods)]
-    if args.fast:
-        methods = [m for m in methods if m not in _merging.LEARNED_METHODS]
-    with tqdm(total=len(methods), desc="merging", unit="method", leave=False, file=sys.stderr) as bar:
+    methods = select_methods(args.methods, fast=args.fast)
+    with tqdm(
+        total=len(methods), desc="merging", unit="method", leave=False, file=sys.stderr
+    ) as bar:
 
         def progress(name):
             bar.set_postfix_str(name)
@@ -53,7 +71,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="merge fine-tuned models on the digits testbed")
     demo.add_argument("--seed", type=int, default=0, help="testbed seed (default 0)")
-    demo.add_argument("--no-cache", action="store_true", help="retrain instead of loading the cache")
+    demo.add_argument(
+        "--no-cache", action="store_true", help="retrain instead of loading the cache"
+    )
     demo.add_argument(
         "--methods", nargs="*", default=None, help="only methods whose names contain these words"
     )

@@ -9,13 +9,19 @@ clips to [0, 1] and takes 500 Adam steps (learning rate 1e-3) of 16 inputs per t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 import fusionjax as fj
 
 ATLAS_SHOTS = 4
+
+
+class Scores(NamedTuple):
+    """Per-task test accuracies, returned by methods that are not one parameter tree."""
+
+    accuracies: np.ndarray
 
 
 def unlabeled_inputs(tb) -> list[np.ndarray]:
@@ -59,3 +65,73 @@ def atlas(ctx: Any, *, skip: int) -> tuple[Any, str, Any]:
     labeled = few_shot(tb, ATLAS_SHOTS, skip=skip, seed=tb.seed)
     res = fj.learned.atlas(tb.pretrained, list(tb.finetuned), labeled, tb.logits, key=ctx.key)
     return res.params, f"{ATLAS_SHOTS} labeled/class (train)", res.coefficients
+
+
+def _ligand(ctx: Any):
+    """Trains Neural Ligand once per context (both of its rows read the same run)."""
+    if "ligand" not in ctx.cache:
+        tb = ctx.tb
+        data = [(t.x_train, t.y_train) for t in tb.tasks]
+        res = fj.learned.neural_ligand(
+            tb.pretrained, list(tb.finetuned), data, tb.features, tb.head_logits, key=ctx.key
+        )
+        ctx.cache["ligand"] = res
+    return ctx.cache["ligand"]
+
+
+def ligand_ensemble(ctx: Any):
+    """Neural Ligand's per-sample ensemble (features mixed by the Portland's weights)."""
+    tb = ctx.tb
+    res = _ligand(ctx)
+    accs = []
+    for t, task in enumerate(tb.tasks):
+        feats = fj.learned.expert_features(list(tb.finetuned), task.x_test, tb.features)
+        logits = fj.learned.ensemble_logits(res.weights_fn(task.x_test), feats, tb.head_logits, t)
+        accs.append(float(np.mean(np.asarray(logits).argmax(-1) == task.y_test)))
+    return Scores(np.asarray(accs)), "Portland on train, ensemble of features", res
+
+
+def ligand_merge(ctx: Any):
+    """Neural Ligand's merge: one model per input, θ0 + Σ_k w_k(x) τ_k."""
+    tb = ctx.tb
+    res = _ligand(ctx)
+    tvs = fj.learned.stacked_task_vectors(tb.pretrained, list(tb.finetuned))
+    accs = []
+    for t, task in enumerate(tb.tasks):
+        logits = fj.learned.merged_logits(
+            tb.pretrained,
+            tvs,
+            res.weights_fn(task.x_test),
+            task.x_test,
+            features_fn=tb.features,
+            head_fn=tb.head_logits,
+            task_index=t,
+        )
+        accs.append(float(np.mean(np.asarray(logits).argmax(-1) == task.y_test)))
+    return Scores(np.asarray(accs)), "per-input merge with the Portland's weights", res
+
+
+def wemoe_distinct_inputs(ctx: Any):
+    """WEMoE on the tasks whose inputs differ (its router sees inputs only), scored there."""
+    tb = ctx.tb
+    tasks = distinct_input_tasks(tb)
+    res = fj.learned.wemoe(
+        tb.pretrained,
+        [tb.finetuned[t] for t in tasks],
+        [tb.tasks[t].x_test for t in tasks],
+        lambda p, i, x: tb.logits(p, tasks[i], x),
+        key=ctx.key,
+    )
+    accs = np.full(tb.num_tasks, np.nan)
+    for i, t in enumerate(tasks):
+        logits = fj.learned.wemoe_logits(
+            res, lambda p, j, x: tb.logits(p, tasks[j], x), i, tb.tasks[t].x_test
+        )
+        accs[t] = float(np.mean(np.asarray(logits).argmax(-1) == tb.tasks[t].y_test))
+    return Scores(accs), f"{len(tasks)} models: tasks with their own inputs", res
+
+
+def distinct_input_tasks(tb) -> list[int]:
+    """Tasks whose test inputs no other task shares (a router on inputs can tell them apart)."""
+    keys = [t.x_test.tobytes() for t in tb.tasks]
+    return [i for i, k in enumerate(keys) if keys.count(k) == 1]

@@ -64,6 +64,7 @@ class _Context(NamedTuple):
     tb: Any
     key: jax.Array
     validate: Callable[[Any], float]
+    cache: dict  # results shared by several rows (one training, two rows)
 
 
 def _validation_accuracy(tb) -> Callable[[Any], float]:
@@ -96,6 +97,12 @@ def _tuned(ctx: _Context, merger: fj.Step, **extra) -> tuple[Any, str]:
 def _plain(ctx: _Context, merger: fj.Step, note: str = "", **extra) -> tuple[Any, str]:
     tb = ctx.tb
     return fj.merge(tb.pretrained, list(tb.finetuned), merger, key=ctx.key, **extra), note
+
+
+def _ta_over(tb, tasks: Sequence[int]) -> float:
+    """Task arithmetic (λ=0.3) of the given tasks' models, mean accuracy on those tasks."""
+    merged = fj.merge(tb.pretrained, [tb.finetuned[t] for t in tasks], _TA_PAPER)
+    return float(np.mean(np.asarray(tb.evaluate(merged))[np.asarray(tasks)]))
 
 
 def _greedy_soup(ctx: _Context):
@@ -142,6 +149,7 @@ def _regmean(ctx: _Context):
 # shape, so reusing them across seeds and calls reuses the compiled code.
 _UNIFORM = merging.uniform_soup()
 _TASK_ARITHMETIC = merging.task_arithmetic(scaling=1.0)
+_TA_PAPER = merging.task_arithmetic(scaling=0.3)
 _TIES = merging.ties(density=0.2, scaling=1.0)
 _DARE = merging.dare(drop_rate=0.5, merger=_TASK_ARITHMETIC)
 _DARE_TIES = merging.dare_ties(drop_rate=0.5, scaling=1.0)
@@ -155,6 +163,9 @@ LEARNED_METHODS = (
     "AdaMerging (layer-wise)",
     "AdaMerging++ (layer-wise)",
     "aTLAS",
+    "Neural Ligand (ensemble)",
+    "Neural Ligand (merge)",
+    "WEMoE (distinct inputs)",
 )
 """The methods that train (seconds each); ``fusionjax demo --fast`` skips them."""
 
@@ -183,6 +194,9 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
         "AdaMerging (layer-wise)": lambda c: _learned.adamerging(c, granularity="layer"),
         "AdaMerging++ (layer-wise)": lambda c: _learned.adamerging(c, plus_plus=True),
         "aTLAS": lambda c: _learned.atlas(c, skip=VALIDATION_SIZE),
+        "Neural Ligand (ensemble)": _learned.ligand_ensemble,
+        "Neural Ligand (merge)": _learned.ligand_merge,
+        "WEMoE (distinct inputs)": _learned.wemoe_distinct_inputs,
     }
 
 
@@ -210,7 +224,7 @@ def run_merging_suite(
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(table)}.")
-    ctx = _Context(tb, jax.random.key(0) if key is None else key, _validation_accuracy(tb))
+    ctx = _Context(tb, jax.random.key(0) if key is None else key, _validation_accuracy(tb), {})
     pre = np.asarray(tb.evaluate(tb.pretrained), np.float64)
     rows = [MethodResult("pretrained", pre, "", 0.0)]
     individual = [float(np.asarray(tb.evaluate(ft))[i]) for i, ft in enumerate(tb.finetuned)]
@@ -220,7 +234,16 @@ def run_merging_suite(
         params, note, *details = table[name](ctx)
         params = jax.block_until_ready(params)
         seconds = time.perf_counter() - start
-        accs = np.asarray(tb.evaluate(params), np.float64)
+        if isinstance(params, _learned.Scores):  # an ensemble or a per-input merge
+            accs = np.asarray(params.accuracies, np.float64)
+        else:
+            accs = np.asarray(tb.evaluate(params), np.float64)
+        if table[name] is _learned.wemoe_distinct_inputs:
+            on = _learned.distinct_input_tasks(tb)
+            note += (
+                f" (there: task arithmetic λ=0.3 {100 * _ta_over(tb, on):.1f},"
+                f" individual {100 * rows[1].average_over(on):.1f})"
+            )
         if table[name] is _slerp:
             accs[[i for i in range(len(accs)) if i not in SLERP_TASKS]] = np.nan
             on = list(SLERP_TASKS)

@@ -5,29 +5,51 @@ layer-wise or block-wise coefficients, an ordinary pytree), :func:`combine` (the
 :math:`\theta_0 + \sum_t \lambda_t \odot \tau_t`, differentiable in the
 coefficients only) and the objectives :func:`adamerging_loss` and :func:`atlas_loss`.
 Ready loops with the papers' defaults: :func:`adamerging`, :func:`adamerging_plus_plus`,
-:func:`atlas`.
+:func:`atlas`. Beyond one set of coefficients: :func:`wemoe` (dense layers become
+weight-ensembling mixtures of experts with input-dependent routers) and
+:func:`neural_ligand` (a Portland network's per-input weights, as an ensemble and as the
+merge they induce).
 """
 
-from fusionjax.learned._coefficients import (
-    coefficient_table,
-    combine,
-    effective,
-    init_coefficients,
-    random_blocks,
-    stacked_task_vectors,
-)
-from fusionjax.learned._loop import (
-    LearnedMerge,
-    adamerging,
-    adamerging_plus_plus,
-    atlas,
-    fit_coefficients,
-    sample_batches,
-)
-from fusionjax.learned._objectives import adamerging_loss, atlas_loss, entropy
+from fusionjax.learned._coefficients import coefficient_table
+from fusionjax.learned._coefficients import combine
+from fusionjax.learned._coefficients import effective
+from fusionjax.learned._coefficients import init_coefficients
+from fusionjax.learned._coefficients import random_blocks
+from fusionjax.learned._coefficients import stacked_task_vectors
+from fusionjax.learned._ligand import NeuralLigand
+from fusionjax.learned._ligand import ensemble_logits
+from fusionjax.learned._ligand import expert_features
+from fusionjax.learned._ligand import init_portland
+from fusionjax.learned._ligand import merged_features
+from fusionjax.learned._ligand import merged_logits
+from fusionjax.learned._ligand import neural_ligand
+from fusionjax.learned._ligand import neural_ligand_loss
+from fusionjax.learned._ligand import offset_matrix
+from fusionjax.learned._ligand import portland_weights
+from fusionjax.learned._loop import LearnedMerge
+from fusionjax.learned._loop import adamerging
+from fusionjax.learned._loop import adamerging_plus_plus
+from fusionjax.learned._loop import atlas
+from fusionjax.learned._loop import fit_coefficients
+from fusionjax.learned._loop import sample_batches
+from fusionjax.learned._objectives import adamerging_loss
+from fusionjax.learned._objectives import atlas_loss
+from fusionjax.learned._objectives import entropy
+from fusionjax.learned._wemoe import WEMoEResult
+from fusionjax.learned._wemoe import init_routers
+from fusionjax.learned._wemoe import moe_dense
+from fusionjax.learned._wemoe import routing_weights
+from fusionjax.learned._wemoe import wemoe
+from fusionjax.learned._wemoe import wemoe_apply
+from fusionjax.learned._wemoe import wemoe_logits
+from fusionjax.learned._wemoe import wemoe_loss
+from fusionjax.learned._wemoe import wemoe_upscale
 
 __all__ = [
     "LearnedMerge",
+    "NeuralLigand",
+    "WEMoEResult",
     "adamerging",
     "adamerging_loss",
     "adamerging_plus_plus",
@@ -36,10 +58,27 @@ __all__ = [
     "coefficient_table",
     "combine",
     "effective",
+    "ensemble_logits",
     "entropy",
+    "expert_features",
     "fit_coefficients",
     "init_coefficients",
+    "init_portland",
+    "init_routers",
+    "merged_features",
+    "merged_logits",
+    "moe_dense",
+    "neural_ligand",
+    "neural_ligand_loss",
+    "offset_matrix",
+    "portland_weights",
     "random_blocks",
+    "routing_weights",
     "sample_batches",
     "stacked_task_vectors",
+    "wemoe",
+    "wemoe_apply",
+    "wemoe_logits",
+    "wemoe_loss",
+    "wemoe_upscale",
 ]

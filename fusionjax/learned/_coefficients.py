@@ -67,7 +67,8 @@ def stacked_task_vectors(
                 "task_vector_fn must map [T, ...] -> [T, ...] (e.g. trim, elect_sign), "
                 f"got the merger {getattr(task_vector_fn, 'name', task_vector_fn)!r}."
             )
-        tvs = task_vector_fn(tvs, key=key)
+        # Compiled: a task-vector step run op by op (e.g. TIES' radix-select trim) is slow.
+        tvs = jax.jit(lambda x, k: task_vector_fn(x, key=k))(tvs, key)
     return tvs
 
 

@@ -86,6 +86,21 @@ class Testbed:
             self.features(params, x), self.heads[task_index], self.config.logit_scale
         )
 
+    def head_logits(self, task_index: int, features: jax.Array) -> jax.Array:
+        """Logits of one task's fixed head on encoder features ``[..., d]``.
+
+        ``tb.logits(params, t, x) == tb.head_logits(t, tb.features(params, x))``: methods
+        that mix features before the head (Neural Ligand's ensemble) use the two halves.
+
+        Args:
+          task_index: Which task's head; a Python int.
+          features: Unnormalized encoder features ``[..., d]``.
+
+        Returns:
+          ``[..., num_classes]`` logits.
+        """
+        return _model.head_logits(features, self.heads[task_index], self.config.logit_scale)
+
     def evaluate(self, params: Params) -> np.ndarray:
         """Test accuracy of an encoder on every task, ``[num_tasks]`` float64 in ``[0, 1]``."""
         x, y, heads, valid = self._eval_arrays

@@ -9,31 +9,35 @@ from fusionjax._src import cli
 
 
 @pytest.mark.slow
-def test_demo_prints_table_for_selected_methods(capsys):
-    assert cli.main(["demo", "--methods", "ties", "average"]) == 0
+def test_demo_prints_table_and_learned_coefficients(capsys):
+    assert cli.main(["demo", "--methods", "ties", "average", "layer-wise"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert any(l.startswith("pretrained") for l in lines)
     assert any(l.startswith("individual (upper bound)") for l in lines)
     assert any(l.startswith("TIES (density 0.2)") for l in lines)
     assert any(l.startswith("uniform soup (average)") for l in lines)
+    assert any(l.startswith("AdaMerging (layer-wise)") for l in lines)
     assert not any(l.startswith("RegMean") for l in lines)
-
-
-@pytest.mark.slow
-def test_demo_prints_learned_coefficients_and_fast_skips_learned(capsys):
-    assert cli.main(["demo", "--methods", "layer-wise"]) == 0
-    out = capsys.readouterr().out
-    assert any(l.startswith("AdaMerging (layer-wise)") for l in out.splitlines())
     assert "learned λ" in out and "Dense_2.kernel" in out
-    assert cli.main(["demo", "--methods", "AdaMerging", "TIES", "--fast"]) == 0
-    out = capsys.readouterr().out
-    assert "AdaMerging" not in out and "TIES" in out
+
+
+def test_fast_leaves_out_the_learned_methods():
+    from fusionjax.demo import _merging
+
+    every = cli.select_methods(None)
+    fast = cli.select_methods(None, fast=True)
+    assert set(every) - set(fast) == set(_merging.LEARNED_METHODS)
+    assert cli.select_methods(["adamerging", "density"], fast=True) == ["TIES (density 0.2)"]
+    assert cli.select_methods(["ligand"]) == ["Neural Ligand (ensemble)", "Neural Ligand (merge)"]
 
 
 def test_console_script_help():
     out = subprocess.run(
-        [sys.executable, "-m", "fusionjax._src.cli", "demo", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "fusionjax._src.cli", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "--seed" in out.stdout and "--methods" in out.stdout and "--fast" in out.stdout
 
