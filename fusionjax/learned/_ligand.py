@@ -95,8 +95,7 @@ import optax
 
 from fusionjax._src import validation
 from fusionjax._src.base import Params, PRNGKey, Stacked
-from fusionjax._src.progress import Progress
-from fusionjax.learned import _coefficients, _objectives
+from fusionjax.learned import _coefficients, _objectives, _train
 
 Portland = Any
 """Portland parameters: ``{"dense_0": {"kernel": [K*d, h], "bias": [h]}, ...}``."""
@@ -402,21 +401,6 @@ def _offset_matrix_jit(task_vectors: Stacked, alignment: str) -> jax.Array:
     return jnp.outer(sigma, sigma)
 
 
-def _batch_items(batches: Any) -> list[tuple[int, Any]]:
-    if isinstance(batches, Mapping):
-        items = sorted(batches.items())
-    elif isinstance(batches, (list, tuple)):
-        items = list(enumerate(batches))
-    else:
-        raise TypeError(
-            "batches must be a list (one batch per task) or a dict {task_index: batch}, "
-            f"got {type(batches).__name__}."
-        )
-    if not items:
-        raise ValueError("batches is empty: give one batch per task.")
-    return items
-
-
 def _split_batch(t: int, batch: Any) -> tuple[jax.Array, jax.Array | None]:
     """``(features [K, n, d], labels [n] or None)`` of task ``t``'s batch."""
     if isinstance(batch, (tuple, list)):
@@ -482,7 +466,7 @@ def neural_ligand_loss(
       The scalar loss.
     """
     validation.check_hparam("scaling", scaling, lower=0.0, lower_open=True)
-    items = _batch_items(batches)
+    items = _objectives.task_batches(batches)
     split = [_split_batch(t, batch) for t, batch in items]
     shapes = {(jnp.shape(f)[0], jnp.shape(f)[2]) for f, _ in split}
     if len(shapes) != 1:
@@ -724,27 +708,10 @@ def _make_step(head_fn, optimizer, batch_size, scaling, level, sizes, supervised
             )
 
         loss, grads = jax.value_and_grad(loss_fn)(portland)
-        # optax mixes Python floats with int32 step counts (Adam's bias correction), which
-        # fails under jax_numpy_dtype_promotion="strict"; the update runs with standard rules.
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, opt_state, portland)
-            return optax.apply_updates(portland, updates), opt_state, loss
+        portland, opt_state = _train.apply_optimizer(optimizer, grads, opt_state, portland)
+        return portland, opt_state, loss
 
     return step
-
-
-def _compiled_chunk(step, chunk: int):
-    @jax.jit
-    def run(start, n, portland, opt_state, key, offsets, pools):
-        def body(i, carry):
-            portland, opt_state, losses = carry
-            portland, opt_state, loss = step(start + i, portland, opt_state, key, offsets, pools)
-            return portland, opt_state, losses.at[i].set(loss)
-
-        losses = jnp.zeros((chunk,), jnp.float32)
-        return jax.lax.fori_loop(0, n, body, (portland, opt_state, losses))
-
-    return run
 
 
 def _weights_of_inputs(portland, finetuned, features_fn, x):
@@ -846,38 +813,19 @@ def neural_ligand(
     k, d = len(finetuned), int(pools.rows.shape[-1])
     portland = init_portland(key_init, k, d, hidden_sizes=hidden_sizes)
     opt = optax.adam(learning_rate) if optimizer is None else optimizer
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = opt.init(portland)
+    opt_state = _train.init_optimizer(opt, portland)
     step = _make_step(head_fn, opt, int(batch_size), float(scaling), level, sizes, supervised)
-    losses = np.zeros(int(steps), np.float32)
-    bar = Progress(progress, total=int(steps), desc="neural ligand")
-    try:
-        if not jit:
-            for s in range(int(steps)):
-                portland, opt_state, loss = step(
-                    jnp.asarray(s, jnp.int32), portland, opt_state, key_batches, offsets, pools
-                )
-                losses[s] = float(loss)
-                bar.done()
-        else:
-            run = _compiled_chunk(step, int(chunk))
-            for start in range(0, int(steps), int(chunk)):
-                n = min(int(chunk), int(steps) - start)
-                portland, opt_state, out = run(
-                    jnp.asarray(start, jnp.int32),
-                    jnp.asarray(n, jnp.int32),
-                    portland,
-                    opt_state,
-                    key_batches,
-                    offsets,
-                    pools,
-                )
-                losses[start : start + n] = np.asarray(out)[:n]
-                bar.start(f"step {start + n}/{steps}, loss {losses[start + n - 1]:.4f}")
-                for _ in range(n):
-                    bar.done()
-    finally:
-        bar.close()
+    portland, _, losses = _train.run_steps(
+        step,
+        portland,
+        opt_state,
+        (key_batches, offsets, pools),
+        steps=steps,
+        jit=jit,
+        chunk=chunk,
+        progress=progress,
+        desc="neural ligand",
+    )
     per_task = jnp.stack(
         [jnp.mean(portland_weights(portland, f), axis=0) for f in _task_features(pools, sizes)]
     )

@@ -36,8 +36,7 @@ import optax
 from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike, Params, PRNGKey, Stacked
 from fusionjax._src.merge import chain
-from fusionjax._src.progress import Progress
-from fusionjax.learned import _coefficients, _objectives
+from fusionjax.learned import _coefficients, _objectives, _train
 from fusionjax.learned._coefficients import Clamp, Coefficients, Granularity
 from fusionjax.learned._objectives import LogitsFn
 from fusionjax.merging import _ties
@@ -108,11 +107,8 @@ def _make_step(objective, logits_fn, optimizer, batch_size, clamp):
             partition=partition,
             clamp=clamp,
         )
-        # optax mixes Python floats with int32 step counts (Adam's bias correction), which
-        # fails under jax_numpy_dtype_promotion="strict"; the update runs with standard rules.
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, opt_state, coef)
-            return optax.apply_updates(coef, updates), opt_state, loss
+        coef, opt_state = _train.apply_optimizer(optimizer, grads, opt_state, coef)
+        return coef, opt_state, loss
 
     return step
 
@@ -162,7 +158,6 @@ def fit_coefficients(
     """
     validation.check_hparam("steps", steps, lower=0)
     validation.check_hparam("batch_size", batch_size, lower=1)
-    validation.check_hparam("chunk", chunk, lower=1)
     if not isinstance(data, (list, tuple)) or not data:
         raise ValueError("data must be a non-empty list with one pool of examples per task.")
     for t, d in enumerate(data):
@@ -170,65 +165,19 @@ def fit_coefficients(
     if key is None:
         raise ValueError("key is required: it draws the batches, e.g. key=jax.random.key(0).")
     step = _make_step(objective, logits_fn, optimizer, int(batch_size), clamp)
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = optimizer.init(coefficients)
-    coef = coefficients
-    losses = np.zeros(int(steps), np.float32)
-    bar = Progress(progress, total=int(steps), desc="learned merge")
-    try:
-        if not jit:
-            for s in range(int(steps)):
-                coef, opt_state, loss = step(
-                    jnp.asarray(s, jnp.int32),
-                    coef,
-                    opt_state,
-                    key,
-                    base,
-                    task_vectors,
-                    partition,
-                    data,
-                )
-                losses[s] = float(loss)
-                bar.done()
-        else:
-            run = _compiled_chunk(step, int(chunk))
-            for start in range(0, int(steps), int(chunk)):
-                n = min(int(chunk), int(steps) - start)
-                coef, opt_state, out = run(
-                    jnp.asarray(start, jnp.int32),
-                    jnp.asarray(n, jnp.int32),
-                    coef,
-                    opt_state,
-                    key,
-                    base,
-                    task_vectors,
-                    partition,
-                    data,
-                )
-                losses[start : start + n] = np.asarray(out)[:n]
-                bar.start(f"step {start + n}/{steps}, loss {losses[start + n - 1]:.4f}")
-                for _ in range(n):
-                    bar.done()
-    finally:
-        bar.close()
+    coef, _, losses = _train.run_steps(
+        step,
+        coefficients,
+        _train.init_optimizer(optimizer, coefficients),
+        (key, base, task_vectors, partition, data),
+        steps=steps,
+        jit=jit,
+        chunk=chunk,
+        progress=progress,
+        desc="learned merge",
+    )
     params = _coefficients.combine(base, task_vectors, coef, partition=partition, clamp=clamp)
     return LearnedMerge(coefficients=coef, params=params, losses=losses)
-
-
-def _compiled_chunk(step, chunk: int):
-    @jax.jit
-    def run(start, n, coef, opt_state, key, base, tvs, partition, data):
-        def body(i, carry):
-            coef, opt_state, losses = carry
-            coef, opt_state, loss = step(
-                start + i, coef, opt_state, key, base, tvs, partition, data
-            )
-            return coef, opt_state, losses.at[i].set(loss)
-
-        losses = jnp.zeros((chunk,), jnp.float32)
-        return jax.lax.fori_loop(0, n, body, (coef, opt_state, losses))
-
-    return run
 
 
 def adamerging(

@@ -51,7 +51,8 @@ def entropy(logits: jax.Array, axis: int = -1) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=axis)
 
 
-def _items(batches: Batches) -> list[tuple[int, Any]]:
+def task_batches(batches: Batches) -> list[tuple[int, Any]]:
+    """``(task_index, batch)`` pairs of a list or a ``{task_index: batch}`` dict; raises if empty."""
     if isinstance(batches, Mapping):
         items = sorted(batches.items())
     elif isinstance(batches, (list, tuple)):
@@ -106,7 +107,7 @@ def adamerging_loss(
         base, task_vectors, coefficients, partition=partition, clamp=clamp
     )
     total = jnp.zeros((), jnp.float32)
-    for t, x in _items(batches):
+    for t, x in task_batches(batches):
         total = total + jnp.mean(entropy(logits_fn(params, t, x).astype(jnp.float32)))
     return total
 
@@ -147,7 +148,7 @@ def atlas_loss(
         base, task_vectors, coefficients, partition=partition, clamp=clamp
     )
     total = jnp.zeros((), jnp.float32)
-    for t, batch in _items(batches):
+    for t, batch in task_batches(batches):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(
                 f"atlas_loss needs (x, y) batches; task {t} has {type(batch).__name__}."

@@ -65,10 +65,9 @@ import optax
 from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike, Params, PRNGKey, Stacked
 from fusionjax._src.merge import merge
-from fusionjax._src.progress import Progress
-from fusionjax.learned import _coefficients
+from fusionjax.learned import _coefficients, _train
 from fusionjax.learned._loop import sample_batches
-from fusionjax.learned._objectives import LogitsFn, entropy
+from fusionjax.learned._objectives import LogitsFn, entropy, task_batches
 from fusionjax.merging import _linear
 
 LayerPath = tuple[str, ...]
@@ -691,15 +690,7 @@ def wemoe_loss(
       Tang et al, `Merging Multi-Task Models via Weight-Ensembling Mixture of Experts
       <https://arxiv.org/abs/2402.00433>`_, ICML 2024
     """
-    if isinstance(batches, Mapping):
-        items = sorted(batches.items())
-    elif isinstance(batches, (list, tuple)):
-        items = list(enumerate(batches))
-    else:
-        raise TypeError(
-            "batches must be a list (one batch per task) or a dict {task_index: batch}, "
-            f"got {type(batches).__name__}."
-        )
+    items = task_batches(batches)
     total = jnp.zeros((), jnp.float32)
     with wemoe_apply(routers, task_vectors, batch_reduce=batch_reduce):
         for t, x in items:
@@ -756,27 +747,10 @@ def _make_step(logits_fn, optimizer, batch_size, batch_reduce):
             routers, batches, backbone=backbone, task_vectors=tvs, logits_fn=logits_fn,
             batch_reduce=batch_reduce,
         )  # fmt: skip
-        # optax mixes Python floats with int32 step counts (Adam's bias correction), which
-        # fails under jax_numpy_dtype_promotion="strict"; the update runs with standard rules.
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, opt_state, routers)
-            return optax.apply_updates(routers, updates), opt_state, loss
+        routers, opt_state = _train.apply_optimizer(optimizer, grads, opt_state, routers)
+        return routers, opt_state, loss
 
     return step
-
-
-def _compiled_chunk(step, chunk: int):
-    @jax.jit
-    def run(start, n, routers, opt_state, key, backbone, tvs, data):
-        def body(i, carry):
-            routers, opt_state, losses = carry
-            routers, opt_state, loss = step(start + i, routers, opt_state, key, backbone, tvs, data)
-            return routers, opt_state, losses.at[i].set(loss)
-
-        losses = jnp.zeros((chunk,), jnp.float32)
-        return jax.lax.fori_loop(0, n, body, (routers, opt_state, losses))
-
-    return run
 
 
 def wemoe(
@@ -879,32 +853,18 @@ def wemoe(
     )
     routers = init_routers(key_init, tvs, init=init, hidden=hidden)
     opt = optax.adam(learning_rate) if optimizer is None else optimizer
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = opt.init(routers)
+    opt_state = _train.init_optimizer(opt, routers)
     data = list(unlabeled)
     step = _make_step(logits_fn, opt, int(batch_size), bool(batch_reduce))
-    losses = np.zeros(int(steps), np.float32)
-    bar = Progress(progress, total=int(steps), desc="wemoe")
-    try:
-        if not jit:
-            for s in range(int(steps)):
-                routers, opt_state, loss = step(
-                    jnp.asarray(s, jnp.int32), routers, opt_state, key_batches, backbone, tvs, data
-                )
-                losses[s] = float(loss)
-                bar.done()
-        else:
-            run = _compiled_chunk(step, int(chunk))
-            for start in range(0, int(steps), int(chunk)):
-                n = min(int(chunk), int(steps) - start)
-                routers, opt_state, out = run(
-                    jnp.asarray(start, jnp.int32), jnp.asarray(n, jnp.int32), routers,
-                    opt_state, key_batches, backbone, tvs, data,
-                )  # fmt: skip
-                losses[start : start + n] = np.asarray(out)[:n]
-                bar.start(f"step {start + n}/{steps}, loss {losses[start + n - 1]:.4f}")
-                for _ in range(n):
-                    bar.done()
-    finally:
-        bar.close()
+    routers, _, losses = _train.run_steps(
+        step,
+        routers,
+        opt_state,
+        (key_batches, backbone, tvs, data),
+        steps=steps,
+        jit=jit,
+        chunk=chunk,
+        progress=progress,
+        desc="wemoe",
+    )
     return WEMoEResult(routers=routers, backbone=backbone, task_vectors=tvs, losses=losses)
