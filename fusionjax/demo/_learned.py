@@ -1,10 +1,13 @@
-"""The learned merging methods of the demo table: AdaMerging (task-wise, layer-wise, ++) and aTLAS.
+"""The learned methods of the demo table: AdaMerging, aTLAS, Neural Ligand and WEMoE.
 
-AdaMerging adapts at test time: its unlabeled data are the test inputs of each task (as
-in the paper), never their labels. aTLAS is supervised with a few labeled examples per
-class, drawn from the training split past the validation slice the data-free methods use.
-All use the libraries' defaults (the papers'): AdaMerging starts every coefficient at 0.3,
-clips to [0, 1] and takes 500 Adam steps (learning rate 1e-3) of 16 inputs per task.
+AdaMerging and WEMoE adapt at test time: their unlabeled data are the test inputs of each
+task (as in the papers), never their labels. aTLAS is supervised with a few labeled
+examples per class, drawn from the training split past the validation slice the
+data-free methods use; Neural Ligand trains its Portland on the training splits (as its
+code does). All run with the library's defaults, which are the papers': AdaMerging
+starts every coefficient at 0.3, clips to [0, 1] and takes 500 Adam steps (learning rate
+1e-3) of 16 inputs per task. WEMoE routes on inputs, so it merges only the tasks whose
+inputs no other task shares (see ``tests/learned/wemoe_test.py`` for all eight).
 """
 
 from __future__ import annotations
