@@ -107,7 +107,7 @@ def child(model: str, impl: str, steps: int) -> dict:
     import optax
 
     import fusionjax as fj
-    from fusionjax.learned import _loop
+    from fusionjax.learned import _loop, _train
 
     base, fts, data, logits_fn = _synthetic() if model == "synthetic" else _testbed()
     tvs = fj.learned.stacked_task_vectors(base, fts)
@@ -128,10 +128,10 @@ def child(model: str, impl: str, steps: int) -> dict:
     rss_ready = _rss_gb()
 
     if impl == "loop":
-        run = _loop._compiled_chunk(step, steps)
+        run = _train._compiled_chunk(step, steps)
 
         def go(c, s):
-            return run(jnp.asarray(0), jnp.asarray(steps), c, s, key, base, tvs, None, data)
+            return run(jnp.asarray(0), jnp.asarray(steps), c, s, (key, base, tvs, None, data))
 
         n = steps
     elif impl == "jit-step":

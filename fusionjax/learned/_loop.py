@@ -3,8 +3,8 @@ r"""Ready-made training loops for merging coefficients: AdaMerging, AdaMerging++
 Every loop is the plain optax loop below, compiled: step :math:`s` draws its batches with
 :func:`sample_batches` from ``jax.random.fold_in(key, s)``, takes the gradient of the
 objective with respect to the coefficients, and applies the optimizer's update. A
-hand-written loop with the same objective, optimizer, key and batch size reproduces the
-ready loop's coefficients (tested):
+hand-written loop with the same objective, optimizer, key and batch size (its step under
+``jax.jit``) reproduces the ready loop's coefficients bit for bit (tested):
 
 .. code-block:: python
 
