@@ -52,7 +52,7 @@ def entropy(logits: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def task_batches(batches: Batches) -> list[tuple[int, Any]]:
-    """``(task_index, batch)`` pairs of a list or a ``{task_index: batch}`` dict; raises if empty."""
+    """``(task_index, batch)`` pairs of a list or a ``{task_index: batch}`` dict (not empty)."""
     if isinstance(batches, Mapping):
         items = sorted(batches.items())
     elif isinstance(batches, (list, tuple)):
@@ -65,6 +65,17 @@ def task_batches(batches: Batches) -> list[tuple[int, Any]]:
     if not items:
         raise ValueError("batches is empty: pass at least one task's batch.")
     return items
+
+
+def _summed_over_tasks(task_loss, coefficients, batches, base, task_vectors, partition, clamp):
+    """Merges with the coefficients once, then sums ``task_loss(params, t, batch)`` over tasks."""
+    params = _coefficients.combine(
+        base, task_vectors, coefficients, partition=partition, clamp=clamp
+    )
+    total = jnp.zeros((), jnp.float32)
+    for t, batch in task_batches(batches):
+        total = total + task_loss(params, t, batch)
+    return total
 
 
 def adamerging_loss(
@@ -103,13 +114,13 @@ def adamerging_loss(
       Yang et al, `AdaMerging: Adaptive Model Merging for Multi-Task Learning
       <https://arxiv.org/abs/2310.02575>`_, ICLR 2024
     """
-    params = _coefficients.combine(
-        base, task_vectors, coefficients, partition=partition, clamp=clamp
+
+    def task_loss(params, t, x):
+        return jnp.mean(entropy(logits_fn(params, t, x).astype(jnp.float32)))
+
+    return _summed_over_tasks(
+        task_loss, coefficients, batches, base, task_vectors, partition, clamp
     )
-    total = jnp.zeros((), jnp.float32)
-    for t, x in task_batches(batches):
-        total = total + jnp.mean(entropy(logits_fn(params, t, x).astype(jnp.float32)))
-    return total
 
 
 def atlas_loss(
@@ -122,7 +133,7 @@ def atlas_loss(
     partition: Params | None = None,
     clamp: Clamp = None,
 ) -> jax.Array:
-    r"""ATLAS's supervised objective: cross-entropy of the merged model on labeled batches.
+    r"""The supervised objective of aTLAS: cross-entropy of the merged model on labeled batches.
 
     .. math::
       \mathcal{L}(\Lambda) = \sum_t \frac{1}{|B_t|}\sum_{(x,y)\in B_t}
@@ -144,16 +155,16 @@ def atlas_loss(
       Zhang et al, `Knowledge Composition using Task Vectors with Learned Anisotropic
       Scaling <https://arxiv.org/abs/2407.02880>`_, NeurIPS 2024
     """
-    params = _coefficients.combine(
-        base, task_vectors, coefficients, partition=partition, clamp=clamp
-    )
-    total = jnp.zeros((), jnp.float32)
-    for t, batch in task_batches(batches):
+
+    def task_loss(params, t, batch):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(
                 f"atlas_loss needs (x, y) batches; task {t} has {type(batch).__name__}."
             )
         x, y = batch
         logits = logits_fn(params, t, x).astype(jnp.float32)
-        total = total + jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-    return total
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    return _summed_over_tasks(
+        task_loss, coefficients, batches, base, task_vectors, partition, clamp
+    )
