@@ -99,12 +99,6 @@ def _plain(ctx: _Context, merger: fj.Step, note: str = "", **extra) -> tuple[Any
     return fj.merge(tb.pretrained, list(tb.finetuned), merger, key=ctx.key, **extra), note
 
 
-def _ta_over(tb, tasks: Sequence[int]) -> float:
-    """Task arithmetic (λ=0.3) of the given tasks' models, mean accuracy on those tasks."""
-    merged = fj.merge(tb.pretrained, [tb.finetuned[t] for t in tasks], _TA_PAPER)
-    return float(np.mean(np.asarray(tb.evaluate(merged))[np.asarray(tasks)]))
-
-
 def _greedy_soup(ctx: _Context):
     out = merging.greedy_soup(list(ctx.tb.finetuned), ctx.validate)
     return out.params, f"{len(out.selected)} of {len(ctx.tb.finetuned)} models"
@@ -149,7 +143,6 @@ def _regmean(ctx: _Context):
 # shape, so reusing them across seeds and calls reuses the compiled code.
 _UNIFORM = merging.uniform_soup()
 _TASK_ARITHMETIC = merging.task_arithmetic(scaling=1.0)
-_TA_PAPER = merging.task_arithmetic(scaling=0.3)
 _TIES = merging.ties(density=0.2, scaling=1.0)
 _DARE = merging.dare(drop_rate=0.5, merger=_TASK_ARITHMETIC)
 _DARE_TIES = merging.dare_ties(drop_rate=0.5, scaling=1.0)
@@ -238,12 +231,6 @@ def run_merging_suite(
             accs = np.asarray(params.accuracies, np.float64)
         else:
             accs = np.asarray(tb.evaluate(params), np.float64)
-        if table[name] is _learned.wemoe_distinct_inputs:
-            on = _learned.distinct_input_tasks(tb)
-            note += (
-                f" (there: task arithmetic λ=0.3 {100 * _ta_over(tb, on):.1f},"
-                f" individual {100 * rows[1].average_over(on):.1f})"
-            )
         if table[name] is _slerp:
             accs[[i for i in range(len(accs)) if i not in SLERP_TASKS]] = np.nan
             on = list(SLERP_TASKS)
