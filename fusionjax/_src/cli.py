@@ -6,10 +6,9 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from typing import Optional
 
 
-def select_methods(words: Optional[Sequence[str]], *, fast: bool = False) -> list[str]:
+def select_methods(words: Sequence[str] | None, *, fast: bool = False) -> list[str]:
     """The demo's methods whose names contain one of ``words`` (all if ``None``).
 
     Args:
@@ -65,11 +64,54 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _demo_align(args: argparse.Namespace) -> int:
+    from fusionjax.demo import _alignment  # pylint: disable=g-import-not-at-top
+
+    start = time.perf_counter()
+    seeds = [args.seed]
+    print(
+        f"fusionjax demo align: digits classifiers trained from different initialisations "
+        f"(seed {args.seed}: models {2 * args.seed} and {2 * args.seed + 1})"
+    )
+    print("\n1. Linear interpolation between two MLPs (64-w-w-10), test set:")
+    print(_alignment.format_barriers(_alignment.barrier_study(seeds)[args.seed]))
+    print(
+        "\n2. One-shot fusion without fine-tuning (OTFusion); for different widths the "
+        "vanilla\n   average keeps the wider model's first units:"
+    )
+    print(_alignment.format_fusion(_alignment.fusion_study(seeds)[args.seed]))
+    if not args.fast:
+        print(
+            "\n3. Weight matching with the hand-written spec vs the spec derived from the "
+            "jaxpr\n   (midpoint = average of the two aligned models; the ResNet's BatchNorm "
+            "statistics\n   re-estimated on 512 training images at every point):"
+        )
+        print(_alignment.format_specs(_alignment.spec_study(seeds)[args.seed]))
+    print(f"\ndone in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if args.suite == "align":
+        return _demo_align(args)
+    return _demo(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fusionjax`` console script."""
     parser = argparse.ArgumentParser(prog="fusionjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="merge fine-tuned models on the digits testbed")
+    demo = sub.add_parser(
+        "demo", help="merge fine-tuned models (default) or align independently trained ones"
+    )
+    demo.add_argument(
+        "suite",
+        nargs="?",
+        choices=("merge", "align"),
+        default="merge",
+        help="merge: weight merging on the multi-task testbed (default); "
+        "align: permutation alignment and OT fusion of independently trained models",
+    )
     demo.add_argument("--seed", type=int, default=0, help="testbed seed (default 0)")
     demo.add_argument(
         "--no-cache", action="store_true", help="retrain instead of loading the cache"
@@ -78,9 +120,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--methods", nargs="*", default=None, help="only methods whose names contain these words"
     )
     demo.add_argument(
-        "--fast", action="store_true", help="skip the learned methods (AdaMerging, aTLAS, ...)"
+        "--fast",
+        action="store_true",
+        help="merge: skip the learned methods (AdaMerging, aTLAS, ...); "
+        "align: skip the ResNet/transformer spec comparison",
     )
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_run_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

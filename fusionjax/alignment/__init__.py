@@ -6,6 +6,30 @@ the same units; alignment methods find one permutation (or transport map) per gr
 that moves ``other`` onto ``ref``, after which the two can be interpolated.
 """
 
+from fusionjax.alignment._activation_matching import ActivationStats
+from fusionjax.alignment._activation_matching import activation_matching
+from fusionjax.alignment._activation_matching import activation_stats_init
+from fusionjax.alignment._activation_matching import activation_stats_update
+from fusionjax.alignment._batchnorm import repair
+from fusionjax.alignment._batchnorm import reset_batch_stats
+from fusionjax.alignment._derive import derive_spec
+from fusionjax.alignment._derive import group_activations
+from fusionjax.alignment._hand_specs import mlp_spec
+from fusionjax.alignment._hand_specs import resnet_spec
+from fusionjax.alignment._hand_specs import transformer_spec
+from fusionjax.alignment._hand_specs import vgg_spec
+from fusionjax.alignment._interpolation import InterpolationCurve
+from fusionjax.alignment._interpolation import barrier
+from fusionjax.alignment._interpolation import interpolate
+from fusionjax.alignment._interpolation import interpolation_curve
+from fusionjax.alignment._merge_many import MergeManyOutput
+from fusionjax.alignment._merge_many import merge_many
+from fusionjax.alignment._ot_fusion import OTFusionOutput
+from fusionjax.alignment._ot_fusion import apply_transports
+from fusionjax.alignment._ot_fusion import axis_roles
+from fusionjax.alignment._ot_fusion import ot_fusion
+from fusionjax.alignment._ot_fusion import solve_transport
+from fusionjax.alignment._ot_fusion import transport_maps
 from fusionjax.alignment._spec import AlignmentOutput
 from fusionjax.alignment._spec import PermutationSpec
 from fusionjax.alignment._spec import apply_permutations
@@ -14,8 +38,14 @@ from fusionjax.alignment._spec import identity_permutations
 from fusionjax.alignment._spec import invert_permutation
 from fusionjax.alignment._spec import leaf_paths
 from fusionjax.alignment._spec import random_permutations
+from fusionjax.alignment._ste import ste_matching
+from fusionjax.alignment._weight_matching import weight_matching
 
 __all__ = [
+    "InterpolationCurve",
+    "barrier",
+    "interpolate",
+    "interpolation_curve",
     "AlignmentOutput",
     "PermutationSpec",
     "apply_permutations",
@@ -24,4 +54,26 @@ __all__ = [
     "invert_permutation",
     "leaf_paths",
     "random_permutations",
+    "ActivationStats",
+    "activation_matching",
+    "activation_stats_init",
+    "activation_stats_update",
+    "MergeManyOutput",
+    "merge_many",
+    "ste_matching",
+    "weight_matching",
+    "derive_spec",
+    "group_activations",
+    "mlp_spec",
+    "resnet_spec",
+    "transformer_spec",
+    "vgg_spec",
+    "OTFusionOutput",
+    "apply_transports",
+    "axis_roles",
+    "ot_fusion",
+    "solve_transport",
+    "transport_maps",
+    "repair",
+    "reset_batch_stats",
 ]

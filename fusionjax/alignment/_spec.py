@@ -117,7 +117,9 @@ class PermutationSpec:
                         f"group {name!r}: entries are (path, axis) pairs, got {entry!r}"
                     ) from None
                 if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
-                    raise TypeError(f"group {name!r}: axis of {path!r} must be an int, got {axis!r}")
+                    raise TypeError(
+                        f"group {name!r}: axis of {path!r} must be an int, got {axis!r}"
+                    )
                 pair = (normalize_path(path), int(axis))
                 if pair in owner:
                     raise ValueError(
@@ -139,7 +141,7 @@ class PermutationSpec:
     def __len__(self) -> int:
         return len(self.groups)
 
-    def leaf_axes(self, params: Params) -> dict[str, tuple[Union[str, None], ...]]:
+    def leaf_axes(self, params: Params) -> dict[str, tuple[str | None, ...]]:
         """``{path: (group or None per axis)}`` for the leaves this spec touches.
 
         Raises:
@@ -153,7 +155,9 @@ class PermutationSpec:
                 if path not in leaves:
                     close = [p for p in leaves if p.endswith(path) or path.endswith(p)]
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise ValueError(f"spec group {name!r} names {path!r}, not a leaf of params{hint}")
+                    raise ValueError(
+                        f"spec group {name!r} names {path!r}, not a leaf of params{hint}"
+                    )
                 ndim = np.ndim(leaves[path])
                 if not -ndim <= axis < ndim:
                     raise ValueError(
@@ -271,13 +275,13 @@ def check_permutations(spec: PermutationSpec, params: Params, permutations: Perm
             raise ValueError(f"permutation of group {k!r} has shape {np.shape(p)}, expected ({n},)")
         if not isinstance(p, jax.core.Tracer):
             arr = np.asarray(p)
-            if not np.issubdtype(arr.dtype, np.integer) or not np.array_equal(np.sort(arr), np.arange(n)):
+            if not np.issubdtype(arr.dtype, np.integer) or not np.array_equal(
+                np.sort(arr), np.arange(n)
+            ):
                 raise ValueError(f"permutation of group {k!r} is not a permutation of range({n})")
 
 
-def apply_permutations(
-    spec: PermutationSpec, permutations: Permutations, params: Params
-) -> Params:
+def apply_permutations(spec: PermutationSpec, permutations: Permutations, params: Params) -> Params:
     """Permutes ``params``' units: on every axis of group ``g``, unit ``i`` <- unit ``perm[g][i]``.
 
     Leaves outside the spec (and non-array leaves) are returned unchanged. Works on
@@ -312,7 +316,7 @@ def apply_permutations(
 
 
 class AlignmentOutput(NamedTuple):
-    """Result of a permutation alignment (weight, activation or STE matching).
+    r"""Result of a permutation alignment (weight, activation or STE matching).
 
     Attributes:
       permutations: ``{group: int array [n]}``; ``apply`` moves ``other`` onto ``ref``.

@@ -41,6 +41,10 @@ task arithmetic 75/77/70% (:math:`\lambda = 0.3`, best 77/78/73% at 0.2-0.5), TI
 (density 0.2 per tensor, :math:`\lambda = 1`) 85/83/72%. Building takes about 15 s on two
 CPU cores; later loads read the cache in about a second.
 
+**Alignment.** :mod:`fusionjax.testbed.classifiers` trains networks of one architecture
+from different random initialisations on the 10-class digit task (same split), the
+setting of Git Re-Basin and OTFusion.
+
 Examples:
   >>> from fusionjax import testbed
   >>> tb = testbed.load(seed=0)  # doctest: +SKIP
@@ -49,10 +53,11 @@ Examples:
   >>> logits = tb.logits(tb.finetuned[4], 4, tb.tasks[4].x_test)  # [n, 2]  # doctest: +SKIP
 """
 
+from fusionjax.testbed import _classifiers as classifiers
 from fusionjax.testbed._model import Encoder
 from fusionjax.testbed._tasks import Task
 from fusionjax.testbed._testbed import Testbed
 from fusionjax.testbed._testbed import load
 from fusionjax.testbed._train import Config
 
-__all__ = ["Config", "Encoder", "Task", "Testbed", "load"]
+__all__ = ["Config", "Encoder", "Task", "Testbed", "classifiers", "load"]

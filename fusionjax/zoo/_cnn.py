@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import flax.linen as nn
 import jax
@@ -22,7 +21,7 @@ class VGG(nn.Module):
       num_classes: Output width.
     """
 
-    features: Sequence[Union[int, str]] = (32, "M", 64, "M", 128)
+    features: Sequence[int | str] = (32, "M", 64, "M", 128)
     num_classes: int = 10
 
     @nn.compact

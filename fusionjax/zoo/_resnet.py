@@ -29,12 +29,16 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Applies the block to ``[B, H, W, C]``."""
-        y = nn.Conv(self.features, (3, 3), self.strides, padding="SAME", use_bias=False, name="conv1")(x)
+        y = nn.Conv(
+            self.features, (3, 3), self.strides, padding="SAME", use_bias=False, name="conv1"
+        )(x)
         y = nn.relu(_norm(self.norm, train, "norm1")(y))
         y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv2")(y)
         y = _norm(self.norm, train, "norm2")(y)
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False, name="shortcut_conv")(x)
+            x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False, name="shortcut_conv")(
+                x
+            )
             x = _norm(self.norm, train, "shortcut_norm")(x)
         return nn.relu(x + y)
 
@@ -68,6 +72,8 @@ class ResNet(nn.Module):
         for s, mult in enumerate((1, 2, 4)):
             for b in range(self.blocks):
                 strides = 2 if (s > 0 and b == 0) else 1
-                x = Block(16 * mult * self.width, strides, self.norm, name=f"stage{s}_block{b}")(x, train)
+                x = Block(16 * mult * self.width, strides, self.norm, name=f"stage{s}_block{b}")(
+                    x, train
+                )
         x = jnp.mean(x, axis=(-3, -2))
         return nn.Dense(self.num_classes, name="head")(x)

@@ -54,7 +54,7 @@ class Transformer(nn.Module):
             x = x[..., 0]
         x = nn.Dense(self.dim, name="embed")(x)
         pos = self.param("pos_embedding", nn.initializers.normal(0.02), x.shape[-2:])
-        x = x + pos
+        x = x + pos[None]
         for i in range(self.depth):
             x = TransformerBlock(self.heads, self.mlp_width, name=f"block_{i}")(x)
         x = nn.LayerNorm(name="ln_final")(x)

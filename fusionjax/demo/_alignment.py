@@ -1,0 +1,299 @@
+r"""The alignment suite behind ``fusionjax demo align`` and the alignment evidence tests.
+
+Networks of one architecture are trained on the digits from different random
+initialisations (:mod:`fusionjax.testbed.classifiers`); evaluation seed ``s`` uses the
+pair trained with seeds ``2s`` and ``2s + 1``. Three studies:
+
+* **Barriers** (Git Re-Basin, Fig. 2 and 5): test loss and accuracy along the linear
+  path between the two MLPs, naively and after weight matching / activation matching,
+  for several widths.
+* **OT fusion** (OTFusion, Table 1): one-shot fused model (no fine-tuning) vs vanilla
+  averaging, for two MLPs of equal width and of different widths.
+* **Specs** on a ResNet (BatchNorm, statistics re-estimated after merging) and a
+  transformer: weight matching with the hand-written spec vs the spec derived from the
+  jaxpr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusionjax import alignment, zoo
+from fusionjax._src.base import Params
+from fusionjax.alignment._spec import path_str
+from fusionjax.testbed import classifiers
+
+WIDTHS = (16, 64, 256)
+"""Hidden widths of the two-hidden-layer MLPs in the barrier study."""
+
+OT_WIDTHS = (64, 128)
+"""Widths of the reference and the wider model in the OT fusion study."""
+
+ACTIVATION_EXAMPLES = 512
+"""Training images whose activations activation matching correlates."""
+
+BATCH_NORM_EXAMPLES = 512
+"""Training images on which BatchNorm statistics are re-estimated after merging."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """Test loss and accuracy along the path from ``ref`` (t=0) to ``other`` (t=1)."""
+
+    t: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray
+
+    @property
+    def loss_barrier(self) -> float:
+        """Largest excess loss over the line between the endpoints."""
+        curve = alignment.InterpolationCurve(self.t, self.loss)
+        return float(alignment.barrier(curve))
+
+    @property
+    def accuracy_barrier(self) -> float:
+        """Largest accuracy drop below the line between the endpoints."""
+        curve = alignment.InterpolationCurve(self.t, self.accuracy)
+        return float(alignment.barrier(curve, higher_is_better=True))
+
+    @property
+    def midpoint_accuracy(self) -> float:
+        """Accuracy of the average ``(ref + other) / 2``."""
+        return float(self.accuracy[len(self.t) // 2])
+
+
+def _curve(model, ref: Params, other: Params, num: int = 11) -> Curve:
+    """The curve on the test set (BatchNorm models: statistics re-estimated at each point)."""
+    data = classifiers.digits()
+    if "batch_stats" not in ref:
+        out = alignment.interpolation_curve(
+            lambda v: classifiers.metrics(model, v, data.x_test, data.y_test), ref, other, num=num
+        )
+        return Curve(
+            np.asarray(out.t), np.asarray(out.values["loss"]), np.asarray(out.values["accuracy"])
+        )
+    # BatchNorm: the running statistics of an interpolated model are wrong (REPAIR, Jordan
+    # et al. 2023); re-estimate them on training images at every point.
+    t = np.linspace(0.0, 1.0, num)
+    batches = [data.x_train[i : i + 256] for i in range(0, BATCH_NORM_EXAMPLES, 256)]
+    points = []
+    for ti in t:
+        v = alignment.reset_batch_stats(
+            model.apply, alignment.interpolate(ref, other, float(ti)), batches, train=False
+        )
+        points.append(classifiers.evaluate(model, v, data.x_test, data.y_test))
+    return Curve(
+        t,
+        np.array([float(p["loss"]) for p in points]),
+        np.array([float(p["accuracy"]) for p in points]),
+    )
+
+
+def _pairs(model, seeds: Sequence[int], **train_kwargs) -> dict[int, tuple[Params, Params]]:
+    """``{seed: (ref, other)}``, all models trained in one vmapped run."""
+    trained = classifiers.train_classifiers(
+        model, [m for s in seeds for m in (2 * s, 2 * s + 1)], **train_kwargs
+    )
+    return {s: (trained[2 * i], trained[2 * i + 1]) for i, s in enumerate(seeds)}
+
+
+def _activations(model, variables: Params, spec: alignment.PermutationSpec) -> dict:
+    x = classifiers.digits().x_train[:ACTIVATION_EXAMPLES]
+    return alignment.group_activations(model.apply, variables, x, spec=spec)
+
+
+# ----------------------------------------------------------------------------- barriers
+
+
+@dataclasses.dataclass(frozen=True)
+class BarrierResult:
+    """One MLP pair: endpoint accuracies and the curve of each alignment method."""
+
+    width: int
+    endpoint_accuracy: tuple[float, float]
+    curves: dict  # method -> Curve
+
+
+def barrier_study(
+    seeds: Sequence[int], widths: Sequence[int] = WIDTHS
+) -> dict[int, list[BarrierResult]]:
+    """``{seed: [BarrierResult per width]}`` for two-hidden-layer MLPs."""
+    out: dict[int, list[BarrierResult]] = {s: [] for s in seeds}
+    spec = alignment.mlp_spec(2)
+    for width in widths:
+        model = zoo.MLP((width, width))
+        for seed, (ref, other) in _pairs(model, seeds).items():
+            wm = alignment.weight_matching(spec, ref, other, key=jax.random.key(seed))
+            am = alignment.activation_matching(
+                spec, (_activations(model, ref, spec), _activations(model, other, spec))
+            )
+            curves = {
+                "naive": _curve(model, ref, other),
+                "weight matching": _curve(model, ref, wm.apply(other)),
+                "activation matching": _curve(model, ref, am.apply(other)),
+            }
+            acc = (classifiers.accuracy(model, ref), classifiers.accuracy(model, other))
+            out[seed].append(BarrierResult(width, acc, curves))
+    return out
+
+
+# ----------------------------------------------------------------------------- OT fusion
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionResult:
+    """Test accuracy (%) of the individual models and of each one-shot fusion."""
+
+    widths: tuple[int, int]
+    accuracy: dict  # row name -> accuracy
+
+
+def _truncated(spec: alignment.PermutationSpec, wide: Params, narrow: Params) -> Params:
+    """``wide`` cut to ``narrow``'s widths by keeping the first units of every group."""
+    sizes = spec.sizes(narrow)
+    keep = {g: jnp.arange(n) for g, n in sizes.items()}
+    axes = spec.leaf_axes(wide)
+
+    def cut(kp, leaf):
+        for axis, g in enumerate(axes.get(path_str(kp), ())):
+            if g is not None:
+                leaf = jnp.take(leaf, keep[g], axis=axis)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(cut, wide)
+
+
+def fusion_study(seeds: Sequence[int], widths: tuple[int, int] = OT_WIDTHS) -> dict:
+    """``{seed: [FusionResult equal widths, FusionResult different widths]}``."""
+    spec = alignment.mlp_spec(2)
+    narrow, wide = widths
+    model = zoo.MLP((narrow, narrow))
+    wide_model = zoo.MLP((wide, wide))
+    pairs = _pairs(model, seeds)
+    wide_models = classifiers.train_classifiers(wide_model, [2 * s + 1 for s in seeds])
+    acc = lambda v: 100 * classifiers.accuracy(model, v)  # noqa: E731
+    out = {}
+    for i, seed in enumerate(seeds):
+        ref, other = pairs[seed]
+        equal = {
+            "model A": acc(ref),
+            "model B": acc(other),
+            "vanilla average": acc(alignment.interpolate(ref, other, 0.5)),
+            "OT fusion (exact)": acc(alignment.ot_fusion(spec, ref, other).fused),
+            "OT fusion (Sinkhorn)": acc(
+                alignment.ot_fusion(spec, ref, other, solver="sinkhorn").fused
+            ),
+        }
+        big = wide_models[i]
+        cut = _truncated(spec, big, ref)
+        different = {
+            "model A": acc(ref),
+            "model B": 100 * classifiers.accuracy(wide_model, big),
+            "vanilla average": acc(alignment.interpolate(ref, cut, 0.5)),
+            "OT fusion (Sinkhorn)": acc(
+                alignment.ot_fusion(spec, ref, big, solver="sinkhorn").fused
+            ),
+        }
+        out[seed] = [FusionResult((narrow, narrow), equal), FusionResult((narrow, wide), different)]
+    return out
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecResult:
+    """One architecture: whether the specs agree, and alignment quality with each."""
+
+    architecture: str
+    same_groups: bool
+    objective: dict  # spec name -> weight matching objective
+    curves: dict  # row -> Curve
+
+
+def _spec_case(name: str, model, hand, ref: Params, other: Params, num: int) -> SpecResult:
+    x = classifiers.digits().x_train[:2]
+    if "batch_stats" in ref:
+        apply = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
+    else:
+        apply = model.apply
+    derived = alignment.derive_spec(apply, ref, x)
+    objective, curves = {}, {"naive": _curve(model, ref, other, num)}
+    for spec_name, spec in (("hand spec", hand), ("derived spec", derived)):
+        out = alignment.weight_matching(spec, ref, other, key=jax.random.key(0))
+        objective[spec_name] = float(out.objective)
+        curves[spec_name] = _curve(model, ref, out.apply(other), num)
+    return SpecResult(name, derived.same_groups(hand, ref), objective, curves)
+
+
+def spec_study(seeds: Sequence[int]) -> dict[int, list[SpecResult]]:
+    """``{seed: [ResNet result, transformer result]}``.
+
+    The ResNet has BatchNorm; every point of its curves has its statistics
+    re-estimated (:func:`fusionjax.alignment.reset_batch_stats`), 5 points per curve.
+    """
+    resnet = zoo.ResNet(blocks=1, width=1, norm="batch")
+    transformer = zoo.Transformer(dim=32, depth=1, heads=4, mlp_width=64)
+    cases = [
+        ("ResNet (BatchNorm)", resnet, alignment.resnet_spec(1, norm="batch"), 5),
+        ("Transformer", transformer, alignment.transformer_spec(1), 11),
+    ]
+    out: dict[int, list[SpecResult]] = {s: [] for s in seeds}
+    for name, model, hand, num in cases:
+        steps = 300 if model is resnet else 600
+        for seed, (ref, other) in _pairs(model, seeds, steps=steps).items():
+            out[seed].append(_spec_case(name, model, hand, ref, other, num))
+    return out
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def format_barriers(results: Sequence[BarrierResult]) -> str:
+    """One row per width and method: loss barrier, accuracy barrier, midpoint accuracy."""
+    lines = [
+        f"{'width':>6}  {'method':<20} {'loss barrier':>12} {'acc. barrier':>12} {'midpoint acc.':>13}",
+        "-" * 68,
+    ]
+    for r in results:
+        for method, c in r.curves.items():
+            lines.append(
+                f"{r.width:>6}  {method:<20} {c.loss_barrier:>12.3f} "
+                f"{100 * c.accuracy_barrier:>11.1f}% {100 * c.midpoint_accuracy:>12.1f}%"
+            )
+    return "\n".join(lines)
+
+
+def format_fusion(results: Sequence[FusionResult]) -> str:
+    """Accuracy of each fusion, one column per width pair."""
+    rows = list(dict.fromkeys(k for r in results for k in r.accuracy))
+    head = "".join(f"{f'{a} + {b}':>14}" for a, b in (r.widths for r in results))
+    lines = [f"{'test accuracy (%)':<22}{head}", "-" * (22 + 14 * len(results))]
+    for row in rows:
+        cells = "".join(
+            f"{r.accuracy[row]:>14.1f}" if row in r.accuracy else f"{'·':>14}" for r in results
+        )
+        lines.append(f"{row:<22}{cells}")
+    return "\n".join(lines)
+
+
+def format_specs(results: Sequence[SpecResult]) -> str:
+    """Per architecture: barrier and midpoint accuracy naive, with the hand and derived spec."""
+    lines = [
+        f"{'model':<20} {'alignment':<14} {'objective':>10} {'loss barrier':>12} {'midpoint acc.':>13}",
+        "-" * 73,
+    ]
+    for r in results:
+        for row, c in r.curves.items():
+            obj = f"{r.objective[row]:>10.1f}" if row in r.objective else f"{'':>10}"
+            lines.append(
+                f"{r.architecture:<20} {row:<14} {obj} {c.loss_barrier:>12.3f} "
+                f"{100 * c.midpoint_accuracy:>12.1f}%"
+            )
+        lines.append(f"{'':<20} derived spec == hand spec: {r.same_groups}")
+    return "\n".join(lines)
