@@ -785,11 +785,13 @@ def neural_ligand(
         is out of range.
 
     Examples:
-      >>> head_fn = lambda t, f: tb.config.logit_scale * (  # doctest: +SKIP
-      ...     f / jnp.linalg.norm(f, axis=-1, keepdims=True)) @ tb.heads[t].T
-      >>> res = fj.learned.neural_ligand(tb.pretrained, list(tb.finetuned),  # doctest: +SKIP
-      ...     [(t.x_train, t.y_train) for t in tb.tasks], tb.features, head_fn)
-      >>> w = res.weights_fn(tb.tasks[0].x_test)  # [n, K] CoopVecs  # doctest: +SKIP
+      On the digits testbed (``tb = fusionjax.testbed.load()``)::
+
+        head_fn = lambda t, f: tb.config.logit_scale * (
+            f / jnp.linalg.norm(f, axis=-1, keepdims=True)) @ tb.heads[t].T
+        res = fj.learned.neural_ligand(tb.pretrained, list(tb.finetuned),
+            [(t.x_train, t.y_train) for t in tb.tasks], tb.features, head_fn)
+        w = res.weights_fn(tb.tasks[0].x_test)  # [n, K] CoopVecs
 
     References:
       Li, Yu and Wang, `Multi-Level Collaboration in Model Merging

@@ -232,9 +232,11 @@ def adamerging(
       A :class:`LearnedMerge` with the coefficients, the merged params and the entropy curve.
 
     Examples:
-      >>> res = fj.learned.adamerging(tb.pretrained, tb.finetuned,  # doctest: +SKIP
-      ...     [t.x_test for t in tb.tasks], tb.logits)
-      >>> tb.evaluate(res.params).mean()  # doctest: +SKIP
+      On the digits testbed (``tb = fusionjax.testbed.load()``)::
+
+        res = fj.learned.adamerging(tb.pretrained, tb.finetuned,
+            [t.x_test for t in tb.tasks], tb.logits)
+        tb.evaluate(res.params).mean()
 
     References:
       Yang et al, `AdaMerging: Adaptive Model Merging for Multi-Task Learning

@@ -16,6 +16,7 @@ in train mode and evaluated with their running statistics.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -80,33 +81,63 @@ def _loss(model, params, state, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), state
 
 
-@functools.lru_cache(maxsize=32)
-def _trainer(model: nn.Module, batch_size: int, learning_rate: float):
-    """Jitted ``init(keys, x)`` and ``step(carry, keys, t, x, y)``, vmapped over seeds.
+def _has_convolutions(model: nn.Module, x: jax.Array) -> bool:
+    jaxpr = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x))(x[:1])
+    return "conv_general_dilated" in str(jaxpr)
 
-    Built once per configuration: a closure has no static arguments to hash per call.
+
+@functools.lru_cache(maxsize=32)
+def _trainer(model: nn.Module, learning_rate: float, chunk: int):
+    """Jitted ``init(key, x)`` and ``run(carry, batches, x, y)``, vmapped over seeds.
+
+    ``run`` takes one Adam step per row of ``batches`` (``[seeds, chunk, batch]`` example
+    indices), in a ``lax.fori_loop`` unless ``chunk == 1``. Built once per configuration:
+    a closure has no static arguments to hash per call.
     """
     opt = optax.adam(learning_rate)
 
-    def init_one(key, x):
-        variables = model.init(key, x[:1])
-        params = variables["params"]
-        state = {k: v for k, v in variables.items() if k != "params"}
-        return params, state, opt.init(params)
-
-    def step_one(carry, key, t, x, y):
+    def step(carry, idx, x, y):
         params, state, opt_state = carry
-        key = jax.random.fold_in(key, t)
-        idx = jax.random.choice(key, x.shape[0], (batch_size,), replace=False)
         grads, state = jax.grad(functools.partial(_loss, model), has_aux=True)(
             params, state, x[idx], y[idx]
         )
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), state, opt_state
 
-    init = jax.jit(jax.vmap(init_one, in_axes=(0, None)))
-    step = jax.jit(jax.vmap(step_one, in_axes=(0, 0, None, None, None)), donate_argnums=0)
-    return init, step
+    def run_one(carry, batches, x, y):
+        if chunk == 1:
+            return step(carry, batches[0], x, y)
+        body = lambda i, c: step(c, batches[i], x, y)  # noqa: E731
+        return jax.lax.fori_loop(0, chunk, body, carry)
+
+    run = jax.jit(jax.vmap(run_one, in_axes=(0, 0, None, None)), donate_argnums=0)
+    return jax.jit(model.init), run, opt.init
+
+
+def _batches(seed: int, n: int, steps: int, batch_size: int) -> np.ndarray:
+    """``[steps, batch_size]`` example indices: epochs of a seeded shuffle, no repeats within one."""
+    rng = np.random.default_rng(seed)
+    epochs = -(-steps * batch_size // n) + 1
+    order = np.concatenate([rng.permutation(n)[: n - n % batch_size] for _ in range(epochs)])
+    return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
+def _train(model, seeds, steps, batch_size, learning_rate, data, chunk):
+    init, run, opt_init = _trainer(model, learning_rate, chunk)
+    variables = [init(jax.random.key(int(s)), data.x_train[:1]) for s in seeds]
+    variables = jax.tree.map(lambda *v: jnp.stack(v), *variables)
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    batches = np.stack([_batches(int(s), data.x_train.shape[0], steps, batch_size) for s in seeds])
+    # optax's Adam mixes Python floats and int32 counts: trace it under standard promotion
+    # whatever the user's (or the test suite's) setting.
+    with jax.numpy_dtype_promotion("standard"):
+        carry = (params, state, jax.vmap(opt_init)(params))
+        for t0 in range(0, steps, chunk):
+            carry = run(carry, batches[:, t0 : t0 + chunk], data.x_train, data.y_train)
+    params, state, _ = carry
+    stacked = {"params": params, **state}
+    return [jax.tree.map(lambda v, i=i: v[i], stacked) for i in range(len(seeds))]
 
 
 def train_classifiers(
@@ -125,7 +156,7 @@ def train_classifiers(
         BatchNorm it must take ``train=`` and keep statistics in ``batch_stats``.
       seeds: One integer per model.
       steps: Adam steps.
-      batch_size: Examples per step, drawn without replacement.
+      batch_size: Examples per step (epochs of a seeded shuffle of the training set).
       learning_rate: Adam's learning rate.
       data: The data; default :func:`digits`.
 
@@ -133,20 +164,16 @@ def train_classifiers(
       A list of linen variables dicts, one per seed.
     """
     data = digits() if data is None else data
-    keys = jnp.stack([jax.random.key(int(s)) for s in seeds])
-    init_keys, data_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
-    init, step = _trainer(model, batch_size, learning_rate)
-    # optax's Adam mixes Python floats and int32 counts: trace it under standard promotion
-    # whatever the user's (or the test suite's) setting.
-    with jax.numpy_dtype_promotion("standard"):
-        carry = init(init_keys, data.x_train)
-        # A Python loop over a jitted step: on XLA:CPU, convolutions inside a lax.scan
-        # ran ~3x slower than the same step dispatched from Python (measured on ResNet).
-        for t in range(steps):
-            carry = step(carry, data_keys, t, data.x_train, data.y_train)
-    params, state, _ = carry
-    stacked = {"params": params, **state}
-    return [jax.tree.map(lambda v, i=i: v[i], stacked) for i in range(len(seeds))]
+    if not _has_convolutions(model, data.x_train):
+        # All seeds at once (vmapped), 50 steps per compiled call.
+        chunk = math.gcd(steps, 50)
+        return _train(model, seeds, steps, batch_size, learning_rate, data, chunk)
+    # Convolutional models one seed at a time and one step per call: on XLA:CPU, a
+    # convolution inside a loop ran ~3x slower than dispatched from Python, and a
+    # vmapped (batch-grouped) one ~3x slower than one model at a time (ResNet, measured).
+    return [
+        _train(model, [s], steps, batch_size, learning_rate, data, 1)[0] for s in seeds
+    ]
 
 
 def accuracy(model: nn.Module, variables: Params, data: Digits | None = None) -> float:
