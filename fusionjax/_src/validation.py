@@ -52,6 +52,28 @@ def check_nonempty(models: Sequence[Any], name: str = "finetuned") -> None:
         raise ValueError(f"{name} is empty: merging needs at least one model.")
 
 
+def check_same_tree(
+    base: Any, other: Any, name: str = "finetuned[0]", ref_name: str = "base"
+) -> None:
+    """Raises ``ValueError`` naming the first missing or extra path (tree structure only).
+
+    Leaves' shapes and dtypes are not compared; :func:`check_same_structure` does both.
+    """
+    tdb, tdo = jax.tree.structure(base), jax.tree.structure(other)
+    if tdb == tdo:
+        return
+    pb, po = _path_map(base), _path_map(other)
+    missing = [k for k in pb if k not in po]
+    extra = [k for k in po if k not in pb]
+    if missing:
+        raise ValueError(f"{name} differs from {ref_name}: it is missing {missing[0]}.")
+    if extra:
+        raise ValueError(f"{name} differs from {ref_name}: it has an extra leaf {extra[0]}.")
+    raise ValueError(
+        f"{name} differs from {ref_name} in tree structure (container types): {tdo} != {tdb}"
+    )
+
+
 def check_same_structure(
     base: Any, other: Any, name: str = "finetuned[0]", ref_name: str = "base"
 ) -> None:
@@ -66,19 +88,7 @@ def check_same_structure(
       name: How ``other`` is named in the message, e.g. ``"finetuned[2]"``.
       ref_name: How ``base`` is named in the message.
     """
-    tdb, tdo = jax.tree.structure(base), jax.tree.structure(other)
-    if tdb != tdo:
-        pb, po = _path_map(base), _path_map(other)
-        missing = [k for k in pb if k not in po]
-        extra = [k for k in po if k not in pb]
-        if missing:
-            raise ValueError(f"{name} differs from {ref_name}: it is missing {missing[0]}.")
-        if extra:
-            raise ValueError(f"{name} differs from {ref_name}: it has an extra leaf {extra[0]}.")
-        raise ValueError(
-            f"{name} differs from {ref_name} in tree structure (container types): "
-            f"{tdo} != {tdb}"
-        )
+    check_same_tree(base, other, name, ref_name)
     lb = jax.tree_util.tree_flatten_with_path(base)[0]
     lo = jax.tree.leaves(other)
     for (path, b), o in zip(lb, lo):

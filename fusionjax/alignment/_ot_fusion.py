@@ -472,16 +472,8 @@ def _pairwise_cost(fo: jax.Array, fr: jax.Array, metric: str) -> jax.Array:
 
 def _check_pair(spec: PermutationSpec, ref: Params, other: Params):
     """Structure, dtype and shape checks for two models that may differ in group sizes."""
-    tr, to = jax.tree.structure(ref), jax.tree.structure(other)
+    validation.check_same_tree(ref, other, name="other", ref_name="ref")
     lr, lo = leaf_paths(ref), leaf_paths(other)
-    if tr != to:
-        missing = [p for p in lr if p not in lo]
-        extra = [p for p in lo if p not in lr]
-        if missing:
-            raise ValueError(f"other differs from ref: it is missing {missing[0]!r}.")
-        if extra:
-            raise ValueError(f"other differs from ref: it has an extra leaf {extra[0]!r}.")
-        raise ValueError(f"other differs from ref in tree structure: {to} != {tr}")
     axes_r, axes_o = spec.leaf_axes(ref), spec.leaf_axes(other)
     for path, x in lr.items():
         y = lo[path]

@@ -231,21 +231,24 @@ def _spec_case(name: str, model, hand, ref: Params, other: Params, num: int) -> 
     return SpecResult(name, derived.same_groups(hand, ref), objective, curves)
 
 
-def spec_study(seeds: Sequence[int]) -> dict[int, list[SpecResult]]:
+def spec_study(
+    seeds: Sequence[int], *, resnet_steps: int = 300, resnet_points: int = 5
+) -> dict[int, list[SpecResult]]:
     """``{seed: [ResNet result, transformer result]}``.
 
     The ResNet has BatchNorm; every point of its curves has its statistics
-    re-estimated (:func:`fusionjax.alignment.reset_batch_stats`), 5 points per curve.
+    re-estimated (:func:`fusionjax.alignment.reset_batch_stats`), ``resnet_points`` points
+    per curve, after ``resnet_steps`` training steps.
     """
     resnet = zoo.ResNet(blocks=1, width=1, norm="batch")
     transformer = zoo.Transformer(dim=32, depth=1, heads=4, mlp_width=64)
     cases = [
-        ("ResNet (BatchNorm)", resnet, alignment.resnet_spec(1, norm="batch"), 5),
+        ("ResNet (BatchNorm)", resnet, alignment.resnet_spec(1, norm="batch"), resnet_points),
         ("Transformer", transformer, alignment.transformer_spec(1), 11),
     ]
     out: dict[int, list[SpecResult]] = {s: [] for s in seeds}
     for name, model, hand, num in cases:
-        steps = 300 if model is resnet else 600
+        steps = resnet_steps if model is resnet else 600
         for seed, (ref, other) in _pairs(model, seeds, steps=steps).items():
             out[seed].append(_spec_case(name, model, hand, ref, other, num))
     return out
