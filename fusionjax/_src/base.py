@@ -1,28 +1,46 @@
-"""Core types: parameter pytrees, merging steps and their composition.
+r"""Core types: parameter pytrees, merging steps as data, and what a step knows of a leaf.
 
 A *task vector* is the difference between a fine-tuned model and its base,
-:math:`\\tau_t = \\theta_t - \\theta_0` (Ilharco et al., 2023). Merging methods in
-fusionjax are written as short chains of *steps* over stacked task vectors:
+:math:`\tau_t = \theta_t - \theta_0` (Ilharco et al., 2023). Merging methods in
+fusionjax are short chains of *steps* over stacked task vectors:
 
-* a :class:`TaskVectorFn` maps stacked task vectors ``[T, ...]`` to stacked task
+* a *task-vector step* maps stacked task vectors ``[T, ...]`` to stacked task
   vectors ``[T, ...]`` (trim, drop-and-rescale, sign election, ...);
-* a :class:`Merger` maps stacked task vectors ``[T, ...]`` to one merged task
-  vector ``[...]`` (sum, mean, disjoint mean, ...).
+* a *merger* maps stacked task vectors ``[T, ...]`` to one merged task vector
+  ``[...]`` (sum, mean, disjoint mean, ...).
 
-Both are :class:`Step` objects. A step is *leafwise* when it treats every leaf of
-the pytree on its own; :func:`fusionjax.merge` then streams a model leaf by leaf
-and never materialises the stacked ``[T, *params]`` tree. A *global* step (for
-example whole-model magnitude trimming) sees the whole stacked tree at once and
-says so in its docstring.
+A :class:`Step` is a pytree, the way an ott solver is: its numeric
+hyperparameters are *children* (traceable; a density sweep is new values, not a
+new program) and everything that decides the program — the leaf function, the
+options, which hyperparameters may hold one value per model — is static *aux
+data*. Two steps built by the same factory call with different values have the
+same tree structure, so :func:`fusionjax.merge` compiles once per method and
+leaf shape, however many step objects exist.
+
+Before a leaf is merged the step is *resolved* for it (:meth:`Step.resolve`), on
+the host, from the leaf's metadata alone (:class:`LeafInfo`: path, shape, dtype,
+number of models): per-leaf values (:func:`fusionjax.merging.by_path`,
+:func:`fusionjax.merging.gradient`) are picked, per-model values are checked
+against ``T`` and broadcast to ``[T]``, and shape-dependent quantities are
+computed exactly in float64 (e.g. TIES' kept count :math:`\lceil\rho n\rceil`).
+Then the resolved step's leaf function runs inside :func:`jax.jit`.
+
+A step that needs a *model-wide* statistic (whole-model magnitude trimming)
+carries a :class:`Statistic`: :func:`fusionjax.merge` first streams every leaf
+through it (``update``, additive, so leaves can come from disk one at a time),
+then hands the result to every leaf's pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 Params = Any
 """Any pytree of arrays: a nested dict, flax ``nnx.State``, an equinox module."""
@@ -34,60 +52,444 @@ PRNGKey = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
 LeafFn = Callable[..., jax.Array]
-TreeFn = Callable[..., Any]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Step:
-    """A merging step over stacked task vectors.
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+    """What a step may know about the leaf it merges, before any value is read.
 
     Attributes:
-      name: Short name used in error messages, e.g. ``"trim"``.
-      reduces: ``True`` for a :class:`Merger` (``[T, ...] -> [...]``), ``False``
-        for a :class:`TaskVectorFn` (``[T, ...] -> [T, ...]``).
-      leaf_fn: For leafwise steps, ``leaf_fn(x, *, key, **extra) -> array`` where
-        ``x`` is one stacked leaf ``[T, ...]`` in the compute dtype, ``key`` is a
-        PRNG key for that leaf (or ``None``) and ``extra`` holds this leaf's slice
-        of every extra argument (``None`` where a tree has no value).
-      tree_fn: For global steps, ``tree_fn(tvs, *, key, **extra)`` over the whole
-        stacked tree.
-      needs_key: Whether the step is random and requires a PRNG key.
-      elementwise: Whether the step works on arrays of any shape (e.g.
-        :func:`fusionjax.merging.scale`), so it may also follow a merger.
-      parts: For a :func:`fusionjax.chain`, the steps it chains.
+      path: The leaf's key path (as from :func:`jax.tree_util.tree_flatten_with_path`).
+      shape: Shape of one model's leaf (without the model axis).
+      dtype: The leaf's dtype.
+      num_models: ``T``, the number of fine-tuned models.
+      num_layers: Number of numbered layers in the whole model (one more than the
+        largest layer index found in any path), or ``None`` if no path has one.
+        :func:`fusionjax.merging.gradient` interpolates over it.
     """
 
-    name: str
-    reduces: bool
-    leaf_fn: Optional[LeafFn] = None
-    tree_fn: Optional[TreeFn] = None
-    needs_key: bool = False
-    elementwise: bool = False
-    parts: tuple = ()
+    path: tuple
+    shape: tuple
+    dtype: Any
+    num_models: int
+    num_layers: Optional[int] = None
 
-    def __post_init__(self):
-        if (self.leaf_fn is None) == (self.tree_fn is None):
-            raise TypeError(f"Step {self.name!r} needs exactly one of leaf_fn and tree_fn.")
+    @property
+    def size(self) -> int:
+        """Number of entries of one model's leaf."""
+        return math.prod(self.shape)
+
+    @property
+    def name(self) -> str:
+        """The path as ``"a/b/0/c"``, the form path patterns are matched against."""
+        from fusionjax._src import paths  # pylint: disable=g-import-not-at-top
+
+        return paths.path_name(self.path)
+
+    @property
+    def keystr(self) -> str:
+        """The path as in error messages, ``['a']['b']``."""
+        return jax.tree_util.keystr(self.path)
+
+
+class LeafValue:
+    """A hyperparameter value that depends on the leaf (e.g. on its path).
+
+    Subclasses implement :meth:`value_for` and :meth:`values` (every value it
+    can take, for validation when the step is built).
+    """
+
+    def value_for(self, info: LeafInfo) -> Any:
+        """The value at one leaf."""
+        raise NotImplementedError
+
+    def values(self) -> list:
+        """Every value this can take (checked when the step is built)."""
+        raise NotImplementedError
+
+
+class Statistic:
+    """A model-wide statistic a step needs, accumulated over the leaves first.
+
+    Every method is a pure function; ``update`` is additive over leaves (so a
+    merge streams the leaves from any source, in any order) and may be called
+    under :func:`jax.jit`. ``num_passes`` rounds each visit every leaf once
+    (an exact radix select takes two rounds for float32).
+    Instances must be hashable and compare equal by value (they are static).
+    """
+
+    num_passes: int = 1
+
+    def init(self, hparams: Mapping[str, Any], infos: list[LeafInfo]) -> Any:
+        """The state before the first pass, from the resolved hyperparameters and all leaves."""
+        raise NotImplementedError
+
+    def begin(self, state: Any, pass_index: int) -> Any:
+        """Prepares ``state`` for pass ``pass_index`` (jittable)."""
+        return state
+
+    def update(self, state: Any, x: jax.Array, pass_index: int) -> Any:
+        """Adds one stacked leaf ``[T, ...]`` to the state (jittable)."""
+        raise NotImplementedError
+
+    def end(self, state: Any, pass_index: int) -> Any:
+        """Closes pass ``pass_index`` (jittable)."""
+        return state
+
+    def result(self, state: Any) -> dict[str, jax.Array]:
+        """Hyperparameters added to every leaf's pass, e.g. ``{"threshold": [T]}``."""
+        raise NotImplementedError
+
+
+def _to_array(value: Any, name: str, step: str) -> jax.Array:
+    """A resolved hyperparameter as a float32/int32 array (traced values kept)."""
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"{step}: {name} must be a number or an array, got {value!r}.")
+    if isinstance(value, jax.core.Tracer):
+        return value
+    arr = np.asarray(value)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
+    ):
+        raise TypeError(f"{step}: {name} must be a number or an array, got {value!r}.")
+    if isinstance(value, jax.Array):
+        return value
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.float64)  # exact until `prepare` has run; float32 after
+    return arr
+
+
+def _compute_form(v: Any) -> Any:
+    """Float64/int64 host values as float32/int32, so every leaf's program is the same."""
+    if isinstance(v, np.ndarray) or np.isscalar(v):
+        arr = np.asarray(v)
+        if np.issubdtype(arr.dtype, np.floating):
+            return arr.astype(np.float32)
+        if np.issubdtype(arr.dtype, np.integer):
+            return arr.astype(np.int32)
+    return v
+
+
+@jax.tree_util.register_pytree_node_class
+class Step:
+    """A merging step: a pure leaf function plus its hyperparameters as data.
+
+    Build steps with the factories of :mod:`fusionjax.merging` rather than by
+    hand. ``fn(x, *, key, base, **kwargs)`` receives one stacked leaf ``x``
+    ``[T, ...]`` in the compute dtype (at least float32), the leaf's PRNG key (or
+    ``None``), the base leaf, and as keyword arguments the resolved
+    hyperparameters, the static options and the extras the step declares.
+
+    Attributes:
+      name: Short name used in messages, e.g. ``"trim"``.
+      fn: The leaf function (static: a module-level function).
+      hparams: Numeric hyperparameters by name (pytree children): numbers,
+        arrays, or :class:`LeafValue` objects resolved per leaf.
+      reduces: ``True`` for a merger (``[T, ...] -> [...]``), ``False`` for a
+        task-vector step (``[T, ...] -> [T, ...]``).
+      options: Static options by name (strings, bools, ints), passed to ``fn``.
+      per_model: Names of the hyperparameters that may hold one value per model
+        (shape ``[T]``); they reach ``fn`` always as ``[T]``.
+      needs_key: Whether the step is random and requires a PRNG key.
+      elementwise: Whether ``fn`` works on arrays of any shape (e.g.
+        :func:`fusionjax.merging.scale`), so it may follow a merger.
+      extras: Names of keyword extras of :func:`fusionjax.merge` the step needs
+        (e.g. ``("fishers",)``); they reach ``fn`` sliced to the leaf.
+      prepare: Optional static ``prepare(hparams, info) -> hparams`` run on the
+        host per leaf after resolution (e.g. density -> exact kept count).
+      statistic: Optional :class:`Statistic` for a model-wide step.
+      flat: Whether ``fn`` gives the same result on the leaf flattened to
+        ``[T, n]`` and zero-padded at the end (elementwise steps, magnitude
+        ranks with counts from the true size, norms and inner products). Such
+        steps let :func:`fusionjax.merge` merge many small leaves in one call.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fn: Optional[LeafFn],
+        *,
+        reduces: bool,
+        hparams: Optional[Mapping[str, Any]] = None,
+        options: Optional[Mapping[str, Any]] = None,
+        per_model: tuple[str, ...] = (),
+        needs_key: bool = False,
+        elementwise: bool = False,
+        extras: tuple[str, ...] = (),
+        prepare: Optional[Callable[..., dict]] = None,
+        statistic: Optional[Statistic] = None,
+        flat: bool = False,
+    ):
+        self.name = name
+        self.fn = fn
+        self.reduces = bool(reduces)
+        self.hparams = dict(hparams or {})
+        self.options = tuple(sorted((options or {}).items()))
+        self.per_model = tuple(per_model)
+        self.needs_key = bool(needs_key)
+        self.elementwise = bool(elementwise)
+        self.extras = tuple(extras)
+        self.prepare = prepare
+        self.statistic = statistic
+        self.flat = bool(flat)
+
+    # -- pytree protocol: hyperparameters are children, the rest is aux data --
+    def _aux(self):
+        return (
+            self.name,
+            self.fn,
+            self.reduces,
+            self.options,
+            self.per_model,
+            self.needs_key,
+            self.elementwise,
+            self.extras,
+            self.prepare,
+            self.statistic,
+            self.flat,
+        )
+
+    def tree_flatten(self):
+        keys = tuple(sorted(self.hparams))
+        return tuple(self.hparams[k] for k in keys), (keys, self._aux())
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        keys, rest = aux
+        obj = object.__new__(cls)
+        (
+            obj.name,
+            obj.fn,
+            obj.reduces,
+            obj.options,
+            obj.per_model,
+            obj.needs_key,
+            obj.elementwise,
+            obj.extras,
+            obj.prepare,
+            obj.statistic,
+            obj.flat,
+        ) = rest
+        obj.hparams = dict(zip(keys, children, strict=True))
+        return obj
+
+    # -- what the engine asks of a step --
+    @property
+    def parts(self) -> tuple[Step, ...]:
+        """The steps this step is made of (itself for a single step)."""
+        return ()
 
     @property
     def leafwise(self) -> bool:
-        """Whether the step treats every leaf independently."""
-        return self.leaf_fn is not None
+        """Whether no part needs a model-wide statistic (the merge is one pass)."""
+        return self.statistic is None and all(p.leafwise for p in self.parts)
 
-    def __call__(self, tvs: Stacked, *, key: Optional[PRNGKey] = None, **extra_args) -> Any:
-        """Applies the step to a stacked pytree of task vectors ``[T, ...]``."""
-        from fusionjax._src import tree as tree_lib  # pylint: disable=g-import-not-at-top
+    def required_extras(self) -> tuple[str, ...]:
+        """Names of the keyword extras this step (or any part) needs."""
+        return self.extras
 
-        if self.needs_key and key is None:
-            raise ValueError(
-                f"{self.name} is random and needs a PRNG key, e.g. key=jax.random.key(0)."
+    def resolve(self, info: LeafInfo) -> Step:
+        """This step for one leaf: per-leaf values picked, per-model values checked.
+
+        Runs on the host from metadata alone. Per-model hyperparameters become
+        ``[T]`` arrays, the others scalars; concrete values become float32 (or
+        int32) NumPy arrays, so every resolved step of a method has the same
+        structure and :func:`jax.jit` caches by method and leaf shape only.
+
+        Args:
+          info: The leaf's :class:`LeafInfo`.
+
+        Returns:
+          A resolved :class:`Step` (the same kind, hyperparameters as arrays).
+
+        Raises:
+          ValueError: if a hyperparameter has a shape other than ``()`` or
+            ``(T,)`` (the latter only where the step allows one value per model).
+        """
+        hp = {}
+        t = info.num_models
+        for k, v in self.hparams.items():
+            if isinstance(v, LeafValue):
+                v = v.value_for(info)
+            arr = _to_array(v, k, self.name)
+            shape = tuple(np.shape(arr))
+            if k in self.per_model:
+                if shape not in ((), (t,)):
+                    raise ValueError(
+                        f"{k} takes one value, or one per model (shape ({t},) "
+                        f"for {t} models), got shape {shape}."
+                    )
+                if shape == ():
+                    arr = (
+                        jnp.broadcast_to(arr, (t,))
+                        if isinstance(arr, jax.core.Tracer)
+                        else np.broadcast_to(arr, (t,)).copy()
+                    )
+            elif shape != ():
+                raise ValueError(
+                    f"{k} takes a single value, got shape {shape}"
+                    + (
+                        f"; per-model values are accepted for {', '.join(self.per_model)}."
+                        if self.per_model
+                        else "."
+                    )
+                )
+            hp[k] = arr
+        if self.prepare is not None:
+            hp = self.prepare(hp, info)
+        return self.replace(hparams={k: _compute_form(v) for k, v in hp.items()})
+
+    def replace(self, **changes) -> Step:
+        """A copy with some attributes changed (e.g. ``hparams=``)."""
+        obj = object.__new__(type(self))
+        obj.__dict__.update(self.__dict__)
+        for k, v in changes.items():
+            if k == "options":
+                v = tuple(sorted(dict(v).items()))
+            setattr(obj, k, dict(v) if k == "hparams" else v)
+        return obj
+
+    def apply(
+        self,
+        x: jax.Array,
+        *,
+        key: Optional[PRNGKey] = None,
+        base: Optional[jax.Array] = None,
+        extras: Optional[Mapping[str, Any]] = None,
+    ) -> jax.Array:
+        """Runs the (resolved) step on one stacked leaf; called inside :func:`jax.jit`."""
+        kw = dict(self.options)
+        kw.update(self.hparams)
+        for name in self.extras:
+            kw[name] = (extras or {}).get(name, MISSING)
+        return self.fn(x, key=key, base=base, **kw)
+
+    def __call__(
+        self, tvs: Stacked, *, key: Optional[PRNGKey] = None, base: Params = None, **extra_args
+    ) -> Any:
+        """Applies the step to an in-memory stacked pytree of task vectors ``[T, ...]``.
+
+        Args:
+          tvs: Stacked task vectors; ``None`` leaves are kept ``None``.
+          key: PRNG key for random steps.
+          base: Optional base parameters (some mergers use them, e.g. SLERP).
+          **extra_args: The extras the step requires (e.g. ``fishers=``).
+
+        Returns:
+          The stacked (task-vector step) or merged (merger) task vectors.
+        """
+        from fusionjax._src import merge as merge_lib  # pylint: disable=g-import-not-at-top
+
+        return merge_lib.apply_to_stacked(self, tvs, key=key, base=base, extras=extra_args)
+
+    # -- equality by structure and values, so equal factory calls give equal steps --
+    def __eq__(self, other) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        la, ta = jax.tree.flatten(self)
+        lb, tb = jax.tree.flatten(other)
+        if ta != tb:
+            return False
+        return all(
+            (a is b)
+            or (
+                not isinstance(a, jax.core.Tracer)
+                and not isinstance(b, jax.core.Tracer)
+                and _values_equal(a, b)
             )
-        if self.tree_fn is not None:
-            return self.tree_fn(tvs, key=key, **extra_args)
-        return tree_lib.map_leafwise(self.leaf_fn, tvs, key=key, **extra_args)
+            for a, b in zip(la, lb, strict=True)
+        )
+
+    def __hash__(self):
+        return hash(jax.tree.structure(self))
 
     def __repr__(self) -> str:
-        return f"<fusionjax step {self.name}>"
+        hp = ", ".join(f"{k}={_short(v)}" for k, v in sorted(self.hparams.items()))
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options)
+        args = ", ".join(a for a in (hp, opts) if a)
+        return f"{self.name}({args})"
+
+
+def _values_equal(a, b) -> bool:
+    if isinstance(a, LeafValue) or isinstance(b, LeafValue):
+        return a == b
+    try:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except (TypeError, ValueError):
+        return a == b
+
+
+def _short(v) -> str:
+    if isinstance(v, LeafValue):
+        return repr(v)
+    if isinstance(v, jax.core.Tracer):
+        return "<traced>"
+    arr = np.asarray(v)
+    return repr(arr.item()) if arr.ndim == 0 else repr(arr.tolist())
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+MISSING = _Missing()
+"""What a step's leaf function receives for a declared extra that was not passed."""
+
+
+@jax.tree_util.register_pytree_node_class
+class Chain(Step):
+    """Steps applied in order; see :func:`fusionjax.chain`. Its parts are its children."""
+
+    def __init__(self, steps: tuple[Step, ...]):
+        reducers = [s for s in steps if s.reduces]
+        super().__init__(
+            "chain(" + ", ".join(s.name for s in steps) + ")",
+            None,
+            reduces=bool(reducers),
+            needs_key=any(s.needs_key for s in steps),
+            elementwise=all(s.elementwise for s in steps),
+            flat=all(s.flat for s in steps),
+        )
+        self._parts = tuple(steps)
+
+    def tree_flatten(self):
+        return (self._parts,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(tuple(children[0]))
+
+    @property
+    def parts(self) -> tuple[Step, ...]:
+        return self._parts
+
+    def required_extras(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for p in self._parts:
+            out += [e for e in p.required_extras() if e not in out]
+        return tuple(out)
+
+    def resolve(self, info: LeafInfo) -> Step:
+        return Chain(tuple(p.resolve(info) for p in self._parts))
+
+    def apply(self, x, *, key=None, base=None, extras=None):
+        for j, p in enumerate(self._parts):
+            x = p.apply(x, key=fold_in(key, j), base=base, extras=extras)
+        return x
+
+    def replace(self, **changes) -> Step:
+        if set(changes) - {"parts"}:
+            raise TypeError("a chain's only attribute to replace is parts.")
+        return Chain(tuple(changes["parts"]))
+
+    def __repr__(self) -> str:
+        return "chain(" + ", ".join(repr(p) for p in self._parts) + ")"
+
+
+def fold_in(key: Optional[PRNGKey], data: int) -> Optional[PRNGKey]:
+    """``jax.random.fold_in(key, data)``, or ``None`` for no key."""
+    return None if key is None else jax.random.fold_in(key, data)
 
 
 TaskVectorFn = Step

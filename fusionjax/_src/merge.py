@@ -1,17 +1,37 @@
-"""``merge`` and ``chain``: the two entry points every merging method goes through."""
+"""``merge`` and ``chain``: the entry points every merging method goes through.
+
+What costs time, and what is done about it:
+
+* *Compiles.* Every leaf is merged by one jitted kernel whose arguments are the
+  resolved step (a pytree: hyperparameters are traced values, the method is its
+  static structure), the base leaf and the fine-tuned leaves. The kernel is
+  compiled once per method and leaf shape/dtype: new step objects, new
+  hyperparameter values and per-leaf values never recompile.
+* *Memory.* Leaves are read from the sources, merged and handed to the sink one
+  at a time; the stacked ``[T, *params]`` task vectors never exist, and a
+  kernel's stacked ``[T, ...]`` leaf is fused away by XLA where the steps are
+  written row by row.
+* *Model-wide steps* (a :class:`fusionjax._src.base.Statistic`, e.g. TIES trimmed
+  over the whole model) cost one extra read of every leaf per statistic pass.
+"""
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fusionjax._src import tree as tree_lib
+from fusionjax._src import keys as keys_lib
+from fusionjax._src import paths as paths_lib
+from fusionjax._src import stream
 from fusionjax._src import validation
-from fusionjax._src.base import Params, PRNGKey, Step
+from fusionjax._src.base import Chain, LeafInfo, LeafValue, Params, PRNGKey, Step, fold_in
+from fusionjax._src.per_leaf import Partition
 
 keystr = jax.tree_util.keystr
 
@@ -21,9 +41,11 @@ def chain(*steps: Step) -> Step:
 
     Task-vector steps (``[T, ...] -> [T, ...]``) come first, then at most one
     merger (``[T, ...] -> [...]``), which makes the chain a merger; only
-    elementwise steps such as :func:`fusionjax.merging.scale` may follow it. Nested chains are flattened. The chain is leafwise (and
-    :func:`fusionjax.merge` streams it leaf by leaf) when all its steps are.
-    A random step ``j`` of the chain draws from ``jax.random.fold_in(key, j)``.
+    elementwise steps such as :func:`fusionjax.merging.scale` may follow it.
+    Nested chains are flattened. A random step ``j`` of the chain draws from
+    ``jax.random.fold_in(leaf_key, j)``. The chain is a pytree whose children are
+    its steps, so chains built with different hyperparameter values share their
+    compiled kernels.
 
     Args:
       *steps: :class:`fusionjax.Step` objects, e.g. from :mod:`fusionjax.merging`.
@@ -50,7 +72,7 @@ def chain(*steps: Step) -> Step:
                 f"chain takes fusionjax steps (e.g. fusionjax.merging.trim(...)), got "
                 f"{type(s).__name__}. Did you forget to call the factory?"
             )
-        flat.extend(s.parts if s.parts else (s,))
+        flat.extend(s.parts if isinstance(s, Chain) else (s,))
     reducers = [j for j, s in enumerate(flat) if s.reduces]
     if len(reducers) > 1:
         raise TypeError(
@@ -64,59 +86,91 @@ def chain(*steps: Step) -> Step:
                     f"{s.name} works on stacked task vectors [T, ...] and cannot follow the "
                     f"merger {flat[reducers[0]].name}."
                 )
-    reduces = bool(reducers)
-    name = "chain(" + ", ".join(s.name for s in flat) + ")"
-    needs_key = any(s.needs_key for s in flat)
-    elementwise = all(s.elementwise for s in flat)
+    return Chain(tuple(flat))
 
-    def step_key(key, j):
-        return None if key is None else jax.random.fold_in(key, j)
 
-    if all(s.leafwise for s in flat):
+# -- checks at the entry ------------------------------------------------------
 
-        def leaf_fn(x, *, key=None, **extra):
-            for j, s in enumerate(flat):
-                x = s.leaf_fn(x, key=step_key(key, j), **extra)
-            return x
 
-        return Step(
-            name,
-            reduces,
-            leaf_fn=leaf_fn,
-            needs_key=needs_key,
-            elementwise=elementwise,
-            parts=tuple(flat),
+def _check_merger(merger: Any, *, reduces: bool = True) -> None:
+    if not isinstance(merger, Step):
+        raise TypeError(
+            f"merger must be a fusionjax step such as fusionjax.merging.ties(), got "
+            f"{type(merger).__name__}."
+        )
+    if reduces and not merger.reduces:
+        raise TypeError(
+            f"{merger.name} maps task vectors to task vectors; end it with a merger, e.g. "
+            "fusionjax.chain(step, fusionjax.merging.mean())."
         )
 
-    def tree_fn(tvs, *, key=None, **extra):
-        for j, s in enumerate(flat):
-            if s.leafwise:
-                fn = functools.partial(_keyed_leaf_fn, s.leaf_fn, j)
-                tvs = tree_lib.map_leafwise(fn, tvs, key=key, **extra)
-            else:
-                tvs = s.tree_fn(tvs, key=step_key(key, j), **extra)
-        return tvs
 
-    return Step(
-        name,
-        reduces,
-        tree_fn=tree_fn,
-        needs_key=needs_key,
-        elementwise=elementwise,
-        parts=tuple(flat),
+def _check_extras(step: Step, extras: dict) -> None:
+    """Unknown extras are an error with a suggestion; missing required ones too."""
+    known = step.required_extras()
+    for name in extras:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            takes = f"it takes {', '.join(known)}" if known else "it takes no extras"
+            raise TypeError(f"{step.name} got an unexpected extra {name!r} ({takes}).{hint}")
+    for name in known:
+        if name not in extras:
+            raise TypeError(f"{step.name} needs the extra {name}=...; see its docstring.")
+
+
+def _statistic_positions(step: Step) -> list[int]:
+    parts = step.parts if isinstance(step, Chain) else (step,)
+    return [j for j, p in enumerate(parts) if p.statistic is not None]
+
+
+def _num_layers(leaf_paths) -> Optional[int]:
+    idx = [paths_lib.layer_index(paths_lib.path_name(p)) for p in leaf_paths]
+    idx = [i for i in idx if i is not None]
+    return max(idx) + 1 if idx else None
+
+
+# -- the jitted kernels -------------------------------------------------------
+
+
+def _stacked_tv(base, finetuned):
+    dt = validation.compute_dtype(base.dtype)
+    b = base.astype(dt)
+    return b, jnp.stack([f.astype(dt) - b for f in finetuned])
+
+
+def _explicit_axes() -> tuple:
+    """Mesh axes in explicit sharding mode (inside a trace), or ``()``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return ()
+    return tuple(
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == jax.sharding.AxisType.Explicit
     )
 
 
-def _keyed_leaf_fn(leaf_fn, j, x, *, key=None, **extra):
-    return leaf_fn(x, key=None if key is None else jax.random.fold_in(key, j), **extra)
+def _apply_auto(step, tv, key, base, extras):
+    """``step.apply``, run with compiler-chosen shardings under an explicit mesh.
+
+    A step's internals (a radix select's flattened histogram, a per-unit sort)
+    need not keep the leaf's sharding; the merged leaf gets it back.
+    """
+    axes = _explicit_axes()
+    if not axes:
+        return step.apply(tv, key=key, base=base, extras=extras)
+    fn = jax.sharding.auto_axes(
+        lambda step, tv, key, base, extras: step.apply(tv, key=key, base=base, extras=extras),
+        axes=axes,
+        out_sharding=jax.typeof(base).sharding if step.reduces else jax.typeof(tv).sharding,
+    )
+    return fn(step, tv, key, base, extras)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _merge_leaf(leaf_fn, base, finetuned, key, extra, check_finite):
-    dt = tree_lib.compute_dtype(base.dtype)
-    b = base.astype(dt)
-    tv = jnp.stack([f.astype(dt) - b for f in finetuned])
-    merged = leaf_fn(tv, key=key, base=b, **extra)
+def _merge_leaf_impl(step, base, finetuned, key, extras, check_finite):
+    b, tv = _stacked_tv(base, finetuned)
+    merged = _apply_auto(step, tv, key, b, extras)
     if merged.shape != base.shape:
         raise ValueError(
             f"the merger returned shape {merged.shape} for a parameter of shape {base.shape}."
@@ -124,12 +178,201 @@ def _merge_leaf(leaf_fn, base, finetuned, key, extra, check_finite):
     out = (b + merged).astype(base.dtype)
     if not check_finite:
         return out, None
-    # sum(x - x) is NaN iff x has a NaN or an Inf. Unlike isfinite(x).all(), it
-    # is a plain float reduction that XLA:CPU runs fused and vectorised; the
-    # predicate form materialises a bool copy of every input first (measured
-    # 100 ms vs 24 ms for 4 x 16M float32). It still reads every input once more.
-    finite = jnp.isfinite(jnp.stack([jnp.sum(x - x) for x in (base, *finetuned)]))
+    finite = jnp.stack([jnp.isfinite(jnp.sum(x - x)) for x in (base, *finetuned)])
     return out, finite
+
+
+_merge_leaf = jax.jit(_merge_leaf_impl, static_argnums=(5,))
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _merge_group(steps, base, finetuned, keys, check_finite):
+    """``_merge_leaf`` vmapped over a group of small leaves, flattened and zero-padded."""
+
+    def one(step, b, fts, key):
+        return _merge_leaf_impl(step, b, fts, key, {}, check_finite)
+
+    return jax.vmap(one, (0, 0, 0, None if keys is None else 0))(steps, base, finetuned, keys)
+
+
+# Leaves of at most SMALL_LEAF entries, whose step is ``flat``, are merged in
+# groups: flattened, zero-padded to a power-of-two bucket (at least MIN_BUCKET)
+# and stacked GROUP_ENTRIES entries at a time, so a model with thousands of
+# small leaves of a hundred shapes compiles a few programs and makes a few
+# calls, not one of each per leaf.
+SMALL_LEAF = 1 << 14
+MIN_BUCKET = 256
+GROUP_ENTRIES = 1 << 18
+
+
+def _bucket(size: int) -> int:
+    return max(MIN_BUCKET, 1 << max(size - 1, 0).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 6))
+def _stat_leaf(statistic, stacked_input, prefix, state, base, finetuned, pass_index, key, extras):
+    if stacked_input:
+        b, tv = base, finetuned
+    else:
+        b, tv = _stacked_tv(base, finetuned)
+    for j, p in enumerate(prefix):
+        tv = _apply_auto(p, tv, fold_in(key, j), b, extras)
+    axes = _explicit_axes()
+    if not axes:
+        return statistic.update(state, tv, pass_index)
+    fn = jax.sharding.auto_axes(
+        lambda s, x: statistic.update(s, x, pass_index),
+        axes=axes,
+        out_sharding=jax.tree.map(lambda a: jax.typeof(a).sharding, state),
+    )
+    return fn(state, tv)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _stat_begin_end(statistic, state, pass_index, end):
+    return statistic.end(state, pass_index) if end else statistic.begin(state, pass_index)
+
+
+@jax.jit
+def _average_leaf(finetuned):
+    dt = validation.compute_dtype(finetuned[0].dtype)
+    acc = finetuned[0].astype(dt)
+    for f in finetuned[1:]:
+        acc = acc + f.astype(dt)
+    return (acc / len(finetuned)).astype(finetuned[0].dtype)
+
+
+@jax.jit
+def _apply_leaf(step, tv, key, base, extras):
+    return step.apply(tv, key=key, base=base, extras=extras)
+
+
+def _equal(a, b) -> bool:
+    """Whether two pass-through leaves are equal (``True`` when traced)."""
+    if not (validation.is_concrete(a) and validation.is_concrete(b)):
+        return True
+    if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a, b = jax.random.key_data(a), jax.random.key_data(b)
+    if isinstance(a, (jax.Array, np.ndarray)):
+        if a.shape != b.shape:
+            return False
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+            return bool(np.array_equal(a, b))
+        eq = jnp.array_equal(a, b)
+        return bool(eq) if validation.is_concrete(eq) else True  # traced under an outer jit
+    return validation.values_equal(a, b)
+
+
+def _own(x):
+    """A leaf the caller may not mutate through the input: NumPy arrays are copied."""
+    return np.array(x, copy=True) if isinstance(x, np.ndarray) else x
+
+
+# -- the engine ---------------------------------------------------------------
+
+
+class _Plan:
+    """What the engine decided for every leaf, from metadata alone."""
+
+    def __init__(self, base_src, num_models, step, extras, running_stats):
+        self.paths = base_src.paths
+        self.kinds = base_src.kinds
+        n_layers = _num_layers(self.paths)
+        self.infos: list[Optional[LeafInfo]] = []
+        self.steps: list[Optional[Step]] = []
+        template = base_src.treedef.unflatten(list(base_src.specs))
+        self.extras = {k: paths_lib.broadcast_leaves(template, v, k) for k, v in extras.items()}
+        # A step with no per-leaf value resolves the same for every leaf of one
+        # shape and dtype: resolve once per (shape, dtype).
+        cache = {} if not _path_dependent(step) else None
+        self.structures: list = []
+        for path, spec, kind in zip(base_src.paths, base_src.specs, base_src.kinds, strict=True):
+            if kind != stream.PARAM:
+                self.infos.append(None)
+                self.steps.append(None)
+                self.structures.append(None)
+                continue
+            info = LeafInfo(path, tuple(spec.shape), spec.dtype, num_models, n_layers)
+            ck = (info.shape, jnp.dtype(info.dtype))
+            if cache is not None and ck in cache:
+                resolved, structure = cache[ck]
+            else:
+                try:
+                    resolved = step.resolve(info)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"{step.name} at {keystr(path)}: {e}") from e
+                structure = jax.tree.structure(resolved)
+                if cache is not None:
+                    cache[ck] = (resolved, structure)
+            self.infos.append(info)
+            self.steps.append(resolved)
+            self.structures.append(structure)
+        if running_stats not in ("average", "base"):
+            raise ValueError(f"running_stats must be 'average' or 'base', got {running_stats!r}.")
+        self.running_stats = running_stats
+
+    def leaf_extras(self, i):
+        return {k: v[i] for k, v in self.extras.items()}
+
+    def mergeable(self):
+        return [i for i, s in enumerate(self.steps) if s is not None]
+
+
+def _path_dependent(step: Step) -> bool:
+    """Whether resolving ``step`` depends on the leaf's path (per-leaf values, partitions)."""
+    if isinstance(step, Partition):
+        return True
+    if any(isinstance(v, LeafValue) for v in step.hparams.values()):
+        return True
+    return any(_path_dependent(p) for p in step.parts)
+
+
+def _run_statistics(plan, step, key, read_inputs, stacked_input):
+    """Runs every model-wide statistic of ``step`` and writes its results into the plan."""
+    positions = _statistic_positions(step)
+    parts = step.parts if isinstance(step, Chain) else (step,)
+    for g in positions:
+        stat = parts[g].statistic
+        for name, v in parts[g].hparams.items():
+            if isinstance(v, LeafValue):
+                raise ValueError(
+                    f"{parts[g].name} works over the whole model: {name} takes one value, "
+                    "not a per-leaf value."
+                )
+        idx = plan.mergeable()
+        if not idx:
+            continue
+        infos = [plan.infos[i] for i in idx]
+        first = _parts_of(plan.steps[idx[0]])[g]
+        state = stat.init(first.hparams, infos)
+        for p in range(stat.num_passes):
+            state = _stat_begin_end(stat, state, p, False)
+            for i in idx:
+                b, fts = read_inputs(i)
+                prefix = _parts_of(plan.steps[i])[:g]
+                state = _stat_leaf(
+                    stat,
+                    stacked_input,
+                    prefix,
+                    state,
+                    b,
+                    fts,
+                    p,
+                    keys_lib.leaf_key(key, plan.paths[i]),
+                    plan.leaf_extras(i),
+                )
+            state = _stat_begin_end(stat, state, p, True)
+        result = stat.result(state)
+        for i in idx:
+            ps = list(_parts_of(plan.steps[i]))
+            ps[g] = ps[g].replace(hparams={**ps[g].hparams, **result})
+            plan.steps[i] = Chain(tuple(ps)) if isinstance(plan.steps[i], Chain) else ps[0]
+            if hasattr(plan, "structures"):
+                plan.structures[i] = jax.tree.structure(plan.steps[i])
+
+
+def _parts_of(step: Step) -> tuple[Step, ...]:
+    return step.parts if isinstance(step, Chain) else (step,)
 
 
 def merge(
@@ -138,48 +381,67 @@ def merge(
     merger: Step,
     *,
     key: Optional[PRNGKey] = None,
+    running_stats: Literal["average", "base"] = "average",
     check_finite: bool = True,
+    sink: Optional[stream.LeafSink] = None,
     **extra_args: Any,
-) -> Params:
+) -> Any:
     r"""Merges fine-tuned models that share a base model.
 
     Computes the task vectors :math:`\tau_t = \theta_t - \theta_0`, merges them
-    with ``merger`` into one :math:`\tau` and returns :math:`\theta_0 + \tau`.
-    Only floating-point leaves are merged (in at least float32, then cast back
-    to their dtype); every other leaf must be equal in all models and is passed
-    through. Inputs are never modified.
+    with ``merger`` into one :math:`\tau` and returns :math:`\theta_0 + \tau`,
+    leaf by leaf: each leaf is read from every model, merged by one jitted
+    kernel (compiled once per method and leaf shape, whatever the
+    hyperparameter values) and handed on; the stacked ``[T, *params]`` task
+    vectors never exist.
 
-    When ``merger`` is leafwise, the models are streamed one leaf at a time: peak
-    memory is the inputs, the output and ``T`` copies of the largest leaf, never
-    the stacked ``[T, *params]`` tree. Each leaf is merged by one jitted function,
-    compiled once per merger object and leaf shape: reuse a merger object across
-    calls, and sweep a hyperparameter by passing it as an argument of your own
-    :func:`jax.jit` or :func:`jax.vmap` (hyperparameters may be traced), which
-    compiles once for the whole sweep.
+    What happens to each leaf:
+
+    * floating-point parameters are merged (in at least float32, then cast back
+      to their dtype);
+    * running statistics — leaves under a linen ``batch_stats`` collection and
+      nnx ``BatchStat`` variables — are never extrapolated: by default they get
+      the plain average of the fine-tuned models' statistics (a convex
+      combination, so variances stay positive); ``running_stats="base"`` keeps
+      the base's. Re-estimate them on data for the best accuracy
+      (:func:`fusionjax.alignment.reset_batch_stats`);
+    * every other leaf (integers, bools, PRNG keys, Python scalars) must be equal
+      in all models and is passed through; complex leaves are an error.
+
+    Outputs never alias inputs (NumPy leaves passed through are copied).
 
     Args:
-      base: Base parameters :math:`\theta_0`: any pytree of arrays (a dict, flax
-        linen ``params``, ``nnx.State``, equinox arrays from ``eqx.partition``).
-      finetuned: Non-empty list of fine-tuned parameter pytrees, each with the
-        structure, shapes and dtypes of ``base``.
+      base: Base parameters :math:`\theta_0`: any pytree (a dict, flax linen
+        variables, ``nnx.State``, equinox arrays from ``eqx.partition``), or a
+        :class:`fusionjax.LeafSource` that reads leaves lazily.
+      finetuned: Non-empty list of fine-tuned models (pytrees or sources), each
+        with the structure, shapes and dtypes of ``base``.
       merger: A :class:`fusionjax.Step` that reduces, e.g.
         ``fusionjax.merging.ties()``.
-      key: PRNG key for random mergers (DARE, DELLA).
+      key: PRNG key for random mergers (DARE, DELLA). Each leaf draws from a key
+        derived from ``key`` and its path, so the result does not depend on how
+        the model is read.
+      running_stats: ``"average"`` or ``"base"``, see above.
       check_finite: Raise if an input has NaN or Inf (checked while the leaves are
-        read; skipped under :func:`jax.jit`, where values are traced).
+        read, by the merge kernel; skipped under :func:`jax.jit`).
+      sink: Where merged leaves go (a :class:`fusionjax.LeafSink`); by default
+        they are assembled into a pytree like ``base``.
       **extra_args: Per-parameter inputs that some mergers require, as pytrees
         with the structure of ``base`` (or a prefix of it), e.g. ``fishers=`` for
-        :func:`fusionjax.merging.fisher_merging`. The base itself is always passed
-        to the merger as ``base``.
+        :func:`fusionjax.merging.fisher_merging`. Unknown names are an error.
 
     Returns:
-      The merged parameters, with the structure and dtypes of ``base``.
+      The merged parameters, with the structure and dtypes of ``base`` (or what
+      ``sink.finish()`` returns).
 
     Raises:
       ValueError: if ``finetuned`` is empty, a model differs from ``base`` in
-        structure, shape, dtype or a non-merged leaf, an input has NaN/Inf, or the
-        merger's own checks fail. The message names the model and the path.
-      TypeError: if ``merger`` is not a merger.
+        structure, shape, dtype or a pass-through leaf, an input has NaN/Inf, a
+        hyperparameter does not fit (e.g. per-model values for another number of
+        models), or a merger's own checks fail. The message names the model and
+        the path; everything decidable from metadata is checked before any leaf
+        is read.
+      TypeError: if ``merger`` is not a merger, or an extra is unknown or missing.
 
     Examples:
       >>> import jax.numpy as jnp, fusionjax as fj
@@ -188,90 +450,205 @@ def merge(
       >>> fj.merge(base, fts, fj.merging.task_arithmetic(scaling=0.5))
       {'w': Array([0.5, 1. , 0. ], dtype=float32)}
     """
-    if not isinstance(merger, Step):
-        raise TypeError(
-            f"merger must be a fusionjax step such as fusionjax.merging.ties(), got "
-            f"{type(merger).__name__}."
-        )
-    if not merger.reduces:
-        raise TypeError(
-            f"{merger.name} maps task vectors to task vectors; end it with a merger, e.g. "
-            "fusionjax.chain(step, fusionjax.merging.mean())."
-        )
+    _check_merger(merger)
     if "base" in extra_args:
         raise TypeError("merge passes `base` to the merger itself; do not pass it as an extra.")
-    validation.check_models(base, finetuned)
-    if merger.needs_key and key is None:
-        raise ValueError(f"{merger.name} is random and needs a PRNG key, e.g. key=jax.random.key(0).")
-    if merger.leafwise:
-        return _merge_leafwise(base, finetuned, merger, key, check_finite, extra_args)
-    return _merge_global(base, finetuned, merger, key, check_finite, extra_args)
+    validation.check_nonempty(finetuned)
+    base_src = stream.as_source(base)
+    ft_srcs = [stream.as_source(f) for f in finetuned]
+    validation.check_sources(base_src, ft_srcs)
+    _check_extras(merger, extra_args)
+    if merger.needs_key:
+        keys_lib.require_key(key, merger.name)
+    plan = _Plan(base_src, len(ft_srcs), merger, extra_args, running_stats)
+    out_sink = sink if sink is not None else stream.TreeSink(base_src.treedef)
 
+    def read_inputs(i):
+        return jnp.asarray(base_src.read(i)), [jnp.asarray(s.read(i)) for s in ft_srcs]
 
-def _raise_nonfinite(paths, flags, finetuned_name="finetuned"):
-    for path, f in zip(paths, flags):
-        bad = [j for j, ok in enumerate(f) if not ok]
-        if bad:
-            j = bad[0]
-            who = "base" if j == 0 else f"{finetuned_name}[{j - 1}]"
-            raise ValueError(f"{who} has NaN or Inf values at {keystr(path)}.")
+    if not merger.leafwise:
+        _run_statistics(plan, merger, key, read_inputs, stacked_input=False)
 
-
-def _merge_leafwise(base, finetuned, merger, key, check_finite, extra_args):
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(base)
-    ft_leaves = [jax.tree.leaves(ft) for ft in finetuned]
-    extras = {k: tree_lib.broadcast_leaves(base, v, k) for k, v in extra_args.items()}
-    out, flag_paths, flags = [], [], []
-    for i, (path, b) in enumerate(paths_leaves):
-        if not tree_lib.is_mergeable(b):
-            out.append(b)
+    flag_paths, flags = [], []
+    grouped = set()
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((merger, key)))
+    if not extra_args and not traced:
+        for idx in _groups(plan, base_src):
+            if _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink, flags):
+                grouped.update(idx)
+                flag_paths.extend(plan.paths[i] for i in idx)
+    for i, path in enumerate(plan.paths):
+        if i in grouped:
             continue
-        fts = [jnp.asarray(leaves[i]) for leaves in ft_leaves]
-        kw = {k: v[i] for k, v in extras.items()}
+        kind = plan.kinds[i]
+        if kind == stream.OTHER:
+            b = base_src.read(i)
+            for j, s in enumerate(ft_srcs):
+                if not _equal(b, s.read(i)):
+                    what = "PRNG key" if _is_key(b) else validation.describe(b)
+                    raise ValueError(
+                        f"finetuned[{j}] differs from base at {keystr(path)}: this {what} leaf "
+                        "is not floating point, so it is not merged and must be equal in "
+                        "every model."
+                    )
+            out_sink.write(i, _own(b))
+            continue
+        if kind == stream.RUNNING_STAT:
+            if plan.running_stats == "base":
+                out_sink.write(i, _own(base_src.read(i)))
+            else:
+                out_sink.write(i, _average_leaf([jnp.asarray(s.read(i)) for s in ft_srcs]))
+            continue
+        b, fts = read_inputs(i)
         concrete = validation.is_concrete(b) and all(validation.is_concrete(f) for f in fts)
         try:
             merged, finite = _merge_leaf(
-                merger.leaf_fn,
-                jnp.asarray(b),
+                plan.steps[i],
+                b,
                 fts,
-                tree_lib.leaf_key(key, path),
-                kw,
+                keys_lib.leaf_key(key, path),
+                plan.leaf_extras(i),
                 check_finite and concrete,
             )
         except (ValueError, TypeError) as e:
             raise type(e)(f"{merger.name} at {keystr(path)}: {e}") from e
-        out.append(merged)
+        out_sink.write(i, merged)
         # Under an outer jit the flags are traced even when the inputs are
         # closed-over constants; they can only be checked when concrete.
         if finite is not None and validation.is_concrete(finite):
             flag_paths.append(path)
             flags.append(finite)
     if flags:
-        _raise_nonfinite(flag_paths, jax.device_get(flags))
+        for path, f in zip(flag_paths, jax.device_get(flags), strict=True):
+            bad = [j for j, ok in enumerate(f) if not ok]
+            if bad:
+                who = "base" if bad[0] == 0 else f"finetuned[{bad[0] - 1}]"
+                raise ValueError(f"{who} has NaN or Inf values at {keystr(path)}.")
+    return out_sink.finish()
+
+
+def _groups(plan, base_src):
+    """Chunks of leaf indices to merge together (same method structure, dtype, bucket)."""
+    by_key: dict = {}
+    for i in plan.mergeable():
+        spec, step = base_src.specs[i], plan.steps[i]
+        sharding = getattr(spec, "sharding", None)
+        if (
+            not step.flat
+            or plan.infos[i].size > SMALL_LEAF
+            or (sharding is not None and len(sharding.device_set) > 1)
+        ):
+            continue
+        k = (plan.structures[i], jnp.dtype(spec.dtype), _bucket(plan.infos[i].size))
+        by_key.setdefault(k, []).append(i)
+    for (_, _, bucket), idx in by_key.items():
+        per = max(1, GROUP_ENTRIES // bucket)
+        for c in range(0, len(idx), per):
+            yield idx[c : c + per]
+
+
+def _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink, flags) -> bool:
+    """Merges one group of small leaves in one call; ``False`` if they must go one by one."""
+    bases = [base_src.read(i) for i in idx]
+    fts = [[s.read(i) for i in idx] for s in ft_srcs]
+    for x in [*bases, *(f for row in fts for f in row)]:
+        if isinstance(x, jax.core.Tracer) or (
+            isinstance(x, jax.Array) and not x.is_fully_addressable
+        ):
+            return False
+    info0 = plan.infos[idx[0]]
+    bucket = _bucket(max(plan.infos[i].size for i in idx))
+    rows = max(1, GROUP_ENTRIES // bucket)  # fixed per bucket: one compile per bucket
+
+    def pack(leaves):
+        buf = np.zeros((rows, bucket), info0.dtype)
+        for j, x in enumerate(leaves):
+            flat = np.asarray(x).reshape(-1)
+            buf[j, : flat.size] = flat
+        return buf
+
+    steps = [plan.steps[i] for i in idx]
+    if all(s is steps[0] for s in steps):  # one resolved step for the whole group
+        stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (rows, *np.shape(x))), steps[0])
+    else:
+        steps += [steps[0]] * (rows - len(idx))
+        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *steps)
+    pad_paths = [plan.paths[idx[0]]] * (rows - len(idx))
+    keys = keys_lib.leaf_keys(key, [plan.paths[i] for i in idx] + pad_paths)
+    out, finite = _merge_group(stacked, pack(bases), [pack(f) for f in fts], keys, check_finite)
+    out = np.asarray(out)
+    leaves = [out[j, : plan.infos[i].size].reshape(plan.infos[i].shape) for j, i in enumerate(idx)]
+    for i, leaf in zip(idx, jax.device_put(leaves), strict=True):
+        out_sink.write(i, leaf)
+    if finite is not None:
+        flags.extend(np.asarray(finite)[: len(idx)])
+    return True
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def apply_to_stacked(
+    step: Step, tvs: Any, *, key: Optional[PRNGKey] = None, base: Params = None, extras=None
+) -> Any:
+    """Applies a step to in-memory stacked task vectors ``[T, ...]`` (see ``Step.__call__``).
+
+    ``None`` leaves stay ``None``. Used by learned merging (e.g. AdaMerging++'s
+    TIES preprocessing) on task vectors that are already stacked.
+    """
+    extras = dict(extras or {})
+    _check_extras(step, extras)
+    if step.needs_key:
+        keys_lib.require_key(key, step.name)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tvs)
+    leaf_paths = [p for p, _ in flat]
+    leaves = [x for _, x in flat]
+    if not leaves:
+        return tvs
+    t = int(np.shape(leaves[0])[0])
+    base_leaves = (
+        [None] * len(leaves) if base is None else paths_lib.broadcast_leaves(tvs, base, "base")
+    )
+    n_layers = _num_layers(leaf_paths)
+    steps, infos = [], []
+    for path, x in flat:
+        if np.ndim(x) < 1 or np.shape(x)[0] != t:
+            raise ValueError(
+                f"{step.name}: stacked task vectors need a leading model axis of size {t} on "
+                f"every leaf; {keystr(path)} has shape {np.shape(x)}."
+            )
+        info = LeafInfo(path, tuple(np.shape(x)[1:]), x.dtype, t, n_layers)
+        try:
+            steps.append(step.resolve(info))
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{step.name} at {keystr(path)}: {e}") from e
+        infos.append(info)
+
+    class _StackedPlan:
+        pass
+
+    plan = _StackedPlan()
+    plan.paths, plan.infos, plan.steps = leaf_paths, infos, steps
+    template = treedef.unflatten([stream.spec_of(x) for x in leaves])
+    ex = {k: paths_lib.broadcast_leaves(template, v, k) for k, v in extras.items()}
+    plan.leaf_extras = lambda i: {k: v[i] for k, v in ex.items()}
+    plan.mergeable = lambda: list(range(len(leaves)))
+
+    def compute(i):
+        x = jnp.asarray(leaves[i])
+        x = x.astype(validation.compute_dtype(x.dtype))
+        b = base_leaves[i]
+        return (None if b is None else jnp.asarray(b, x.dtype)), x
+
+    if not step.leafwise:
+        _run_statistics(plan, step, key, compute, stacked_input=True)
+    out = []
+    for i, path in enumerate(leaf_paths):
+        b, x = compute(i)
+        try:
+            y = _apply_leaf(plan.steps[i], x, keys_lib.leaf_key(key, path), b, plan.leaf_extras(i))
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{step.name} at {keystr(path)}: {e}") from e
+        out.append(y.astype(leaves[i].dtype))
     return treedef.unflatten(out)
-
-
-def _merge_global(base, finetuned, merger, key, check_finite, extra_args):
-    if check_finite:
-        validation.check_finite(base, "base")
-        for i, ft in enumerate(finetuned):
-            validation.check_finite(ft, f"finetuned[{i}]")
-
-    def compute(b):
-        return jnp.asarray(b, tree_lib.compute_dtype(b.dtype)) if tree_lib.is_mergeable(b) else None
-
-    def stacked_tv(b, *fs):
-        if not tree_lib.is_mergeable(b):
-            return None
-        dt = tree_lib.compute_dtype(b.dtype)
-        return jnp.stack([jnp.asarray(f, dt) - jnp.asarray(b, dt) for f in fs])
-
-    base_c = jax.tree.map(compute, base)
-    tvs = jax.tree.map(stacked_tv, base, *finetuned)
-    merged = _apply_global(merger, tvs, key, base_c, extra_args)
-    return tree_lib.apply_task_vector(base, merged)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _apply_global(merger, tvs, key, base, extra_args):
-    return merger(tvs, key=key, base=base, **extra_args)

@@ -182,5 +182,89 @@ def kth_largest(xs: Sequence[jax.Array], k: jax.Array) -> jax.Array:
     k = k.reshape(k.shape[0], -1)
     if k.shape[0] != xs[0].shape[0]:
         raise ValueError(f"k must have one row per array row, shape ({xs[0].shape[0]}, ...), got {k.shape}.")
-    value = _kth_largest(xs, k)
+    n = sum(math.prod(x.shape[1:]) for x in xs)
+    value = _kth_largest_sorted(xs, k) if n <= _SORT_MAX else _kth_largest(xs, k)
     return value[:, 0] if squeeze else value
+
+
+# Up to this many entries per row a bitwise bisection (one compare-and-count
+# pass per bit) is cheaper than the radix select's 2^16-bin histograms, and
+# compiles faster: small leaves, merged in groups. (XLA:CPU's sort was measured
+# ~20x slower still: 0.41 s for 1024 x 3 rows of 256.)
+_SORT_MAX = 4096
+
+
+@jax.jit
+def _kth_largest_sorted(xs, k):
+    t_rows = k.shape[0]
+    x = jnp.concatenate([x.reshape(t_rows, -1) for x in xs], axis=1)
+    dtype = x.dtype
+    nbits = _NBITS[dtype.itemsize]
+    bits = _magnitude_bits(x)  # [T, n], monotone in |x|
+    int_dtype = bits.dtype
+    n = bits.shape[1]
+
+    def body(i, prefix):  # a loop, not unrolled: one compiled pass for every bit
+        cand = prefix | jnp.left_shift(jnp.asarray(1, int_dtype), (nbits - 1 - i).astype(int_dtype))
+        count = jnp.sum(bits[:, None, :] >= cand[:, :, None], axis=-1, dtype=k.dtype)
+        return jnp.where(count >= k, cand, prefix)
+
+    prefix = jax.lax.fori_loop(0, nbits, body, jnp.zeros(k.shape, int_dtype))
+    int_type = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[dtype.itemsize]
+    value = jax.lax.bitcast_convert_type(prefix.astype(int_type), dtype)
+    value = jnp.where(k > n, jnp.zeros((), dtype), value)
+    return jnp.where(k <= 0, jnp.asarray(jnp.inf, dtype), value)
+
+
+# -- Streaming: the same select over leaves read one at a time ----------------
+#
+# The histograms are additive over arrays, so the k-th largest magnitude of a
+# whole model is found exactly by passing every leaf through ``stream_update``
+# once per digit (two passes for float32), with ``stream_begin``/``stream_end``
+# around each pass. Values are ranked as float32.
+
+DIGITS_F32 = tuple(_digits(_NBITS[4]))
+
+
+def stream_init(k: jax.Array, n: int) -> dict:
+    """The state of a streamed select of the ``k[t]``-th largest over ``n`` entries per row."""
+    k = jnp.asarray(k, jnp.int32).reshape(-1, 1)
+    t = k.shape[0]
+    return {
+        "k": k,
+        "n": jnp.asarray(min(n, np.iinfo(np.int32).max), jnp.int32),
+        "prefix": jnp.zeros((t, 1), jnp.int32),
+        "above": jnp.zeros((t, 1), jnp.int32),
+        "hist": jnp.zeros((t, 1, 1), jnp.int32),
+    }
+
+
+def stream_begin(state: dict, pass_index: int) -> dict:
+    """Starts pass ``pass_index``: an empty histogram of that pass's digit."""
+    t = state["k"].shape[0]
+    return {**state, "hist": jnp.zeros((t, 1, 1 << DIGITS_F32[pass_index]), jnp.int32)}
+
+
+def stream_update(state: dict, x: jax.Array, pass_index: int) -> dict:
+    """Adds the magnitudes of one stacked float32 array ``[T, ...]`` to the pass's histogram."""
+    d = DIGITS_F32[pass_index]
+    done = sum(DIGITS_F32[:pass_index])
+    shift = _NBITS[4] - done - d
+    base = state["prefix"] << d
+    hist = _histogram([x], shift, base, 1 << d, jnp.int32)
+    return {**state, "hist": state["hist"] + hist}
+
+
+def stream_end(state: dict, pass_index: int) -> dict:
+    """Closes a pass: picks the digit of the k-th largest from the histogram."""
+    d = DIGITS_F32[pass_index]
+    j, above = _select(state["hist"], state["above"], state["k"])
+    return {**state, "prefix": (state["prefix"] << d) + j, "above": above}
+
+
+def stream_result(state: dict) -> jax.Array:
+    """The ``[T]`` values after the last pass (``+inf`` for ``k <= 0``, 0 for ``k > n``)."""
+    value = jax.lax.bitcast_convert_type(state["prefix"], jnp.float32)
+    k = state["k"]
+    value = jnp.where(k > state["n"], jnp.zeros((), jnp.float32), value)
+    return jnp.where(k <= 0, jnp.asarray(jnp.inf, jnp.float32), value)[:, 0]

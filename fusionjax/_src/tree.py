@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import jax
@@ -11,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Params, PRNGKey, Stacked
+from fusionjax._src.base import ArrayLike, Params, Stacked
+from fusionjax._src.keys import leaf_key  # noqa: F401  (re-exported for subpackages)
+from fusionjax._src.paths import broadcast_leaves  # noqa: F401  (re-exported)
+from fusionjax._src.validation import compute_dtype
 
 keystr = jax.tree_util.keystr
 
@@ -21,25 +23,8 @@ def _is_none(x) -> bool:
 
 
 def is_mergeable(x: Any) -> bool:
-    """Whether a leaf takes part in merging: a floating-point (inexact) array."""
-    return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-    """Dtype merges are computed in: at least float32 (bf16/fp16 are upcast)."""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
-
-
-def leaf_key(key: Optional[PRNGKey], path) -> Optional[PRNGKey]:
-    """A PRNG key for one leaf, derived from ``key`` and the leaf's path.
-
-    Keys depend on the path (not on the leaf's position), so a random step gives
-    a leaf the same randomness however the tree around it is split or filtered.
-    """
-    if key is None:
-        return None
-    return jax.random.fold_in(key, zlib.crc32(keystr(path).encode()) & 0x7FFFFFFF)
+    """Whether a leaf takes part in merging: a real floating-point array."""
+    return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def task_vector(base: Params, finetuned: Params) -> Params:
@@ -147,68 +132,3 @@ def unstack(tree: Stacked) -> list[Params]:
         return []
     n = leaves[0].shape[0]
     return [treedef.unflatten([x[i] for x in leaves]) for i in range(n)]
-
-
-def broadcast_leaves(full: Any, extra: Any, name: str) -> list:
-    """Leaves of ``extra`` aligned with the leaves of ``full``.
-
-    ``extra`` has the structure of ``full`` (``None`` where it has no value) or is
-    a prefix of it, whose leaves then apply to whole subtrees.
-
-    Args:
-      full: The reference pytree (its ``None`` leaves are skipped).
-      extra: The tree to align, or ``None``.
-      name: Name used in the error message.
-
-    Returns:
-      A list with one entry per leaf of ``full``.
-    """
-    treedef = jax.tree.structure(full)
-    if extra is None:
-        return [None] * treedef.num_leaves
-    try:
-        return treedef.flatten_up_to(extra)
-    except (ValueError, TypeError):
-        pass
-    try:
-        nested = jax.tree.map(
-            lambda pre, sub: [pre] * len(jax.tree.leaves(sub)), extra, full, is_leaf=_is_none
-        )
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"{name} must have the structure of the parameters (or a prefix of it): {e}"
-        ) from None
-    out = []
-    for chunk in jax.tree.leaves(nested, is_leaf=lambda x: isinstance(x, list)):
-        out.extend(chunk)
-    return out
-
-
-def map_leafwise(
-    leaf_fn: Callable[..., Any],
-    tvs: Stacked,
-    *,
-    key: Optional[PRNGKey] = None,
-    **extra_args,
-) -> Any:
-    """Maps a leaf function over a stacked tree, slicing extra trees per leaf.
-
-    Args:
-      leaf_fn: ``leaf_fn(x, *, key, **extra) -> array``.
-      tvs: Stacked task vectors ``[T, ...]``; ``None`` leaves are skipped.
-      key: Optional PRNG key, split per leaf with :func:`leaf_key`.
-      **extra_args: Pytrees with the structure of ``tvs`` (or a prefix of it).
-
-    Returns:
-      A pytree with the structure of ``tvs``.
-    """
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tvs)
-    extras = {k: broadcast_leaves(tvs, v, k) for k, v in extra_args.items()}
-    out = []
-    for i, (path, x) in enumerate(paths_leaves):
-        kw = {k: v[i] for k, v in extras.items()}
-        try:
-            out.append(leaf_fn(x, key=leaf_key(key, path), **kw))
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"at {keystr(path)}: {e}") from e
-    return treedef.unflatten(out)

@@ -19,11 +19,21 @@ keystr = jax.tree_util.keystr
 
 
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray))
+    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
 
 
 def _is_inexact_array(x) -> bool:
     return _is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype merges are computed in: at least float32 (bf16/fp16 are upcast).
+
+    The one dtype policy of the library: compute in at least float32, cast the
+    result back to the leaf's dtype.
+    """
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
 def is_concrete(x) -> bool:
@@ -34,6 +44,16 @@ def is_concrete(x) -> bool:
 def _path_map(tree) -> dict:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {keystr(p): (p, x) for p, x in leaves}
+
+
+def describe(x) -> str:
+    """A leaf described for a message: ``array(8, 4) float32`` or its type name."""
+    return _describe(x)
+
+
+def values_equal(a, b) -> bool:
+    """Whether two concrete leaves are equal (arrays elementwise, others by ``==``)."""
+    return _values_equal(a, b)
 
 
 def _describe(x) -> str:
@@ -102,10 +122,45 @@ def check_same_structure(
                 raise ValueError(f"{where}: dtype {o.dtype} != {b.dtype}")
 
 
+# Leaves up to this many entries are checked on the host (no compile); larger
+# ones by one fused device reduction (no host copy, works on sharded arrays).
+_HOST_CHECK_MAX = 1 << 16
+
+
+@jax.jit
+def _all_finite(x):
+    # sum(x - x) is NaN iff x has a NaN or an Inf: a plain float reduction that
+    # XLA:CPU fuses and vectorises (isfinite(x).all() first materialises a bool copy).
+    return jnp.isfinite(jnp.sum(x - x))
+
+
+def is_finite(x: Any) -> bool:
+    """Whether a concrete floating-point array has no NaN or Inf (``True`` for other leaves).
+
+    NumPy arrays and small arrays on a CPU are checked on the host; large or
+    accelerator-resident (or sharded) arrays by one jitted reduction.
+    """
+    if not _is_inexact_array(x) or isinstance(x, jax.ShapeDtypeStruct) or not is_concrete(x):
+        return True
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return True
+    if isinstance(x, np.ndarray):
+        return bool(np.isfinite(x).all())
+    on_host = x.size <= _HOST_CHECK_MAX and x.is_fully_addressable and all(
+        d.platform == "cpu" for d in x.devices()
+    )
+    if on_host:
+        return bool(np.isfinite(np.asarray(x)).all())
+    return bool(_all_finite(x))
+
+
 def check_finite(tree: Any, name: str) -> None:
-    """Raises ``ValueError`` naming the first floating-point leaf with NaN or Inf."""
+    """Raises ``ValueError`` naming the first floating-point leaf with NaN or Inf.
+
+    Traced leaves are skipped. See :func:`is_finite` for how values are read.
+    """
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if _is_inexact_array(x) and is_concrete(x) and not bool(jnp.isfinite(x).all()):
+        if not is_finite(x):
             raise ValueError(f"{name} has NaN or Inf values at {keystr(path)}.")
 
 
@@ -156,6 +211,63 @@ def check_models(
         check_passthrough_equal(base, finetuned, name)
 
 
+def check_sources(base, finetuned: Sequence[Any], name: str = "finetuned") -> None:
+    """Compares sources' metadata (structure, shapes, dtypes, non-array leaves) before any read.
+
+    Args:
+      base: The base model's :class:`fusionjax.LeafSource`.
+      finetuned: The fine-tuned models' sources.
+      name: How the list is named in messages.
+
+    Raises:
+      ValueError: naming the model and the path of the first difference, or of
+        a complex leaf (complex parameters are not supported).
+    """
+    for path, spec in zip(base.paths, base.specs, strict=True):
+        if _is_array(spec) and jnp.issubdtype(spec.dtype, jnp.complexfloating):
+            raise ValueError(
+                f"base has a complex leaf at {keystr(path)} ({spec.dtype}): complex parameters "
+                "are not supported; split them into real and imaginary parts first."
+            )
+    for i, ft in enumerate(finetuned):
+        who = f"{name}[{i}]"
+        if ft.treedef != base.treedef:
+            pb = {keystr(p) for p in base.paths}
+            po = {keystr(p) for p in ft.paths}
+            missing = [k for k in map(keystr, base.paths) if k not in po]
+            extra = [k for k in map(keystr, ft.paths) if k not in pb]
+            if missing:
+                raise ValueError(f"{who} differs from base: it is missing {missing[0]}.")
+            if extra:
+                raise ValueError(f"{who} differs from base: it has an extra leaf {extra[0]}.")
+            raise ValueError(
+                f"{who} differs from base in tree structure (container types): "
+                f"{ft.treedef} != {base.treedef}"
+            )
+        if [_meta(x) for x in ft.specs] == [_meta(x) for x in base.specs]:
+            continue
+        for path, b, o in zip(base.paths, base.specs, ft.specs, strict=True):
+            where = f"{who} differs from base at {keystr(path)}"
+            if _is_array(b) != _is_array(o):
+                raise ValueError(f"{where}: {_describe(o)} != {_describe(b)}")
+            if _is_array(b):
+                if tuple(b.shape) != tuple(o.shape):
+                    raise ValueError(f"{where}: shape {tuple(o.shape)} != {tuple(b.shape)}")
+                if b.dtype != o.dtype:
+                    raise ValueError(f"{where}: dtype {o.dtype} != {b.dtype}")
+            elif type(b) is not type(o) or not _values_equal(b, o):
+                raise ValueError(
+                    f"{where}: this {type(b).__name__} leaf is not an array, so it is not "
+                    f"merged and must be equal in every model (got {o!r}, base has {b!r})."
+                )
+
+
+def _meta(x):
+    if _is_array(x):
+        return (tuple(x.shape), x.dtype)
+    return (type(x), x)
+
+
 def check_hparam(
     name: str,
     value: Any,
@@ -179,6 +291,15 @@ def check_hparam(
     """
     if value is None or not is_concrete(value):
         return
+    if hasattr(value, "values") and callable(value.values) and not isinstance(value, dict):
+        for v in value.values():  # a per-leaf value (by_path, gradient): check each
+            check_hparam(name, v, lower=lower, upper=upper, lower_open=lower_open,
+                         upper_open=upper_open)
+        return
+    if isinstance(value, (str, bytes, bool)) or (
+        isinstance(value, np.ndarray) and not np.issubdtype(value.dtype, np.number)
+    ):
+        raise TypeError(f"{name} must be a number or an array of numbers, got {value!r}.")
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):

@@ -13,18 +13,13 @@ import numpy as np
 
 from fusionjax._src import tree as tree_lib
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Params, Step
-from fusionjax.merging._linear import check_model_weights, sum_rows
+from fusionjax._src.base import MISSING, ArrayLike, Params, Step
+from fusionjax.merging._linear import sum_rows
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING = _Missing()
+_MISSING = MISSING
 
 
 def fisher_diagonal(
@@ -195,6 +190,16 @@ def _check_fisher(f, x):
     return f.astype(x.dtype)
 
 
+def _fisher_merging(x, *, fishers, fisher_floor, weights, uniform, **_):
+    f = _check_fisher(fishers, x)
+    f = jnp.maximum(f, fisher_floor.astype(x.dtype))
+    t = x.shape[0]
+    if not uniform:
+        f = f * weights.astype(x.dtype).reshape((t,) + (1,) * (x.ndim - 1))
+    num = functools.reduce(operator.add, [f[i] * x[i] for i in range(t)])
+    return num / sum_rows(f)
+
+
 def fisher_merging(
     *, fisher_floor: ArrayLike = 1e-6, weights: Optional[ArrayLike] = None
 ) -> Step:
@@ -262,15 +267,13 @@ def fisher_merging(
     validation.check_hparam("fisher_floor", fisher_floor, lower=0.0, lower_open=True)
     validation.check_weights(weights)
 
-    def leaf_fn(x, *, fishers=_MISSING, **_):
-        f = _check_fisher(fishers, x)
-        f = jnp.maximum(f, jnp.asarray(fisher_floor, x.dtype))
-        t = x.shape[0]
-        if weights is not None:
-            w = check_model_weights(weights, t).astype(x.dtype)
-            f = f * w.reshape((t,) + (1,) * (x.ndim - 1))
-        num = functools.reduce(operator.add, [f[i] * x[i] for i in range(t)])
-        return num / sum_rows(f)
-
-    return Step("fisher_merging", reduces=True, leaf_fn=leaf_fn)
+    return Step(
+        "fisher_merging",
+        _fisher_merging,
+        reduces=True,
+        hparams={"fisher_floor": fisher_floor, "weights": 1.0 if weights is None else weights},
+        options={"uniform": weights is None},
+        per_model=("weights",),
+        extras=("fishers",),
+    )
 

@@ -23,14 +23,21 @@ def sum_rows(x: jax.Array) -> jax.Array:
     return functools.reduce(operator.add, [x[t] for t in range(x.shape[0])])
 
 
-def check_model_weights(weights, num_models: int, name: str = "weights") -> jax.Array:
-    """Validates per-model weights ``[T]`` against the number of models."""
-    w = jnp.asarray(weights)
-    if w.ndim != 1 or w.shape[0] != num_models:
-        raise ValueError(
-            f"{name} must have one entry per model, shape ({num_models},), got shape {w.shape}."
-        )
-    return w
+def _scale(x, *, scaling, **_):
+    return x * scaling.astype(x.dtype)
+
+
+def _sum(x, **_):
+    return sum_rows(x)
+
+
+def _mean(x, *, weights, uniform, **_):
+    n = x.shape[0]
+    if uniform:
+        return sum_rows(x) / jnp.asarray(n, x.dtype)
+    w = weights.astype(x.dtype)
+    w = w / sum_rows(w)
+    return functools.reduce(operator.add, [w[t] * x[t] for t in range(n)])
 
 
 def scale(scaling: ArrayLike) -> Step:
@@ -46,11 +53,9 @@ def scale(scaling: ArrayLike) -> Step:
       A :class:`fusionjax.Step`.
     """
     validation.check_hparam("scaling", scaling)
-
-    def leaf_fn(x, **_):
-        return x * jnp.asarray(scaling, x.dtype)
-
-    return Step("scale", reduces=False, leaf_fn=leaf_fn, elementwise=True)
+    return Step(
+        "scale", _scale, reduces=False, hparams={"scaling": scaling}, elementwise=True, flat=True
+    )
 
 
 def sum() -> Step:  # pylint: disable=redefined-builtin
@@ -59,11 +64,7 @@ def sum() -> Step:  # pylint: disable=redefined-builtin
     Returns:
       A leafwise :class:`fusionjax.Step` that reduces ``[T, ...] -> [...]``.
     """
-
-    def leaf_fn(x, **_):
-        return sum_rows(x)
-
-    return Step("sum", reduces=True, leaf_fn=leaf_fn)
+    return Step("sum", _sum, reduces=True, flat=True)
 
 
 def mean(weights: Optional[ArrayLike] = None) -> Step:
@@ -73,23 +74,22 @@ def mean(weights: Optional[ArrayLike] = None) -> Step:
     :math:`\theta = \sum_t w_t\theta_t / \sum_t w_t` of the fine-tuned models.
 
     Args:
-      weights: Optional non-negative weights ``[T]``, one per model; they are
-        normalised to sum to one.
+      weights: Optional non-negative weights ``[T]``, one per model (the model
+        axis); they are normalised to sum to one.
 
     Returns:
       A leafwise :class:`fusionjax.Step` that reduces ``[T, ...] -> [...]``.
     """
     validation.check_weights(weights)
-
-    def leaf_fn(x, **_):
-        n = x.shape[0]
-        if weights is None:
-            return sum_rows(x) / jnp.asarray(n, x.dtype)
-        w = check_model_weights(weights, n).astype(x.dtype)
-        w = w / sum_rows(w)
-        return functools.reduce(operator.add, [w[t] * x[t] for t in range(n)])
-
-    return Step("mean", reduces=True, leaf_fn=leaf_fn)
+    return Step(
+        "mean",
+        _mean,
+        reduces=True,
+        flat=True,
+        hparams={"weights": 1.0 if weights is None else weights},
+        options={"uniform": weights is None},
+        per_model=("weights",),
+    )
 
 
 def weighted_average(weights: ArrayLike) -> Step:

@@ -13,6 +13,28 @@ from fusionjax.merging._linear import sum_rows
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _at_least_two(hp, info):
+    if info.num_models < 2:
+        raise ValueError(f"model_stock needs at least 2 models, got {info.num_models}.")
+    return hp
+
+
+def _model_stock(x, **_):
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"model_stock needs at least 2 models, got {n}.")
+    flat = x.reshape(n, -1)
+    norms = [jnp.sqrt(jnp.vdot(flat[i], flat[i], precision=_HIGHEST)) for i in range(n)]
+    cosines = []
+    for i, j in itertools.combinations(range(n), 2):
+        d = norms[i] * norms[j]
+        dot = jnp.vdot(flat[i], flat[j], precision=_HIGHEST)
+        cosines.append(jnp.where(d > 0, dot / jnp.where(d > 0, d, 1.0), 0.0))
+    cos = jnp.clip(sum(cosines) / len(cosines), 0.0, 1.0)
+    ratio = n * cos / (1.0 + (n - 1) * cos)
+    return ratio * sum_rows(x) / n
+
+
 def model_stock() -> Step:
     r"""Model Stock: the average of fine-tuned models, pulled towards the base per layer.
 
@@ -29,20 +51,4 @@ def model_stock() -> Step:
       Jang et al, `Model Stock: All we need is just a few fine-tuned models
       <https://arxiv.org/abs/2403.19522>`_, ECCV 2024
     """
-
-    def leaf_fn(x, **_):
-        n = x.shape[0]
-        if n < 2:
-            raise ValueError(f"model_stock needs at least 2 models, got {n}.")
-        flat = x.reshape(n, -1)
-        norms = [jnp.sqrt(jnp.vdot(flat[i], flat[i], precision=_HIGHEST)) for i in range(n)]
-        cosines = []
-        for i, j in itertools.combinations(range(n), 2):
-            d = norms[i] * norms[j]
-            dot = jnp.vdot(flat[i], flat[j], precision=_HIGHEST)
-            cosines.append(jnp.where(d > 0, dot / jnp.where(d > 0, d, 1.0), 0.0))
-        cos = jnp.clip(sum(cosines) / len(cosines), 0.0, 1.0)
-        ratio = n * cos / (1.0 + (n - 1) * cos)
-        return ratio * sum_rows(x) / n
-
-    return Step("model_stock", reduces=True, leaf_fn=leaf_fn)
+    return Step("model_stock", _model_stock, reduces=True, prepare=_at_least_two, flat=True)

@@ -12,19 +12,14 @@ import jax
 import jax.numpy as jnp
 
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Step
-from fusionjax.merging._linear import check_model_weights, sum_rows
+from fusionjax._src.base import MISSING, ArrayLike, Step
+from fusionjax.merging._linear import sum_rows
 
 keystr = jax.tree_util.keystr
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING = _Missing()
+_MISSING = MISSING
 
 
 @jax.jit
@@ -140,6 +135,56 @@ def _check_grams(g, x) -> tuple[jax.Array, int]:
     return g.astype(x.dtype), m
 
 
+def _model_weights(weights, uniform, dtype):
+    if uniform:
+        return None
+    w = weights.astype(dtype)
+    return w / sum_rows(w)
+
+
+def _average(x, w):
+    t = x.shape[0]
+    if w is None:
+        return sum_rows(x) / jnp.asarray(t, x.dtype)
+    return functools.reduce(operator.add, [w[i] * x[i] for i in range(t)])
+
+
+def _regmean(x, *, grams, alpha, weights, uniform, **_):
+    if grams is _MISSING:
+        raise TypeError(
+            "regmean needs the Gram matrices of the layer inputs: pass "
+            "grams=fusionjax.stack([grams_0, ..., grams_T-1]) to fusionjax.merge "
+            "(None at leaves without one), e.g. from fusionjax.interop.dense_grams."
+        )
+    t = x.shape[0]
+    w = _model_weights(weights, uniform, x.dtype)
+    if grams is None:
+        return _average(x, w)
+    g, m = _check_grams(grams, x)
+    tau = x.reshape(t, m, -1)  # [T, d_in, d_out]
+    eye = jnp.eye(m, dtype=x.dtype)
+    a = alpha.astype(x.dtype)
+    g = g * (a + (1 - a) * eye)[None]  # alpha * G + (1 - alpha) * diag(G)
+    if w is not None:
+        g = g * w[:, None, None]
+    lhs = sum_rows(g)
+    rhs = functools.reduce(
+        operator.add, [jnp.matmul(g[i], tau[i], precision=_HIGHEST) for i in range(t)]
+    )
+    # Dead features (zero diagonal) decouple: give their rows the plain average.
+    d = jnp.diagonal(lhs)
+    live = d > 0
+    s = jnp.where(live, jax.lax.rsqrt(jnp.where(live, d, 1)), 1)
+    both = live[:, None] & live[None, :]
+    lhs = jnp.where(both, s[:, None] * lhs * s[None, :], 0) + jnp.diag(
+        jnp.where(live, 0, 1).astype(x.dtype)
+    )
+    rhs = jnp.where(live[:, None], s[:, None] * rhs, _average(tau, w))
+    with jax.default_matmul_precision("highest"):
+        y = jnp.linalg.solve(lhs, rhs)
+    return (s[:, None] * y).reshape(x.shape[1:])
+
+
 def regmean(*, alpha: ArrayLike = 0.9, weights: Optional[ArrayLike] = None) -> Step:
     r"""RegMean: merge each linear layer by solving the merged regression problem.
 
@@ -221,52 +266,13 @@ def regmean(*, alpha: ArrayLike = 0.9, weights: Optional[ArrayLike] = None) -> S
     validation.check_hparam("alpha", alpha, lower=0.0, upper=1.0)
     validation.check_weights(weights)
 
-    def model_weights(t, dtype):
-        if weights is None:
-            return None
-        w = check_model_weights(weights, t).astype(dtype)
-        return w / sum_rows(w)
-
-    def average(x, w):
-        t = x.shape[0]
-        if w is None:
-            return sum_rows(x) / jnp.asarray(t, x.dtype)
-        return functools.reduce(operator.add, [w[i] * x[i] for i in range(t)])
-
-    def leaf_fn(x, *, grams=_MISSING, **_):
-        if grams is _MISSING:
-            raise TypeError(
-                "regmean needs the Gram matrices of the layer inputs: pass "
-                "grams=fusionjax.stack([grams_0, ..., grams_T-1]) to fusionjax.merge "
-                "(None at leaves without one), e.g. from fusionjax.interop.dense_grams."
-            )
-        t = x.shape[0]
-        w = model_weights(t, x.dtype)
-        if grams is None:
-            return average(x, w)
-        g, m = _check_grams(grams, x)
-        tau = x.reshape(t, m, -1)  # [T, d_in, d_out]
-        eye = jnp.eye(m, dtype=x.dtype)
-        a = jnp.asarray(alpha, x.dtype)
-        g = g * (a + (1 - a) * eye)[None]  # alpha * G + (1 - alpha) * diag(G)
-        if w is not None:
-            g = g * w[:, None, None]
-        lhs = sum_rows(g)
-        rhs = functools.reduce(
-            operator.add, [jnp.matmul(g[i], tau[i], precision=_HIGHEST) for i in range(t)]
-        )
-        # Dead features (zero diagonal) decouple: give their rows the plain average.
-        d = jnp.diagonal(lhs)
-        live = d > 0
-        s = jnp.where(live, jax.lax.rsqrt(jnp.where(live, d, 1)), 1)
-        both = live[:, None] & live[None, :]
-        lhs = jnp.where(both, s[:, None] * lhs * s[None, :], 0) + jnp.diag(
-            jnp.where(live, 0, 1).astype(x.dtype)
-        )
-        rhs = jnp.where(live[:, None], s[:, None] * rhs, average(tau, w))
-        with jax.default_matmul_precision("highest"):
-            y = jnp.linalg.solve(lhs, rhs)
-        return (s[:, None] * y).reshape(x.shape[1:])
-
-    return Step("regmean", reduces=True, leaf_fn=leaf_fn)
+    return Step(
+        "regmean",
+        _regmean,
+        reduces=True,
+        hparams={"alpha": alpha, "weights": 1.0 if weights is None else weights},
+        options={"uniform": weights is None},
+        per_model=("weights",),
+        extras=("grams",),
+    )
 

@@ -48,6 +48,23 @@ def slerp_arrays(
     return s0 * v0 + s1 * v1
 
 
+def _exactly_two(hp, info):
+    if info.num_models != 2:
+        raise ValueError(f"slerp merges exactly 2 models, got {info.num_models}.")
+    return hp
+
+
+def _slerp(x, *, base, t, space, collinear_threshold, **_):
+    if x.shape[0] != 2:
+        raise ValueError(f"slerp merges exactly 2 models, got {x.shape[0]}.")
+    if space == "task_vectors":
+        return slerp_arrays(x[0], x[1], t, collinear_threshold=collinear_threshold)
+    if base is None:
+        raise ValueError("slerp(space='weights') needs the base parameters as `base`.")
+    out = slerp_arrays(base + x[0], base + x[1], t, collinear_threshold=collinear_threshold)
+    return out - base
+
+
 def slerp(
     *,
     t: ArrayLike = 0.5,
@@ -87,14 +104,12 @@ def slerp(
     if space not in ("weights", "task_vectors"):
         raise ValueError(f"space must be 'weights' or 'task_vectors', got {space!r}.")
 
-    def leaf_fn(x, *, base=None, **_):
-        if x.shape[0] != 2:
-            raise ValueError(f"slerp merges exactly 2 models, got {x.shape[0]}.")
-        if space == "task_vectors":
-            return slerp_arrays(x[0], x[1], t, collinear_threshold=collinear_threshold)
-        if base is None:
-            raise ValueError("slerp(space='weights') needs the base parameters as `base`.")
-        out = slerp_arrays(base + x[0], base + x[1], t, collinear_threshold=collinear_threshold)
-        return out - base
-
-    return Step("slerp", reduces=True, leaf_fn=leaf_fn)
+    return Step(
+        "slerp",
+        _slerp,
+        flat=True,
+        reduces=True,
+        hparams={"t": t},
+        options={"space": space, "collinear_threshold": float(collinear_threshold)},
+        prepare=_exactly_two,
+    )

@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fusionjax._src import keys as keys_lib
 from fusionjax._src import quantile, validation
-from fusionjax._src.base import ArrayLike, Step
+from fusionjax._src.base import ArrayLike, LeafValue, Step
 from fusionjax._src.merge import chain
 from fusionjax.merging import _linear
 from fusionjax.merging._ties import disjoint_mean, elect_sign, num_kept
+
+
+def _prepare_drop_extremes(hp, info):
+    k_top = num_kept(hp["gamma"], info.size)
+    k_end = k_top + num_kept(hp["density"], info.size)
+    stack = np.stack if validation.is_concrete(k_end) else jnp.stack
+    return {"ks": stack([k_top, k_end], axis=-1)}
+
+
+def _drop_extremes(x, *, ks, **_):
+    thr = quantile.kth_largest([x], ks)  # [T, 2]: the outlier and the end threshold
+    zero = jnp.zeros((), x.dtype)
+    rows = []
+    for t in range(x.shape[0]):
+        mag = jnp.abs(x[t])
+        rows.append(jnp.where((mag < thr[t, 0]) & (mag >= thr[t, 1]), x[t], zero))
+    return jnp.stack(rows)
 
 
 def drop_extremes(*, density: ArrayLike = 0.15, gamma: ArrayLike = 0.01) -> Step:
@@ -22,7 +41,8 @@ def drop_extremes(*, density: ArrayLike = 0.15, gamma: ArrayLike = 0.01) -> Step
 
     Args:
       density: :math:`\rho`, fraction of entries kept. The paper masks about the
-        bottom 85% per layer, i.e. ``density`` around 0.15.
+        bottom 85% per layer, i.e. ``density`` around 0.15. One value, or one per
+        model (shape ``[T]``), as for ``gamma``.
       gamma: :math:`\gamma`, fraction of the largest entries dropped as outliers.
 
     Returns:
@@ -35,20 +55,15 @@ def drop_extremes(*, density: ArrayLike = 0.15, gamma: ArrayLike = 0.01) -> Step
     validation.check_hparam("density", density, lower=0.0, upper=1.0, lower_open=True)
     validation.check_hparam("gamma", gamma, lower=0.0, upper=1.0, upper_open=True)
 
-    def leaf_fn(x, **_):
-        rows = jnp.abs(x).reshape(x.shape[0], -1)
-        n = rows.shape[1]
-        k_top = num_kept(gamma, n)
-        k_end = k_top + num_kept(density, n)
-        ks = jnp.broadcast_to(jnp.stack([k_top, k_end]), (x.shape[0], 2))
-        thr = quantile.kth_largest([rows], ks)
-        top, end = thr[:, 0], thr[:, 1]
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        mag = jnp.abs(x)
-        keep = (mag < top.reshape(shape)) & (mag >= end.reshape(shape))
-        return jnp.where(keep, x, jnp.zeros((), x.dtype))
-
-    return Step("drop_extremes", reduces=False, leaf_fn=leaf_fn)
+    return Step(
+        "drop_extremes",
+        _drop_extremes,
+        flat=True,
+        reduces=False,
+        hparams={"density": density, "gamma": gamma},
+        per_model=("density", "gamma"),
+        prepare=_prepare_drop_extremes,
+    )
 
 
 def breadcrumbs(
@@ -88,6 +103,20 @@ def _ranks01(mag: jax.Array) -> jax.Array:
     return jnp.moveaxis(r01, 1, -1).reshape(mag.shape)
 
 
+def _concrete_numbers(v) -> bool:
+    return validation.is_concrete(v) and not isinstance(v, LeafValue)
+
+
+def _magnitude_drop(x, *, key, density, epsilon, **_):
+    keys_lib.require_key(key, "magnitude_drop")
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    d = density.astype(x.dtype).reshape(shape)
+    e = epsilon.astype(x.dtype).reshape(shape)
+    q = d - e + 2 * e * _ranks01(jnp.abs(x))
+    keep = jax.random.uniform(key, x.shape, x.dtype) < q
+    return jnp.where(keep, x / q, jnp.zeros((), x.dtype))
+
+
 def magnitude_drop(*, density: ArrayLike = 0.5, epsilon: ArrayLike = 0.1) -> Step:
     r"""DELLA's MagPrune: random drop with keep probabilities ranked by magnitude.
 
@@ -113,26 +142,21 @@ def magnitude_drop(*, density: ArrayLike = 0.5, epsilon: ArrayLike = 0.1) -> Ste
     """
     validation.check_hparam("density", density, lower=0.0, upper=1.0, lower_open=True)
     validation.check_hparam("epsilon", epsilon, lower=0.0)
-    if validation.is_concrete(density) and validation.is_concrete(epsilon):
-        lo, hi = float(density) - float(epsilon), float(density) + float(epsilon)
-        if lo <= 0.0 or hi > 1.0:
+    if _concrete_numbers(density) and _concrete_numbers(epsilon):
+        d, e = np.asarray(density, np.float64), np.asarray(epsilon, np.float64)
+        if np.any(d - e <= 0.0) or np.any(d + e > 1.0):
             raise ValueError(
-                f"density ± epsilon must lie in (0, 1], got density={float(density)}, "
-                f"epsilon={float(epsilon)}."
+                f"density ± epsilon must lie in (0, 1], got density={d.tolist()}, "
+                f"epsilon={e.tolist()}."
             )
-
-    def leaf_fn(x, *, key=None, **_):
-        if key is None:
-            raise ValueError("magnitude_drop is random and needs a PRNG key.")
-        q = (
-            jnp.asarray(density, x.dtype)
-            - jnp.asarray(epsilon, x.dtype)
-            + 2 * jnp.asarray(epsilon, x.dtype) * _ranks01(jnp.abs(x))
-        )
-        keep = jax.random.uniform(key, x.shape, x.dtype) < q
-        return jnp.where(keep, x / q, jnp.zeros((), x.dtype))
-
-    return Step("magnitude_drop", reduces=False, leaf_fn=leaf_fn, needs_key=True)
+    return Step(
+        "magnitude_drop",
+        _magnitude_drop,
+        reduces=False,
+        hparams={"density": density, "epsilon": epsilon},
+        per_model=("density", "epsilon"),
+        needs_key=True,
+    )
 
 
 def della(

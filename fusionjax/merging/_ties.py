@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import operator
 from typing import Literal
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src import quantile, validation
-from fusionjax._src.base import ArrayLike, Step
+from fusionjax._src.base import ArrayLike, Statistic, Step
 from fusionjax._src.merge import chain
 from fusionjax.merging import _linear
 from fusionjax.merging._linear import scale, sum_rows
@@ -21,23 +21,64 @@ Scope = Literal["leaf", "model"]
 
 
 def num_kept(density: ArrayLike, n: int) -> jax.Array:
-    """Entries kept out of ``n`` at a given density: ``ceil(density * n)``.
+    """Entries kept out of ``n`` at a given density: ``ceil(density * n)``, per entry of ``density``.
 
     A concrete density is rounded in float64 (so 0.3 of 90 is 27, not the 28 a
-    float32 product gives); a traced one in float32.
+    float32 product gives) on the host; a traced one in float32.
     """
-    if validation.is_concrete(density) and np.ndim(density) == 0:
-        return jnp.asarray(math.ceil(round(float(density) * n, 9)), jnp.int32)
+    if validation.is_concrete(density):
+        d = np.asarray(density, np.float64)
+        return np.ceil(np.round(d * n, 9)).astype(np.int32)
     return jnp.ceil(jnp.asarray(density, jnp.float32) * n).astype(jnp.int32)
 
 
-def _rows(x: jax.Array) -> jax.Array:
-    return jnp.abs(x).reshape(x.shape[0], -1)
+def _prepare_trim(hp, info):
+    return {"k": num_kept(hp["density"], info.size)}
 
 
-def _keep_top(x: jax.Array, threshold: jax.Array) -> jax.Array:
-    t = threshold.reshape((-1,) + (1,) * (x.ndim - 1))
-    return jnp.where(jnp.abs(x) >= t, x, jnp.zeros((), x.dtype))
+def _trim(x, *, k, **_):
+    # kth_largest ranks |x| of the unflattened x itself, and the rows are
+    # masked one by one: XLA then fuses each row with the arithmetic that
+    # produced it and materialises no [T, ...] temporary (on XLA:CPU the
+    # stacked form costs two extra [T, ...] buffers).
+    thr = quantile.kth_largest([x], k)
+    zero = jnp.zeros((), x.dtype)
+    return jnp.stack([jnp.where(jnp.abs(x[t]) >= thr[t], x[t], zero) for t in range(x.shape[0])])
+
+
+def _trim_model(x, *, threshold, **_):
+    thr = threshold.astype(x.dtype)
+    zero = jnp.zeros((), x.dtype)
+    return jnp.stack([jnp.where(jnp.abs(x[t]) >= thr[t], x[t], zero) for t in range(x.shape[0])])
+
+
+@dataclasses.dataclass(frozen=True)
+class _MagnitudeThreshold(Statistic):
+    """The exact k-th largest magnitude of each task vector over the whole model.
+
+    A radix select over the float32 bit patterns, streamed: each pass adds every
+    leaf's histogram of the next digit (additive over leaves), then picks the
+    digit (see :mod:`fusionjax._src.quantile`). Two passes for float32.
+    """
+
+    num_passes: int = len(quantile.DIGITS_F32)
+
+    def init(self, hparams, infos):
+        n = sum(info.size for info in infos)
+        k = num_kept(hparams["density"], n)
+        return quantile.stream_init(jnp.asarray(k, jnp.int32), n)
+
+    def begin(self, state, pass_index):
+        return quantile.stream_begin(state, pass_index)
+
+    def update(self, state, x, pass_index):
+        return quantile.stream_update(state, x.astype(jnp.float32), pass_index)
+
+    def end(self, state, pass_index):
+        return quantile.stream_end(state, pass_index)
+
+    def result(self, state):
+        return {"threshold": quantile.stream_result(state)}
 
 
 def trim(*, density: ArrayLike = 0.2, scope: Scope = "leaf") -> Step:
@@ -49,12 +90,13 @@ def trim(*, density: ArrayLike = 0.2, scope: Scope = "leaf") -> Step:
     radix select over the float bit patterns, not by sorting).
 
     Args:
-      density: :math:`\rho\in(0, 1]`, the fraction kept (:math:`k` in TIES).
+      density: :math:`\rho\in(0, 1]`, the fraction kept (:math:`k` in TIES); one
+        value, or one per model (shape ``[T]``).
       scope: ``"leaf"`` ranks entries within each parameter leaf (each layer
-        keeps ``density`` of its entries; leafwise, so :func:`fusionjax.merge`
-        streams it); ``"model"`` ranks them over the whole model, as the TIES
-        reference code does (a global step: it sees the whole stacked tree, and
-        layers with small updates, such as biases and norms, may be emptied).
+        keeps ``density`` of its entries); ``"model"`` ranks them over the whole
+        model, as the TIES reference code and FusionBench do: a model-wide
+        statistic, streamed (two extra reads of every leaf for float32), where
+        layers with small updates, such as biases and norms, may be emptied.
 
     Returns:
       A task-vector :class:`fusionjax.Step` ``[T, ...] -> [T, ...]``.
@@ -65,34 +107,35 @@ def trim(*, density: ArrayLike = 0.2, scope: Scope = "leaf") -> Step:
     validation.check_hparam("density", density, lower=0.0, upper=1.0, lower_open=True)
     if scope not in ("leaf", "model"):
         raise ValueError(f"scope must be 'leaf' or 'model', got {scope!r}.")
-
     if scope == "leaf":
+        return Step(
+            "trim",
+            _trim,
+            flat=True,
+            reduces=False,
+            hparams={"density": density},
+            per_model=("density",),
+            prepare=_prepare_trim,
+        )
+    return Step(
+        "trim(model)",
+        _trim_model,
+        flat=True,
+        reduces=False,
+        hparams={"density": density, "threshold": 0.0},
+        per_model=("density", "threshold"),
+        statistic=_MagnitudeThreshold(),
+    )
 
-        def leaf_fn(x, **_):
-            # kth_largest ranks |x| of the unflattened x itself, and the rows are
-            # masked one by one: XLA then fuses each row with the arithmetic that
-            # produced it and materialises no [T, ...] temporary (on XLA:CPU the
-            # stacked form costs two extra [T, ...] buffers).
-            k = jnp.full((x.shape[0],), num_kept(density, x[0].size))
-            thr = quantile.kth_largest([x], k)
-            zero = jnp.zeros((), x.dtype)
-            return jnp.stack(
-                [jnp.where(jnp.abs(x[t]) >= thr[t], x[t], zero) for t in range(x.shape[0])]
-            )
 
-        return Step("trim", reduces=False, leaf_fn=leaf_fn)
-
-    def tree_fn(tvs, **_):
-        leaves, treedef = jax.tree.flatten(tvs)
-        if not leaves:
-            return tvs
-        rows = [_rows(x) for x in leaves]
-        n = sum(r.shape[1] for r in rows)
-        k = jnp.full((leaves[0].shape[0],), num_kept(density, n))
-        thr = quantile.kth_largest(rows, k)
-        return treedef.unflatten([_keep_top(x, thr) for x in leaves])
-
-    return Step("trim(model)", reduces=False, tree_fn=tree_fn)
+def _elect_sign(x, *, method, **_):
+    # Row by row (same values as the stacked form), so that XLA fuses the
+    # chain instead of materialising [T, ...] intermediates.
+    rows = [x[t] for t in range(x.shape[0])]
+    votes = rows if method == "mass" else [jnp.sign(r) for r in rows]
+    sign = jnp.sign(functools.reduce(operator.add, votes))
+    zero = jnp.zeros((), x.dtype)
+    return jnp.stack([jnp.where((jnp.sign(r) == sign) & (sign != 0), r, zero) for r in rows])
 
 
 def elect_sign(*, method: Literal["mass", "count"] = "mass") -> Step:
@@ -114,17 +157,13 @@ def elect_sign(*, method: Literal["mass", "count"] = "mass") -> Step:
     """
     if method not in ("mass", "count"):
         raise ValueError(f"method must be 'mass' or 'count', got {method!r}.")
+    return Step(f"elect_sign({method})", _elect_sign, reduces=False, options={"method": method})
 
-    def leaf_fn(x, **_):
-        # Row by row (same values as the stacked form), so that XLA fuses the
-        # chain instead of materialising [T, ...] intermediates.
-        rows = [x[t] for t in range(x.shape[0])]
-        votes = rows if method == "mass" else [jnp.sign(r) for r in rows]
-        sign = jnp.sign(functools.reduce(operator.add, votes))
-        zero = jnp.zeros((), x.dtype)
-        return jnp.stack([jnp.where((jnp.sign(r) == sign) & (sign != 0), r, zero) for r in rows])
 
-    return Step(f"elect_sign({method})", reduces=False, leaf_fn=leaf_fn)
+def _disjoint_mean(x, **_):
+    # Row by row, so that XLA fuses it with the steps before it.
+    count = functools.reduce(operator.add, [(x[t] != 0).astype(x.dtype) for t in range(x.shape[0])])
+    return sum_rows(x) / jnp.maximum(count, 1)
 
 
 def disjoint_mean() -> Step:
@@ -135,15 +174,7 @@ def disjoint_mean() -> Step:
     Returns:
       A leafwise merger :class:`fusionjax.Step` ``[T, ...] -> [...]``.
     """
-
-    def leaf_fn(x, **_):
-        # Row by row, so that XLA fuses it with the steps before it.
-        count = functools.reduce(
-            operator.add, [(x[t] != 0).astype(x.dtype) for t in range(x.shape[0])]
-        )
-        return sum_rows(x) / jnp.maximum(count, 1)
-
-    return Step("disjoint_mean", reduces=True, leaf_fn=leaf_fn)
+    return Step("disjoint_mean", _disjoint_mean, reduces=True, flat=True)
 
 
 def ties(

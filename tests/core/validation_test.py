@@ -130,7 +130,7 @@ def test_bad_hyperparameters(factory, match):
 
 def test_weights_length_must_match_models(models):
     base, fts = models
-    with pytest.raises(ValueError, match=r"mean at \['conv'\]\['kernel'\]: weights must have one entry per model, shape \(3,\), got shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"mean at \['conv'\]\['kernel'\]: weights takes one value, or one per model \(shape \(3,\) for 3 models\), got shape \(2,\)"):
         fj.merge(base, fts, fj.merging.weighted_average(jnp.array([1.0, 2.0])))
 
 

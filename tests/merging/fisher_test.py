@@ -214,7 +214,7 @@ def test_bad_weights():
     with pytest.raises(ValueError, match="weights"):
         fisher_merging(weights=jnp.zeros(2))
     base, fts, fishers = make_problem(t=2)
-    with pytest.raises(ValueError, match=r"weights must have one entry per model"):
+    with pytest.raises(ValueError, match=r"weights takes one value, or one per model"):
         fj.merge(base, fts, fisher_merging(weights=jnp.ones(3)), fishers=fj.stack(fishers))
 
 
