@@ -1,5 +1,6 @@
 """``import fusionjax`` stays light: no flax, and every subpackage is an attribute."""
 
+import pkgutil
 import subprocess
 import sys
 import textwrap
@@ -32,7 +33,10 @@ def test_import_loads_no_flax_and_subpackages_are_attributes():
 
 
 def test_every_subpackage_is_an_attribute_listed_in_dir_and_all():
-    for name in (*LAZY, "merging"):
+    found = {m.name for m in pkgutil.iter_modules(fj.__path__) if m.ispkg}
+    public = {name for name in found if not name.startswith("_")}
+    assert public == {*LAZY, "merging"}, "a new subpackage goes in fusionjax/__init__.py"
+    for name in public:
         module = getattr(fj, name)
         assert module.__name__ == f"fusionjax.{name}"
         assert name in fj.__all__ and name in dir(fj)
