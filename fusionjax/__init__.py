@@ -1,9 +1,17 @@
-"""fusionjax: deep-model fusion in JAX, as pure functions over parameter pytrees."""
+"""fusionjax: deep-model fusion in JAX, as pure functions over parameter pytrees.
 
+``import fusionjax`` loads the core (:func:`merge`, :func:`chain`, the task-vector
+helpers) and :mod:`fusionjax.merging`, which need only jax and numpy. The other
+subpackages are attributes too, imported on first use (PEP 562), because they load
+flax, optax or scikit-learn: ``fusionjax.alignment``, ``fusionjax.learned``,
+``fusionjax.interop``, ``fusionjax.zoo``, ``fusionjax.testbed``, ``fusionjax.demo`` and
+``fusionjax.cli``.
+"""
+
+import importlib
 import importlib.metadata
+from typing import TYPE_CHECKING
 
-from fusionjax import interop
-from fusionjax import learned
 from fusionjax import merging
 from fusionjax._src.base import ArrayLike
 from fusionjax._src.base import LeafInfo
@@ -29,10 +37,33 @@ from fusionjax._src.tree import task_vector
 from fusionjax._src.tree import task_vectors
 from fusionjax._src.tree import unstack
 
+if TYPE_CHECKING:  # the lazy subpackages, for type checkers and IDEs
+    from fusionjax import alignment
+    from fusionjax import cli
+    from fusionjax import demo
+    from fusionjax import interop
+    from fusionjax import learned
+    from fusionjax import testbed
+    from fusionjax import zoo
+
 try:
     __version__ = importlib.metadata.version("fusionjax")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0.dev0"
+
+_LAZY_SUBPACKAGES = ("alignment", "cli", "demo", "interop", "learned", "testbed", "zoo")
+
+
+def __getattr__(name: str):
+    # Called only for names not yet in the module: importing a subpackage binds it here.
+    if name in _LAZY_SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBPACKAGES))
+
 
 __all__ = [
     "ArrayLike",
@@ -48,9 +79,12 @@ __all__ = [
     "TaskVectorFn",
     "TreeSink",
     "TreeSource",
+    "alignment",
     "apply_task_vector",
     "by_path",
     "chain",
+    "cli",
+    "demo",
     "gradient",
     "interop",
     "learned",
@@ -60,5 +94,7 @@ __all__ = [
     "stack",
     "task_vector",
     "task_vectors",
+    "testbed",
     "unstack",
+    "zoo",
 ]

@@ -1,21 +1,26 @@
 """flax.linen helpers: capture the inputs of ``nn.Dense`` layers for RegMean.
 
 Flax-specific code lives here; the merging math in :mod:`fusionjax.merging`
-imports no flax and works on plain pytrees.
+imports no flax and works on plain pytrees. flax is imported on the first capture, so
+importing :mod:`fusionjax.interop` does not load it.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src import validation
 from fusionjax.merging._regmean import gram_matrices
+
+if TYPE_CHECKING:
+    import flax.linen as nn
 
 
 def _key_name(k) -> Any:
@@ -73,6 +78,8 @@ def capture_dense_inputs(
         raise ValueError(
             "variables must be a mapping with a 'params' collection, e.g. {'params': params}."
         )
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
     captured: dict[tuple, list] = {}
 
     def interceptor(next_fun, args, kwargs, context):

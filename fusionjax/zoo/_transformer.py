@@ -28,7 +28,10 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Tokens ``[B, T, f]`` -> ``embed`` + ``pos_embedding`` -> blocks -> ``ln_final`` -> mean -> ``head``.
+    """A pre-LN transformer classifier over a short sequence of tokens.
+
+    Tokens ``[B, T, f]`` -> ``embed`` + ``pos_embedding`` -> blocks -> ``ln_final`` ->
+    mean over tokens -> ``head``.
 
     For 8x8 digits, each image row is one token (``T = 8``, ``f = 8``); images
     ``[B, H, W]`` or ``[B, H, W, 1]`` are read that way.

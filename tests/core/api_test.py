@@ -1,35 +1,105 @@
-"""The public API: every exported name exists and documents itself."""
+"""The public API: every exported name exists and documents itself.
 
+Every public subpackage is covered: each name in its ``__all__`` exists, and
+
+* a module has a docstring;
+* a class has a docstring of its own (not the ``Name(field, ...)`` line that
+  ``NamedTuple`` and ``dataclass`` write when there is none); its fields or
+  constructor arguments may be described in prose or an ``Attributes:`` section;
+* any other callable (a function, a jitted function, a ``functools.partial``) has a
+  docstring with ``Args:`` when it takes arguments (``**kwargs`` alone does not count),
+  and ``Args:`` or ``Returns:`` when it takes none;
+* anything else (a type alias such as ``Params``, a constant) only has to exist.
+"""
+
+import importlib
 import inspect
 
 import pytest
 
 import fusionjax as fj
-from fusionjax import demo, testbed
 
-MODULES = [fj, fj.merging, fj.interop, testbed, demo]
-EXPORTS = [(m.__name__, n) for m in MODULES for n in m.__all__]
+SUBPACKAGES = [
+    "fusionjax",
+    "fusionjax.alignment",
+    "fusionjax.cli",
+    "fusionjax.demo",
+    "fusionjax.interop",
+    "fusionjax.learned",
+    "fusionjax.merging",
+    "fusionjax.testbed",
+    "fusionjax.zoo",
+]
+MODULES = {name: importlib.import_module(name) for name in SUBPACKAGES}
+EXPORTS = [(m, n) for m in SUBPACKAGES for n in MODULES[m].__all__]
+
+# Public functions that take arguments and have no ``Args:`` section yet, in files this
+# test's authors do not own; strict, so each entry must go once its docstring is fixed.
+KNOWN_GAPS = {
+    ("fusionjax.alignment", "check_permutations"),
+    ("fusionjax.alignment", "identity_permutations"),
+    ("fusionjax.alignment", "invert_permutation"),
+    ("fusionjax.alignment", "leaf_paths"),
+    ("fusionjax.alignment", "random_permutations"),
+    ("fusionjax.learned", "effective"),
+}
+_KNOWN_GAP = pytest.mark.xfail(reason="no Args: section yet", strict=True)
+PARAMS = [
+    pytest.param(m, n, id=f"{m}.{n}", marks=[_KNOWN_GAP] if (m, n) in KNOWN_GAPS else [])
+    for m, n in EXPORTS
+]
 
 
-@pytest.mark.parametrize("module,name", EXPORTS, ids=[f"{m}.{n}" for m, n in EXPORTS])
+def test_every_public_subpackage_is_covered():
+    top_level_modules = {n for n in fj.__all__ if inspect.ismodule(getattr(fj, n))}
+    assert {f"fusionjax.{n}" for n in top_level_modules} == set(SUBPACKAGES) - {"fusionjax"}
+
+
+def _takes_arguments(obj) -> bool:
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: ask for Args:
+        return True
+    return any(p.kind != p.VAR_KEYWORD for p in params)
+
+
+@pytest.mark.parametrize("module,name", PARAMS)
 def test_export_exists_and_is_documented(module, name):
-    mod = {m.__name__: m for m in MODULES}[module]
+    mod = MODULES[module]
+    assert hasattr(mod, name), f"{module}.__all__ lists {name}, which does not exist"
     obj = getattr(mod, name)
+    if type(obj).__module__ in ("typing", "types"):
+        return  # a type alias such as ArrayLike (a Union)
     if inspect.ismodule(obj):
-        assert obj.__doc__
-        return
-    if inspect.isfunction(obj):
-        doc = inspect.getdoc(obj) or ""
-        assert "Returns:" in doc or "Args:" in doc, f"{module}.{name} lacks Args/Returns sections"
-        params = [p for p in inspect.signature(obj).parameters.values() if p.kind != p.VAR_KEYWORD]
-        if params:
-            assert "Args:" in doc, f"{module}.{name} takes arguments but documents none"
+        assert obj.__doc__, f"{obj.__name__} has no docstring"
     elif inspect.isclass(obj):
-        assert inspect.getdoc(obj), f"{module}.{name} has no docstring"
+        if obj.__module__ in ("typing", "builtins") or obj.__module__.startswith("jax"):
+            return  # an alias of another library's type, e.g. ArrayLike
+        doc = obj.__doc__ or ""
+        assert doc.strip(), f"{module}.{name} has no docstring"
+        assert not doc.startswith(f"{obj.__name__}("), (
+            f"{module}.{name} has only the generated {obj.__name__}(...) docstring"
+        )
+    elif callable(obj):
+        doc = inspect.getdoc(obj) or ""
+        assert doc, f"{module}.{name} has no docstring"
+        if _takes_arguments(obj):
+            assert "Args:" in doc, f"{module}.{name} takes arguments but documents none"
+        else:
+            assert "Args:" in doc or "Returns:" in doc, f"{module}.{name} lacks Returns:"
 
 
 def test_factories_take_keyword_only_hyperparameters():
-    for name in ["ties", "trim", "dare", "drop_and_rescale", "breadcrumbs", "della", "slerp", "task_arithmetic"]:
+    for name in [
+        "ties",
+        "trim",
+        "dare",
+        "drop_and_rescale",
+        "breadcrumbs",
+        "della",
+        "slerp",
+        "task_arithmetic",
+    ]:
         sig = inspect.signature(getattr(fj.merging, name))
         assert all(p.kind == p.KEYWORD_ONLY for p in sig.parameters.values()), name
 

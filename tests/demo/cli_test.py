@@ -1,11 +1,13 @@
-"""`fusionjax demo` prints the accuracy table."""
+"""The ``fusionjax`` command line: ``demo`` prints the tables; usage errors exit 2."""
 
 import subprocess
 import sys
 
 import pytest
 
-from fusionjax._src import cli
+import fusionjax
+from fusionjax import cli
+from fusionjax.cli import _demo
 
 
 def test_demo_prints_table_and_learned_coefficients(capsys, monkeypatch, suite):
@@ -24,12 +26,12 @@ def test_demo_prints_table_and_learned_coefficients(capsys, monkeypatch, suite):
     assert cli.main(["demo", "--methods", "ties", "average", "layer-wise"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert any(l.startswith("pretrained") for l in lines)
-    assert any(l.startswith("individual (upper bound)") for l in lines)
-    assert any(l.startswith("TIES (density 0.2)") for l in lines)
-    assert any(l.startswith("uniform soup (average)") for l in lines)
-    assert any(l.startswith("AdaMerging (layer-wise)") for l in lines)
-    assert not any(l.startswith("RegMean") for l in lines)
+    assert any(line.startswith("pretrained") for line in lines)
+    assert any(line.startswith("individual (upper bound)") for line in lines)
+    assert any(line.startswith("TIES (density 0.2)") for line in lines)
+    assert any(line.startswith("uniform soup (average)") for line in lines)
+    assert any(line.startswith("AdaMerging (layer-wise)") for line in lines)
+    assert not any(line.startswith("RegMean") for line in lines)
     assert "learned λ" in out and "Dense_2.kernel" in out
 
 
@@ -59,7 +61,7 @@ def test_demo_align_prints_barriers_fusion_and_specs(
         "Transformer",
     ):
         assert needle in out, needle
-    naive_16 = next(l for l in out.splitlines() if l.split()[:2] == ["16", "naive"])
+    naive_16 = next(line for line in out.splitlines() if line.split()[:2] == ["16", "naive"])
     assert float(naive_16.split()[2]) == pytest.approx(
         barriers[0][0].curves["naive"].loss_barrier, abs=1e-3
     )
@@ -75,22 +77,73 @@ def test_demo_align_fast_skips_the_spec_study(capsys, monkeypatch, barriers, fus
 def test_fast_leaves_out_the_learned_methods():
     from fusionjax.demo import _merging
 
-    every = cli.select_methods(None)
-    fast = cli.select_methods(None, fast=True)
+    every = _demo.select_methods(None)
+    fast = _demo.select_methods(None, fast=True)
     assert set(every) - set(fast) == set(_merging.LEARNED_METHODS)
-    assert cli.select_methods(["adamerging", "density"], fast=True) == ["TIES (density 0.2)"]
-    assert cli.select_methods(["ligand"]) == ["Neural Ligand (ensemble)", "Neural Ligand (merge)"]
+    assert _demo.select_methods(["adamerging", "density"], fast=True) == ["TIES (density 0.2)"]
+    assert _demo.select_methods(["ligand"]) == ["Neural Ligand (ensemble)", "Neural Ligand (merge)"]
 
 
-def test_console_script_help():
+def test_demo_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--seed" in out and "--methods" in out and "--fast" in out and "align" in out
+    assert "``" not in out
+
+
+def test_top_level_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "--version" in out
+    assert "``" not in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fusionjax {fusionjax.__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["demo", "--methods", "nonexistent"], "no method matches 'nonexistent'"),
+        (["demo", "--methods", "ties", "nope"], "no method matches 'nope'"),
+        (["demo", "--methods", "adamerging", "--fast"], "--fast leaves out every"),
+        (["demo", "align", "--methods", "ties"], "--methods applies to the merge suite"),
+        (["demo", "nosuchsuite"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_usage_errors_exit_2_before_any_work(capsys, monkeypatch, argv, needle):
+    def fail(args):
+        raise AssertionError("a usage error must stop before the demo runs")
+
+    monkeypatch.setattr(_demo, "run_merge", fail)
+    monkeypatch.setattr(_demo, "run_align", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    if "no method matches" in needle:  # the error lists what there is
+        assert "TIES (density 0.2)" in err and "RegMean" in err
+
+
+def test_module_entry_point():
+    # One subprocess: ``python -m fusionjax.cli`` (what the console script runs) works.
     out = subprocess.run(
-        [sys.executable, "-m", "fusionjax._src.cli", "demo", "--help"],
+        [sys.executable, "-m", "fusionjax.cli", "--version"],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert "--seed" in out.stdout and "--methods" in out.stdout and "--fast" in out.stdout
-    assert "align" in out.stdout
+    assert out.stdout.strip() == f"fusionjax {fusionjax.__version__}"
 
 
 def test_unknown_method_is_rejected():

@@ -1,4 +1,4 @@
-"""The ``fusionjax`` command line: ``fusionjax demo``."""
+"""``fusionjax demo``: the merging table and the alignment study on the digits testbeds."""
 
 from __future__ import annotations
 
@@ -12,28 +12,54 @@ def select_methods(words: Sequence[str] | None, *, fast: bool = False) -> list[s
     """The demo's methods whose names contain one of ``words`` (all if ``None``).
 
     Args:
-      words: Case-insensitive name fragments, or ``None`` for every method.
+      words: Case-insensitive name fragments, or ``None`` (or empty) for every method.
       fast: Leave out the learned methods (they train for seconds each).
 
     Returns:
-      Method names, in the table's order.
+      Method names, in the table's order; never empty.
+
+    Raises:
+      ValueError: if a word matches no method, or ``fast`` leaves none of the matches;
+        the message lists the available names.
     """
     from fusionjax.demo import _merging  # pylint: disable=g-import-not-at-top
 
-    methods = list(_merging.default_methods())
+    every = list(_merging.default_methods())
+    methods = every
     if words:
-        methods = [m for m in methods if any(w.lower() in m.lower() for w in words)]
+        unmatched = [w for w in words if not any(w.lower() in m.lower() for m in every)]
+        if unmatched:
+            raise ValueError(
+                f"no method matches {', '.join(map(repr, unmatched))}; "
+                f"available: {', '.join(every)}"
+            )
+        methods = [m for m in every if any(w.lower() in m.lower() for w in words)]
     if fast:
         methods = [m for m in methods if m not in _merging.LEARNED_METHODS]
+        if not methods:
+            raise ValueError(
+                "--fast leaves out every selected method (all are learned); "
+                f"available with --fast: {', '.join(select_methods(None, fast=True))}"
+            )
     return methods
 
 
-def _demo(args: argparse.Namespace) -> int:
+def run_merge(args: argparse.Namespace) -> int:
+    """``fusionjax demo [merge]``: every merging method on the multi-task testbed.
+
+    Args:
+      args: The parsed ``seed``, ``no_cache``, ``methods`` (already checked by
+        :func:`select_methods`) and ``fast``.
+
+    Returns:
+      The exit status, 0.
+    """
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
     from fusionjax import testbed  # pylint: disable=g-import-not-at-top
     from fusionjax.demo import _merging  # pylint: disable=g-import-not-at-top
 
+    methods = select_methods(args.methods, fast=args.fast)
     start = time.perf_counter()
     with tqdm(total=1, desc="testbed", unit="step", leave=False, file=sys.stderr) as bar:
         tb = testbed.load(seed=args.seed, cache=not args.no_cache, progress=bar)
@@ -41,7 +67,6 @@ def _demo(args: argparse.Namespace) -> int:
         f"fusionjax demo: digits testbed (seed {args.seed}), {len(tb.tasks)} tasks, "
         f"ready in {time.perf_counter() - start:.1f}s"
     )
-    methods = select_methods(args.methods, fast=args.fast)
     with tqdm(
         total=len(methods), desc="merging", unit="method", leave=False, file=sys.stderr
     ) as bar:
@@ -64,7 +89,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_align(args: argparse.Namespace) -> int:
+def run_align(args: argparse.Namespace) -> int:
+    """``fusionjax demo align``: interpolation barriers, OT fusion and derived specs.
+
+    Args:
+      args: The parsed ``seed`` and ``fast``.
+
+    Returns:
+      The exit status, 0.
+    """
     from fusionjax.demo import _alignment  # pylint: disable=g-import-not-at-top
 
     start = time.perf_counter()
@@ -89,46 +122,3 @@ def _demo_align(args: argparse.Namespace) -> int:
         print(_alignment.format_specs(_alignment.spec_study(seeds)[args.seed]))
     print(f"\ndone in {time.perf_counter() - start:.0f}s")
     return 0
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    if args.suite == "align":
-        return _demo_align(args)
-    return _demo(args)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fusionjax`` console script."""
-    parser = argparse.ArgumentParser(prog="fusionjax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo", help="merge fine-tuned models (default) or align independently trained ones"
-    )
-    demo.add_argument(
-        "suite",
-        nargs="?",
-        choices=("merge", "align"),
-        default="merge",
-        help="merge: weight merging on the multi-task testbed (default); "
-        "align: permutation alignment and OT fusion of independently trained models",
-    )
-    demo.add_argument("--seed", type=int, default=0, help="testbed seed (default 0)")
-    demo.add_argument(
-        "--no-cache", action="store_true", help="retrain instead of loading the cache"
-    )
-    demo.add_argument(
-        "--methods", nargs="*", default=None, help="only methods whose names contain these words"
-    )
-    demo.add_argument(
-        "--fast",
-        action="store_true",
-        help="merge: skip the learned methods (AdaMerging, aTLAS, ...); "
-        "align: skip the ResNet/transformer spec comparison",
-    )
-    demo.set_defaults(func=_run_demo)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
