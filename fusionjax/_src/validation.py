@@ -240,6 +240,13 @@ def check_sources(base, finetuned: Sequence[Any], name: str = "finetuned") -> No
                 raise ValueError(f"{who} differs from base: it is missing {missing[0]}.")
             if extra:
                 raise ValueError(f"{who} differs from base: it has an extra leaf {extra[0]}.")
+            if [keystr(p) for p in ft.paths] == [keystr(p) for p in base.paths]:
+                raise ValueError(
+                    f"{who} differs from base in the static (non-array) parts of its tree, "
+                    "with the same leaf paths: e.g. an optax transformation, a function or "
+                    "a module config held in the tree was created separately per model. "
+                    "Share one object, or merge the parameters only (state.params)."
+                )
             raise ValueError(
                 f"{who} differs from base in tree structure (container types): "
                 f"{ft.treedef} != {base.treedef}"

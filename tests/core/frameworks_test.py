@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 from flax import nnx
 
@@ -84,3 +85,40 @@ def test_equinox_module_directly():
     merged = fj.merge(model, fts, fj.merging.mean())
     assert isinstance(merged, eqx.nn.MLP)
     assert merged(jnp.ones(4)).shape == (2,)
+
+
+def test_linen_variables_with_batch_stats_merge_whole():
+    model = LinenMLP()
+    x = jnp.ones((2, 5))
+    variables = model.init(jax.random.key(0), x)
+    fts = [perturb(variables, jax.random.key(i), scale=0.3) for i in (1, 2)]
+    merged = fj.merge(variables, fts, fj.merging.task_arithmetic(scaling=1.5))
+    var = merged["batch_stats"]["BatchNorm_0"]["var"]
+    want = (fts[0]["batch_stats"]["BatchNorm_0"]["var"] + fts[1]["batch_stats"]["BatchNorm_0"]["var"]) / 2
+    np.testing.assert_allclose(var, want, rtol=1e-6)
+    assert np.isfinite(model.apply(merged, x)).all()
+
+
+def test_flax_train_state():
+    import optax
+    from flax.training import train_state
+
+    model = LinenMLP()
+    x = jnp.ones((2, 5))
+    variables = model.init(jax.random.key(0), x)
+    tx = optax.adam(1e-3)
+    states = [
+        train_state.TrainState.create(
+            apply_fn=model.apply, params=perturb(variables["params"], jax.random.key(i)), tx=tx
+        )
+        for i in range(3)
+    ]
+    merged = fj.merge(states[0].params, [s.params for s in states[1:]], fj.merging.ties(density=0.5))
+    state = states[0].replace(params=merged)
+    assert state.apply_fn({**variables, "params": state.params}, x).shape == (2, 3)
+    # The whole TrainState merges too: its step counter must agree, Adam's moments are floats.
+    whole = fj.merge(states[0], states[1:], fj.merging.mean())
+    assert int(whole.step) == 0 and whole.apply_fn == model.apply
+    other = train_state.TrainState.create(apply_fn=model.apply, params=states[1].params, tx=optax.adam(1e-3))
+    with pytest.raises(ValueError, match="static \\(non-array\\) parts of its tree"):
+        fj.merge(states[0], [other], fj.merging.mean())
