@@ -114,20 +114,30 @@ def main():
         base = make(0)
         fts = finetuned(base, 1)
         n = sum(x.size for x in jax.tree.leaves(base))
-        print(f"\n{model_name}: {len(jax.tree.leaves(base))} leaves, {n / 1e6:.1f} M parameters, 3 models")
-        print(f"{'method':16s} {'first':>8s} {'new step':>9s} {'warm':>8s} {'numpy':>8s} {'first/np':>9s} {'recompiles':>10s}")
+        n_leaves = len(jax.tree.leaves(base))
+        print(f"\n{model_name}: {n_leaves} leaves, {n / 1e6:.1f} M parameters, 3 models")
+        print(
+            f"{'method':16s} {'first':>8s} {'new step':>9s} {'warm':>8s} {'numpy':>8s} "
+            f"{'first/np':>9s} {'recompiles':>10s}"
+        )
         for name, factory in METHODS.items():
             v0, v1 = VALUES[name]
             key = jax.random.key(0)
-            first = timed(lambda: fj.merge(base, fts, factory(v0), key=key))
+            def run(value, factory=factory, base=base, fts=fts, key=key):
+                return fj.merge(base, fts, factory(value), key=key)
+
+            first = timed(lambda v=v0: run(v))
             before = compiles()
-            new = timed(lambda: fj.merge(base, fts, factory(v1), key=key))
+            new = timed(lambda v=v1: run(v))
             added = compiles() - before
             recompiles += added
-            warm = timed(lambda: fj.merge(base, fts, factory(v1), key=key))
+            warm = timed(lambda v=v1: run(v))
             rng = np.random.default_rng(0)
-            npt = timed(lambda: numpy_merge(name, base, fts, v0, rng))
-            print(f"{name:16s} {first:8.2f} {new:9.2f} {warm:8.2f} {npt:8.2f} {first / npt:8.1f}x {added:10d}")
+            npt = timed(lambda n=name, v=v0, b=base, f=fts, r=rng: numpy_merge(n, b, f, v, r))
+            print(
+                f"{name:16s} {first:8.2f} {new:9.2f} {warm:8.2f} {npt:8.2f} "
+                f"{first / npt:8.1f}x {added:10d}"
+            )
             if model_name.startswith("5000") and name == "ties":
                 ratio_5000 = first / npt
     print(f"\nrecompiles on new hyperparameters: {recompiles}")

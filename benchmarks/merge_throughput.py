@@ -324,15 +324,18 @@ def machine() -> str:
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {system}"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--gb", type=float, default=1.0, help="model size in GB of float32 (default 1.0)")
     p.add_argument("--methods", default="ta,ties,dare", help="comma-separated: ta, ties, dare")
     p.add_argument("--models", type=int, default=3, help="fine-tuned copies (default 3)")
@@ -367,10 +370,11 @@ def main(argv=None):
     for method in args.methods.split(","):
         for impl in impls:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", method, impl]
-            cmd += ["--gb", str(args.gb), "--models", str(args.models), "--repeats", str(args.repeats)]
+            cmd += ["--gb", str(args.gb), "--models", str(args.models)]
+            cmd += ["--repeats", str(args.repeats)]
             t = time.perf_counter()
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
+            line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
             if res.returncode or not line:
                 print(f"# {method}/{impl} failed:\n{res.stdout}\n{res.stderr}", file=sys.stderr)
                 continue

@@ -17,7 +17,7 @@ def assert_trees_close(a, b, **tol):
     la, ta = jax.tree_util.tree_flatten_with_path(a)
     lb, tb = jax.tree_util.tree_flatten_with_path(b)
     assert ta == tb, f"structures differ: {ta} != {tb}"
-    for (path, x), (_, y) in zip(la, lb):
+    for (path, x), (_, y) in zip(la, lb, strict=False):
         np.testing.assert_allclose(
             np.asarray(x, np.float64), np.asarray(y, np.float64), err_msg=jax.tree_util.keystr(path), **tol
         )
@@ -47,7 +47,7 @@ def finetune_like(base, key, n, *, scale=0.1):
             x + (scale * jax.random.normal(kk, x.shape)).astype(x.dtype)
             if jnp.issubdtype(x.dtype, jnp.floating)
             else x
-            for x, kk in zip(leaves, keys)
+            for x, kk in zip(leaves, keys, strict=False)
         ]
         out.append(treedef.unflatten(new))
     return out

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, Optional
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ class LeafInfo:
     shape: tuple
     dtype: Any
     num_models: int
-    num_layers: Optional[int] = None
+    num_layers: int | None = None
 
     @property
     def size(self) -> int:
@@ -207,17 +208,17 @@ class Step:
     def __init__(
         self,
         name: str,
-        fn: Optional[LeafFn],
+        fn: LeafFn | None,
         *,
         reduces: bool,
-        hparams: Optional[Mapping[str, Any]] = None,
-        options: Optional[Mapping[str, Any]] = None,
+        hparams: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
         per_model: tuple[str, ...] = (),
         needs_key: bool = False,
         elementwise: bool = False,
         extras: tuple[str, ...] = (),
-        prepare: Optional[Callable[..., dict]] = None,
-        statistic: Optional[Statistic] = None,
+        prepare: Callable[..., dict] | None = None,
+        statistic: Statistic | None = None,
         flat: bool = False,
     ):
         self.name = name
@@ -353,9 +354,9 @@ class Step:
         self,
         x: jax.Array,
         *,
-        key: Optional[PRNGKey] = None,
-        base: Optional[jax.Array] = None,
-        extras: Optional[Mapping[str, Any]] = None,
+        key: PRNGKey | None = None,
+        base: jax.Array | None = None,
+        extras: Mapping[str, Any] | None = None,
     ) -> jax.Array:
         """Runs the (resolved) step on one stacked leaf; called inside :func:`jax.jit`."""
         kw = dict(self.options)
@@ -365,7 +366,7 @@ class Step:
         return self.fn(x, key=key, base=base, **kw)
 
     def __call__(
-        self, tvs: Stacked, *, key: Optional[PRNGKey] = None, base: Params = None, **extra_args
+        self, tvs: Stacked, *, key: PRNGKey | None = None, base: Params = None, **extra_args
     ) -> Any:
         """Applies the step to an in-memory stacked pytree of task vectors ``[T, ...]``.
 
@@ -487,7 +488,7 @@ class Chain(Step):
         return "chain(" + ", ".join(repr(p) for p in self._parts) + ")"
 
 
-def fold_in(key: Optional[PRNGKey], data: int) -> Optional[PRNGKey]:
+def fold_in(key: PRNGKey | None, data: int) -> PRNGKey | None:
     """``jax.random.fold_in(key, data)``, or ``None`` for no key."""
     return None if key is None else jax.random.fold_in(key, data)
 

@@ -10,7 +10,6 @@ read, and step ``j`` of a chain draws from ``fold_in(leaf_key, j)``.
 from __future__ import annotations
 
 import zlib
-from typing import Optional
 
 import jax
 import numpy as np
@@ -18,14 +17,14 @@ import numpy as np
 from fusionjax._src.base import PRNGKey
 
 
-def require_key(key: Optional[PRNGKey], who: str) -> PRNGKey:
+def require_key(key: PRNGKey | None, who: str) -> PRNGKey:
     """Returns ``key``, or raises ``ValueError`` saying that ``who`` needs one."""
     if key is None:
         raise ValueError(f"{who} is random and needs a PRNG key, e.g. key=jax.random.key(0).")
     return key
 
 
-def leaf_key(key: Optional[PRNGKey], path) -> Optional[PRNGKey]:
+def leaf_key(key: PRNGKey | None, path) -> PRNGKey | None:
     """A PRNG key for one leaf, derived from ``key`` and the leaf's path.
 
     Keys depend on the path (not on the leaf's position), so a random step gives
@@ -41,7 +40,7 @@ def path_hash(path) -> int:
     return zlib.crc32(jax.tree_util.keystr(path).encode()) & 0x7FFFFFFF
 
 
-def leaf_keys(key: Optional[PRNGKey], leaf_paths) -> Optional[PRNGKey]:
+def leaf_keys(key: PRNGKey | None, leaf_paths) -> PRNGKey | None:
     """:func:`leaf_key` for many paths in one call: keys ``[len(leaf_paths)]``."""
     if key is None:
         return None

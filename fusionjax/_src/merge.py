@@ -20,7 +20,8 @@ from __future__ import annotations
 import difflib
 import functools
 from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from typing import Any
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,13 @@ from fusionjax._src import keys as keys_lib
 from fusionjax._src import paths as paths_lib
 from fusionjax._src import stream
 from fusionjax._src import validation
-from fusionjax._src.base import Chain, LeafInfo, LeafValue, Params, PRNGKey, Step, fold_in
+from fusionjax._src.base import Chain
+from fusionjax._src.base import LeafInfo
+from fusionjax._src.base import LeafValue
+from fusionjax._src.base import Params
+from fusionjax._src.base import PRNGKey
+from fusionjax._src.base import Step
+from fusionjax._src.base import fold_in
 from fusionjax._src.per_leaf import Partition
 
 keystr = jax.tree_util.keystr
@@ -124,7 +131,7 @@ def _statistic_positions(step: Step) -> list[int]:
     return [j for j, p in enumerate(parts) if p.statistic is not None]
 
 
-def _num_layers(leaf_paths) -> Optional[int]:
+def _num_layers(leaf_paths) -> int | None:
     idx = [paths_lib.layer_index(paths_lib.path_name(p)) for p in leaf_paths]
     idx = [i for i in idx if i is not None]
     return max(idx) + 1 if idx else None
@@ -278,8 +285,8 @@ class _Plan:
         self.paths = base_src.paths
         self.kinds = base_src.kinds
         n_layers = _num_layers(self.paths)
-        self.infos: list[Optional[LeafInfo]] = []
-        self.steps: list[Optional[Step]] = []
+        self.infos: list[LeafInfo | None] = []
+        self.steps: list[Step | None] = []
         template = base_src.treedef.unflatten(list(base_src.specs))
         self.extras = {k: paths_lib.broadcast_leaves(template, v, k) for k, v in extras.items()}
         # A step with no per-leaf value resolves the same for every leaf of one
@@ -380,10 +387,10 @@ def merge(
     finetuned: Sequence[Params],
     merger: Step,
     *,
-    key: Optional[PRNGKey] = None,
+    key: PRNGKey | None = None,
     running_stats: Literal["average", "base"] = "average",
     check_finite: bool = True,
-    sink: Optional[stream.LeafSink] = None,
+    sink: stream.LeafSink | None = None,
     **extra_args: Any,
 ) -> Any:
     r"""Merges fine-tuned models that share a base model.
@@ -569,7 +576,9 @@ def _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink, flag
 
     steps = [plan.steps[i] for i in idx]
     if all(s is steps[0] for s in steps):  # one resolved step for the whole group
-        stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (rows, *np.shape(x))), steps[0])
+        stacked = jax.tree.map(
+            lambda x: np.broadcast_to(np.asarray(x), (rows, *np.shape(x))), steps[0]
+        )
     else:
         steps += [steps[0]] * (rows - len(idx))
         stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *steps)
@@ -590,7 +599,7 @@ def _is_key(x) -> bool:
 
 
 def apply_to_stacked(
-    step: Step, tvs: Any, *, key: Optional[PRNGKey] = None, base: Params = None, extras=None
+    step: Step, tvs: Any, *, key: PRNGKey | None = None, base: Params = None, extras=None
 ) -> Any:
     """Applies a step to in-memory stacked task vectors ``[T, ...]`` (see ``Step.__call__``).
 

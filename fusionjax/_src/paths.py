@@ -10,7 +10,7 @@ form mergekit's ``filter:`` strings and checkpoint tensor names take.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 import jax
 
@@ -41,7 +41,7 @@ _LAYER = re.compile(r"(?:^|[/._])(?:layers?|blocks?|h|encoderblock|block)[_./]?(
 _ANY_INT = re.compile(r"(?:^|[/._])(\d+)(?:$|[/._])")
 
 
-def layer_index(name: str) -> Optional[int]:
+def layer_index(name: str) -> int | None:
     """The layer number in a path name, or ``None``.
 
     Recognises ``layers_3``, ``layers/3``, ``layers.3``, ``h.3``, ``block_3``

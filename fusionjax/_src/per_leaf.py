@@ -16,13 +16,17 @@ YAML-driven merge of a checkpoint on disk fails on a bad rule before it starts.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Optional, Union
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
-from fusionjax._src.base import LeafInfo, LeafValue, Step
+from fusionjax._src.base import LeafInfo
+from fusionjax._src.base import LeafValue
+from fusionjax._src.base import Step
 from fusionjax._src.paths import layer_index
 
 
@@ -36,7 +40,7 @@ class ByPath(LeafValue):
 
     def value_for(self, info: LeafInfo) -> Any:
         name = info.name
-        for (pat, v), rx in zip(self.rules, self._compiled, strict=True):
+        for (_, v), rx in zip(self.rules, self._compiled, strict=True):
             if rx.search(name):
                 return v.value_for(info) if isinstance(v, LeafValue) else v
         if self.default is None:
@@ -77,7 +81,7 @@ def _eq(a, b) -> bool:
 
 
 def by_path(
-    rules: Union[Mapping[str, Any], Sequence[tuple[str, Any]]], *, default: Any = None
+    rules: Mapping[str, Any] | Sequence[tuple[str, Any]], *, default: Any = None
 ) -> ByPath:
     r"""A hyperparameter value per leaf, chosen by path pattern.
 
@@ -110,7 +114,9 @@ def by_path(
         try:
             re.compile(item[0])
         except re.error as e:
-            raise ValueError(f"by_path pattern {item[0]!r} is not a regular expression: {e}")
+            raise ValueError(
+                f"by_path pattern {item[0]!r} is not a regular expression: {e}"
+            ) from None
     return ByPath(items, default)
 
 
@@ -154,8 +160,8 @@ class Gradient(LeafValue):
         return f"gradient({self.anchors.tolist()}, outside={self.outside!r})"
 
 
-def gradient(values: Sequence[float], *, outside: Optional[float] = None) -> Gradient:
-    r"""mergekit's per-layer gradient: a value interpolated over the layer index.
+def gradient(values: Sequence[float], *, outside: float | None = None) -> Gradient:
+    r"""Mergekit's per-layer gradient: a value interpolated over the layer index.
 
     With :math:`L` numbered layers in the model and anchors
     :math:`v_0, \dots, v_{m-1}` spread evenly over :math:`[0, 1]`, layer
@@ -251,7 +257,7 @@ class Partition(Step):
 
 
 def partition(
-    steps: Mapping[str, Step], labels: Union[Callable[[str], str], ByPath]
+    steps: Mapping[str, Step], labels: Callable[[str], str] | ByPath
 ) -> Partition:
     r"""A different merger per subtree, like :func:`optax.multi_transform`.
 
@@ -277,8 +283,8 @@ def partition(
       >>> base = {"norm": jnp.zeros(2), "dense": jnp.zeros(2)}
       >>> fts = [{"norm": jnp.ones(2), "dense": jnp.ones(2)},
       ...        {"norm": 3 * jnp.ones(2), "dense": -jnp.ones(2)}]
-      >>> m = fj.partition({"avg": fj.merging.mean(), "ta": fj.merging.task_arithmetic(scaling=1.0)},
-      ...                  fj.by_path({"norm": "avg"}, default="ta"))
+      >>> steps = {"avg": fj.merging.mean(), "ta": fj.merging.task_arithmetic(scaling=1.0)}
+      >>> m = fj.partition(steps, fj.by_path({"norm": "avg"}, default="ta"))
       >>> fj.merge(base, fts, m)
       {'dense': Array([0., 0.], dtype=float32), 'norm': Array([2., 2.], dtype=float32)}
     """

@@ -19,7 +19,9 @@ as it is (never copied to the host), and so is the merged leaf to the sink.
 from __future__ import annotations
 
 import functools
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
+from typing import Protocol
+from typing import runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +92,7 @@ def spec_of(x: Any) -> Any:
     return x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_float(dtype) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating))
 
@@ -113,12 +115,11 @@ def leaf_kinds(tree: Any, leaf_paths: list, specs: list) -> list[str]:
         any(isinstance(k, jax.tree_util.DictKey) and k.key == "batch_stats" for k in p)
         for p in leaf_paths
     ]
-    if any(_is_batch_stat_variable(x) for x in jax.tree.leaves(tree, is_leaf=_is_batch_stat_variable)):
+    nodes = jax.tree.leaves(tree, is_leaf=_is_batch_stat_variable)
+    if any(_is_batch_stat_variable(x) for x in nodes):
         marks = jax.tree.map(_is_batch_stat_variable, tree, is_leaf=_is_batch_stat_variable)
-        stat = [
-            a or bool(b)
-            for a, b in zip(stat, paths_lib.broadcast_leaves(tree, marks, "batch stats"), strict=True)
-        ]
+        per_leaf = paths_lib.broadcast_leaves(tree, marks, "batch stats")
+        stat = [a or bool(b) for a, b in zip(stat, per_leaf, strict=True)]
     out = []
     for s, spec in zip(stat, specs, strict=True):
         if is_array_like(spec) and _is_float(spec.dtype):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Params, Stacked
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Params
+from fusionjax._src.base import Stacked
 from fusionjax._src.keys import leaf_key  # noqa: F401  (re-exported for subpackages)
 from fusionjax._src.paths import broadcast_leaves  # noqa: F401  (re-exported)
 from fusionjax._src.validation import compute_dtype

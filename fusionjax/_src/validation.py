@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +111,7 @@ def check_same_structure(
     check_same_tree(base, other, name, ref_name)
     lb = jax.tree_util.tree_flatten_with_path(base)[0]
     lo = jax.tree.leaves(other)
-    for (path, b), o in zip(lb, lo):
+    for (path, b), o in zip(lb, lo, strict=False):
         where = f"{name} differs from {ref_name} at {keystr(path)}"
         if _is_array(b) != _is_array(o):
             raise ValueError(f"{where}: {_describe(o)} != {_describe(b)}")
@@ -183,7 +183,7 @@ def check_passthrough_equal(base: Any, models: Sequence[Any], name: str = "finet
     """
     lb = jax.tree_util.tree_flatten_with_path(base)[0]
     for i, m in enumerate(models):
-        for (path, b), o in zip(lb, jax.tree.leaves(m)):
+        for (path, b), o in zip(lb, jax.tree.leaves(m), strict=False):
             if not _is_inexact_array(b) and not _values_equal(b, o):
                 raise ValueError(
                     f"{name}[{i}] differs from base at {keystr(path)}: this "
@@ -279,8 +279,8 @@ def check_hparam(
     name: str,
     value: Any,
     *,
-    lower: Optional[float] = None,
-    upper: Optional[float] = None,
+    lower: float | None = None,
+    upper: float | None = None,
     lower_open: bool = False,
     upper_open: bool = False,
 ) -> None:
@@ -326,7 +326,7 @@ def check_hparam(
         raise ValueError(f"{name} must lie in {interval}, got {shown}.")
 
 
-def check_examples(inputs: Any, batch_size: Optional[int], name: str = "inputs") -> tuple[int, int]:
+def check_examples(inputs: Any, batch_size: int | None, name: str = "inputs") -> tuple[int, int]:
     """Checks a pytree of examples with a shared leading axis and a batch size.
 
     Args:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src import keys as keys_lib
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Step
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Step
 from fusionjax._src.merge import chain
-from fusionjax.merging._linear import scale, task_arithmetic
-from fusionjax.merging._ties import disjoint_mean, elect_sign
+from fusionjax.merging._linear import scale
+from fusionjax.merging._linear import task_arithmetic
+from fusionjax.merging._ties import disjoint_mean
+from fusionjax.merging._ties import elect_sign
 
 
 def _prepare_dare(hp, info):
@@ -111,7 +112,7 @@ def drop_and_rescale(*, drop_rate: ArrayLike = 0.9) -> Step:
 
 
 def dare(
-    *, drop_rate: ArrayLike = 0.9, merger: Optional[Step] = None
+    *, drop_rate: ArrayLike = 0.9, merger: Step | None = None
 ) -> Step:
     r"""DARE followed by a merger (task arithmetic by default).
 
@@ -158,4 +159,6 @@ def dare_ties(*, drop_rate: ArrayLike = 0.9, scaling: ArrayLike = 1.0) -> Step:
       Yu et al, `Language Models are Super Mario
       <https://arxiv.org/abs/2311.03099>`_, ICML 2024
     """
-    return chain(drop_and_rescale(drop_rate=drop_rate), elect_sign(), disjoint_mean(), scale(scaling))
+    return chain(
+        drop_and_rescale(drop_rate=drop_rate), elect_sign(), disjoint_mean(), scale(scaling)
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,10 @@ import numpy as np
 
 from fusionjax._src import tree as tree_lib
 from fusionjax._src import validation
-from fusionjax._src.base import MISSING, ArrayLike, Params, Step
+from fusionjax._src.base import MISSING
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Params
+from fusionjax._src.base import Step
 from fusionjax.merging._linear import sum_rows
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -27,7 +30,7 @@ def fisher_diagonal(
     params: Params,
     inputs: Any,
     *,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
 ) -> Params:
     r"""Diagonal of the Fisher information of a classifier, as in Fisher merging.
 
@@ -120,7 +123,7 @@ def fisher_diagonal(
         acc = _accumulate_fisher(logits_fn, static, acc, arrays, xb, mask)
 
     out = [None] * len(leaves)
-    for i, a in zip(float_idx, acc):
+    for i, a in zip(float_idx, acc, strict=False):
         out[i] = a / jnp.float32(n)
     return treedef.unflatten(out)
 
@@ -137,7 +140,7 @@ def _accumulate_fisher(logits_fn, static, acc, arrays, xb, mask):
             full[i] = x
         for i in array_idx:
             full[i] = arrays[pos[i]]
-        for i, x in zip(float_idx, fl):
+        for i, x in zip(float_idx, fl, strict=False):
             full[i] = x
         return treedef.unflatten(full)
 
@@ -156,7 +159,7 @@ def _accumulate_fisher(logits_fn, static, acc, arrays, xb, mask):
     jac, lp = jax.vmap(jac_fn, in_axes=(None, 0))(fl, xb)  # [B, C, ...], [B, C]
     w = (jax.lax.stop_gradient(jnp.exp(lp)) * mask[:, None]).reshape(-1)  # [B*C]
     out = []
-    for a, g in zip(acc, jac):
+    for a, g in zip(acc, jac, strict=False):
         g2 = jnp.square(g.astype(jnp.float32)).reshape(w.shape[0], -1)
         # A contraction, not jnp.sum over the example axis (slow on XLA:CPU).
         out.append(a + jnp.matmul(w, g2, precision=_HIGHEST).reshape(a.shape))
@@ -201,7 +204,7 @@ def _fisher_merging(x, *, fishers, fisher_floor, weights, uniform, **_):
 
 
 def fisher_merging(
-    *, fisher_floor: ArrayLike = 1e-6, weights: Optional[ArrayLike] = None
+    *, fisher_floor: ArrayLike = 1e-6, weights: ArrayLike | None = None
 ) -> Step:
     r"""Fisher merging: the Fisher-weighted average of the models.
 

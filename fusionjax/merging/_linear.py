@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Step
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Step
 from fusionjax._src.merge import chain
 
 
@@ -67,7 +67,7 @@ def sum() -> Step:  # pylint: disable=redefined-builtin
     return Step("sum", _sum, reduces=True, flat=True)
 
 
-def mean(weights: Optional[ArrayLike] = None) -> Step:
+def mean(weights: ArrayLike | None = None) -> Step:
     r"""Merger :math:`\tau = \sum_t w_t \tau_t / \sum_t w_t` (uniform if no weights).
 
     In parameter space this is the weighted average

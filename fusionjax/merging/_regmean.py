@@ -6,13 +6,15 @@ import functools
 import math
 import operator
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from fusionjax._src import validation
-from fusionjax._src.base import MISSING, ArrayLike, Step
+from fusionjax._src.base import MISSING
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Step
 from fusionjax.merging._linear import sum_rows
 
 keystr = jax.tree_util.keystr
@@ -102,7 +104,7 @@ def gram_matrices(batches: Iterable[Any], *, normalize: bool = True) -> Any:
     if treedef is None:
         raise ValueError("batches is empty: gram_matrices needs at least one batch.")
     if normalize:
-        sums = [s / jnp.asarray(max(r, 1), s.dtype) for s, r in zip(sums, rows)]
+        sums = [s / jnp.asarray(max(r, 1), s.dtype) for s, r in zip(sums, rows, strict=False)]
     return treedef.unflatten(sums)
 
 
@@ -185,7 +187,7 @@ def _regmean(x, *, grams, alpha, weights, uniform, **_):
     return (s[:, None] * y).reshape(x.shape[1:])
 
 
-def regmean(*, alpha: ArrayLike = 0.9, weights: Optional[ArrayLike] = None) -> Step:
+def regmean(*, alpha: ArrayLike = 0.9, weights: ArrayLike | None = None) -> Step:
     r"""RegMean: merge each linear layer by solving the merged regression problem.
 
     A linear layer :math:`y = xW` (flax's ``[d_in, d_out]`` kernel) of model

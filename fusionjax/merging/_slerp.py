@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Step
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Step
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -37,7 +38,9 @@ def _average(models: Sequence[Params]) -> Params:
     return merge(models[0], list(models), _MEAN)
 
 
-def greedy_soup(finetuned: Sequence[Params], evaluate: Callable[[Params], float]) -> GreedySoupResult:
+def greedy_soup(
+    finetuned: Sequence[Params], evaluate: Callable[[Params], float]
+) -> GreedySoupResult:
     r"""Greedy soup: add models by decreasing score while the average improves.
 
     Models are sorted by their own score; starting from the best, each next
@@ -67,7 +70,9 @@ def greedy_soup(finetuned: Sequence[Params], evaluate: Callable[[Params], float]
     scores = np.array([float(evaluate(m)) for m in finetuned])
     if not np.all(np.isfinite(scores)):
         bad = int(np.flatnonzero(~np.isfinite(scores))[0])
-        raise ValueError(f"evaluate returned {scores[bad]} for finetuned[{bad}]; scores must be finite.")
+        raise ValueError(
+            f"evaluate returned {scores[bad]} for finetuned[{bad}]; scores must be finite."
+        )
     order = [int(i) for i in np.argsort(-scores, kind="stable")]
     selected = [order[0]]
     soup, best = finetuned[order[0]], scores[order[0]]

@@ -7,11 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src import keys as keys_lib
-from fusionjax._src import quantile, validation
-from fusionjax._src.base import ArrayLike, LeafValue, Step
+from fusionjax._src import quantile
+from fusionjax._src import validation
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import LeafValue
+from fusionjax._src.base import Step
 from fusionjax._src.merge import chain
 from fusionjax.merging import _linear
-from fusionjax.merging._ties import disjoint_mean, elect_sign, num_kept
+from fusionjax.merging._ties import disjoint_mean
+from fusionjax.merging._ties import elect_sign
+from fusionjax.merging._ties import num_kept
 
 
 def _prepare_drop_extremes(hp, info):

@@ -11,17 +11,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusionjax._src import quantile, validation
-from fusionjax._src.base import ArrayLike, Statistic, Step
+from fusionjax._src import quantile
+from fusionjax._src import validation
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Statistic
+from fusionjax._src.base import Step
 from fusionjax._src.merge import chain
 from fusionjax.merging import _linear
-from fusionjax.merging._linear import scale, sum_rows
+from fusionjax.merging._linear import scale
+from fusionjax.merging._linear import sum_rows
 
 Scope = Literal["leaf", "model"]
 
 
 def num_kept(density: ArrayLike, n: int) -> jax.Array:
-    """Entries kept out of ``n`` at a given density: ``ceil(density * n)``, per entry of ``density``.
+    """Entries kept out of ``n`` at a given density: ``ceil(density * n)``, per entry.
 
     A concrete density is rounded in float64 (so 0.3 of 90 is 27, not the 28 a
     float32 product gives) on the host; a traced one in float32.

@@ -24,7 +24,7 @@ def perturb(params, key, scale=0.05):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     return treedef.unflatten(
-        [x + (scale * jax.random.normal(k, x.shape)).astype(x.dtype) for x, k in zip(leaves, keys)]
+        [x + (scale * jax.random.normal(k, x.shape)).astype(x.dtype) for x, k in zip(leaves, keys, strict=False)]
     )
 
 

@@ -108,7 +108,7 @@ def test_scaling_sweep_under_vmap_traces_once():
     out = sweep(lams)
     for i, lam in enumerate(lams):
         one = fj.merge(base, fts, fj.merging.task_arithmetic(scaling=float(lam)))
-        T.assert_trees_close(jax.tree.map(lambda x: x[i], out), one)
+        T.assert_trees_close(jax.tree.map(lambda x, i=i: x[i], out), one)
 
 
 def test_scaling_sweep_under_jit_traces_once():
@@ -132,7 +132,7 @@ def test_integer_leaves_pass_through_and_inputs_unchanged():
     before = [jax.tree.map(np.array, m) for m in [base, *fts]]
     out = fj.merge(base, fts, fj.merging.mean())
     assert out["step"].dtype == jnp.int32 and int(out["step"]) == 7
-    for m, b in zip([base, *fts], before):
+    for m, b in zip([base, *fts], before, strict=False):
         T.assert_trees_close(m, b, rtol=0, atol=0)
 
 

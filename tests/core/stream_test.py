@@ -50,7 +50,7 @@ def test_sources_and_sink_give_the_in_memory_result(models, scope):
     n = fj.merge(CountingSource(base, log, "base"), srcs, m, sink=sink)
     ref = fj.merge(base, fts, m)
     assert n == len(jax.tree.leaves(base))
-    for (i, v), r in zip(sink.written, jax.tree.leaves(ref), strict=True):
+    for (_, v), r in zip(sink.written, jax.tree.leaves(ref), strict=True):
         np.testing.assert_array_equal(v, np.asarray(r))
     n_float = 4
     reads_per_model = n_float + 1 + (2 * n_float if scope == "model" else 0)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import fusionjax as fj
-from fusionjax.merging import fisher_diagonal, fisher_merging
+from fusionjax.merging import fisher_diagonal
+from fusionjax.merging import fisher_merging
 from tests import _testing as T
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -37,7 +38,7 @@ def random_fisher(key, params, scale=1.0):
         scale * jax.random.uniform(k, x.shape, minval=0.1, maxval=2.0)
         if jnp.issubdtype(x.dtype, jnp.floating)
         else None
-        for k, x in zip(keys, leaves)
+        for k, x in zip(keys, leaves, strict=False)
     ]
     return treedef.unflatten(out)
 

@@ -61,8 +61,12 @@ def test_ties_model_scope_matches_numpy():
     base, fts = np_models()
     density = 0.25
     tvs = fj.task_vectors(base, fts)
-    leaves = [np.stack([np.asarray(l, np.float32).astype(np.float64) for l in ls]) for ls in zip(*[jax.tree.leaves(t) for t in tvs])]
-    flat = np.concatenate([np.abs(l.reshape(3, -1)) for l in leaves], axis=1)
+    per_model = [jax.tree.leaves(t) for t in tvs]
+    leaves = [
+        np.stack([np.asarray(x, np.float32).astype(np.float64) for x in ls])
+        for ls in zip(*per_model, strict=True)
+    ]
+    flat = np.concatenate([np.abs(x.reshape(3, -1)) for x in leaves], axis=1)
     k = int(np.ceil(density * flat.shape[1]))
     thr = -np.sort(-flat, axis=1)[:, k - 1]
     out = fj.merge(base, fts, fj.merging.ties(density=density, scope="model"))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import fusionjax as fj
-from fusionjax.merging import gram_matrices, regmean
+from fusionjax.merging import gram_matrices
+from fusionjax.merging import regmean
 from tests import _testing as T
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -52,7 +53,7 @@ def make_problem(t=3, seed=0, kernels=("dense",)):
         ks = jax.random.split(k, len(kernels))
         g = {
             name: {"kernel": random_gram(kk, m), "bias": None}
-            for kk, (name, (_, m)) in zip(ks, kernels.items())
+            for kk, (name, (_, m)) in zip(ks, kernels.items(), strict=False)
         }
         g["embed"] = None
         grams.append(g)
@@ -151,7 +152,7 @@ def test_matches_least_squares():
     grams = [gram_matrices([{"kernel": jnp.asarray(x, jnp.float32)}], normalize=False) for x in xs]
     got = fj.merge(base, fts, regmean(alpha=1.0), grams=fj.stack(grams))["kernel"]
     a = np.concatenate(xs)
-    b = np.concatenate([x @ w for x, w in zip(xs, ws)])
+    b = np.concatenate([x @ w for x, w in zip(xs, ws, strict=False)])
     want = np.linalg.lstsq(a, b, rcond=None)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -174,7 +175,7 @@ def test_dead_features_get_the_mean_and_no_nan():
     np.testing.assert_allclose(got[dead], (ws[0][dead] + ws[1][dead]) / 2, rtol=RTOL)
     live = [i for i in range(d_in) if i != dead]
     a = np.concatenate([x[:, live] for x in xs])
-    b = np.concatenate([x @ w for x, w in zip(xs, ws)])
+    b = np.concatenate([x @ w for x, w in zip(xs, ws, strict=False)])
     want = np.linalg.lstsq(a, b, rcond=None)[0]
     np.testing.assert_allclose(got[live], want, rtol=1e-4, atol=1e-5)
 
