@@ -336,7 +336,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--gb", type=float, default=1.0, help="model size in GB of float32 (default 1.0)")
+    p.add_argument("--gb", type=float, default=1.0, help="model size, GB of float32 (default 1)")
     p.add_argument("--methods", default="ta,ties,dare", help="comma-separated: ta, ties, dare")
     p.add_argument("--models", type=int, default=3, help="fine-tuned copies (default 3)")
     p.add_argument("--repeats", type=int, default=3, help="timed warm runs per variant")
