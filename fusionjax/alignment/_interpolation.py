@@ -28,6 +28,7 @@ import numpy as np
 from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike, Params
 from fusionjax._src.tree import compute_dtype, is_mergeable
+from fusionjax.alignment import _pytree
 
 
 def interpolate(a: Params, b: Params, t: ArrayLike) -> Params:
@@ -41,7 +42,8 @@ def interpolate(a: Params, b: Params, t: ArrayLike) -> Params:
 
     Returns:
       A pytree like ``a``; floating-point leaves are interpolated (in at least
-      float32), other leaves (integers such as step counters) are taken from ``a``.
+      float32), other leaves (integers such as step counters, an equinox module's
+      functions) are taken from ``a``.
 
     Raises:
       ValueError: if the structures, shapes or dtypes differ (the message names the path).
@@ -87,7 +89,8 @@ def interpolation_curve(
 
     Args:
       metric_fn: ``metric_fn(params) -> array or pytree of arrays``.
-      a: Model at ``t = 0``.
+      a: Model at ``t = 0``: any pytree, equinox modules included (leaves that are not
+        arrays are held static and given to ``metric_fn`` as they are in ``a``).
       b: Model at ``t = 1``.
       num: Number of points, at least 2 (both endpoints included).
 
@@ -106,10 +109,12 @@ def interpolation_curve(
         raise ValueError(f"num must be an int >= 2, got {num!r}")
     validation.check_same_structure(a, b, name="b", ref_name="a")
     ts = jnp.linspace(0.0, 1.0, num)
+    # Jit over the array leaves; the rest (an equinox module's functions) stays static.
+    (a, rest), (b, _) = _pytree.partition(a), _pytree.partition(b)
 
     @jax.jit
     def run(a, b):
-        return jax.vmap(lambda t: metric_fn(interpolate(a, b, t)))(ts)
+        return jax.vmap(lambda t: metric_fn(_pytree.combine(interpolate(a, b, t), rest)))(ts)
 
     return InterpolationCurve(ts, run(a, b))
 

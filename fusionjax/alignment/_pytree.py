@@ -43,3 +43,22 @@ def combine(arrays: Any, rest: Any) -> Any:
 def has_static(tree: Any) -> bool:
     """Whether ``tree`` has a leaf that is not an array."""
     return not all(is_array(x) for x in jax.tree.leaves(tree))
+
+
+class StaticDict(dict):
+    """An immutable, hashable dict that JAX treats as static (a pytree with no leaves).
+
+    For metadata held by an output pytree (OT fusion's read/write roles), so the output
+    can be returned from :func:`jax.jit` whole.
+    """
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items(), key=repr)))
+
+    def _immutable(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is immutable")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = _immutable
+
+
+jax.tree_util.register_static(StaticDict)
