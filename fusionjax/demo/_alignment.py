@@ -17,6 +17,7 @@ pair trained with seeds ``2s`` and ``2s + 1``. Three studies:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -67,13 +68,22 @@ class Curve:
         return float(self.accuracy[len(self.t) // 2])
 
 
+@functools.cache
+def _test_metrics(model):
+    """``variables -> {"loss", "accuracy"}`` on the test set, one function per model.
+
+    The same function object for every pair of a model lets
+    :func:`~fusionjax.alignment.interpolation_curve` compile its curve once.
+    """
+    data = classifiers.digits()
+    return lambda v: classifiers.metrics(model, v, data.x_test, data.y_test)
+
+
 def _curve(model, ref: Params, other: Params, num: int = 11) -> Curve:
     """The curve on the test set (BatchNorm models: statistics re-estimated at each point)."""
     data = classifiers.digits()
     if "batch_stats" not in ref:
-        out = alignment.interpolation_curve(
-            lambda v: classifiers.metrics(model, v, data.x_test, data.y_test), ref, other, num=num
-        )
+        out = alignment.interpolation_curve(_test_metrics(model), ref, other, num=num)
         return Curve(
             np.asarray(out.t), np.asarray(out.values["loss"]), np.asarray(out.values["accuracy"])
         )
@@ -111,7 +121,7 @@ def _activations(model, variables: Params, spec: alignment.PermutationSpec) -> d
 
 
 @dataclasses.dataclass(frozen=True)
-class BarrierResult:
+class BarrierOutput:
     """One MLP pair: endpoint accuracies and the curve of each alignment method."""
 
     width: int
@@ -121,9 +131,9 @@ class BarrierResult:
 
 def barrier_study(
     seeds: Sequence[int], widths: Sequence[int] = WIDTHS
-) -> dict[int, list[BarrierResult]]:
-    """``{seed: [BarrierResult per width]}`` for two-hidden-layer MLPs."""
-    out: dict[int, list[BarrierResult]] = {s: [] for s in seeds}
+) -> dict[int, list[BarrierOutput]]:
+    """``{seed: [BarrierOutput per width]}`` for two-hidden-layer MLPs."""
+    out: dict[int, list[BarrierOutput]] = {s: [] for s in seeds}
     spec = alignment.mlp_spec(2)
     for width in widths:
         model = zoo.MLP((width, width))
@@ -138,7 +148,7 @@ def barrier_study(
                 "activation matching": _curve(model, ref, am.apply(other)),
             }
             acc = (classifiers.accuracy(model, ref), classifiers.accuracy(model, other))
-            out[seed].append(BarrierResult(width, acc, curves))
+            out[seed].append(BarrierOutput(width, acc, curves))
     return out
 
 
@@ -146,7 +156,7 @@ def barrier_study(
 
 
 @dataclasses.dataclass(frozen=True)
-class FusionResult:
+class FusionOutput:
     """Test accuracy (%) of the individual models and of each one-shot fusion."""
 
     widths: tuple[int, int]
@@ -169,7 +179,7 @@ def _truncated(spec: alignment.PermutationSpec, wide: Params, narrow: Params) ->
 
 
 def fusion_study(seeds: Sequence[int], widths: tuple[int, int] = OT_WIDTHS) -> dict:
-    """``{seed: [FusionResult equal widths, FusionResult different widths]}``."""
+    """``{seed: [FusionOutput equal widths, FusionOutput different widths]}``."""
     spec = alignment.mlp_spec(2)
     narrow, wide = widths
     model = zoo.MLP((narrow, narrow))
@@ -199,7 +209,7 @@ def fusion_study(seeds: Sequence[int], widths: tuple[int, int] = OT_WIDTHS) -> d
                 alignment.ot_fusion(spec, ref, big, solver="sinkhorn").fused
             ),
         }
-        out[seed] = [FusionResult((narrow, narrow), equal), FusionResult((narrow, wide), different)]
+        out[seed] = [FusionOutput((narrow, narrow), equal), FusionOutput((narrow, wide), different)]
     return out
 
 
@@ -207,7 +217,7 @@ def fusion_study(seeds: Sequence[int], widths: tuple[int, int] = OT_WIDTHS) -> d
 
 
 @dataclasses.dataclass(frozen=True)
-class SpecResult:
+class SpecOutput:
     """One architecture: whether the specs agree, and alignment quality with each."""
 
     architecture: str
@@ -216,7 +226,7 @@ class SpecResult:
     curves: dict  # row -> Curve
 
 
-def _spec_case(name: str, model, hand, ref: Params, other: Params, num: int) -> SpecResult:
+def _spec_case(name: str, model, hand, ref: Params, other: Params, num: int) -> SpecOutput:
     x = classifiers.digits().x_train[:2]
     if "batch_stats" in ref:
         apply = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
@@ -228,12 +238,12 @@ def _spec_case(name: str, model, hand, ref: Params, other: Params, num: int) -> 
         out = alignment.weight_matching(spec, ref, other, key=jax.random.key(0))
         objective[spec_name] = float(out.objective)
         curves[spec_name] = _curve(model, ref, out.apply(other), num)
-    return SpecResult(name, derived.same_groups(hand, ref), objective, curves)
+    return SpecOutput(name, derived.same_groups(hand, ref), objective, curves)
 
 
 def spec_study(
     seeds: Sequence[int], *, resnet_steps: int = 300, resnet_points: int = 5
-) -> dict[int, list[SpecResult]]:
+) -> dict[int, list[SpecOutput]]:
     """``{seed: [ResNet result, transformer result]}``.
 
     The ResNet has BatchNorm; every point of its curves has its statistics
@@ -246,7 +256,7 @@ def spec_study(
         ("ResNet (BatchNorm)", resnet, alignment.resnet_spec(1, norm="batch"), resnet_points),
         ("Transformer", transformer, alignment.transformer_spec(1), 11),
     ]
-    out: dict[int, list[SpecResult]] = {s: [] for s in seeds}
+    out: dict[int, list[SpecOutput]] = {s: [] for s in seeds}
     for name, model, hand, num in cases:
         steps = resnet_steps if model is resnet else 600
         for seed, (ref, other) in _pairs(model, seeds, steps=steps).items():
@@ -254,13 +264,19 @@ def spec_study(
     return out
 
 
+BarrierResult = BarrierOutput  # deprecated names (renamed to the *Output convention)
+FusionResult = FusionOutput
+SpecResult = SpecOutput
+
+
 # ----------------------------------------------------------------------------- tables
 
 
-def format_barriers(results: Sequence[BarrierResult]) -> str:
+def format_barriers(results: Sequence[BarrierOutput]) -> str:
     """One row per width and method: loss barrier, accuracy barrier, midpoint accuracy."""
     lines = [
-        f"{'width':>6}  {'method':<20} {'loss barrier':>12} {'acc. barrier':>12} {'midpoint acc.':>13}",
+        f"{'width':>6}  {'method':<20} {'loss barrier':>12} {'acc. barrier':>12} "
+        f"{'midpoint acc.':>13}",
         "-" * 68,
     ]
     for r in results:
@@ -272,7 +288,7 @@ def format_barriers(results: Sequence[BarrierResult]) -> str:
     return "\n".join(lines)
 
 
-def format_fusion(results: Sequence[FusionResult]) -> str:
+def format_fusion(results: Sequence[FusionOutput]) -> str:
     """Accuracy of each fusion, one column per width pair."""
     rows = list(dict.fromkeys(k for r in results for k in r.accuracy))
     head = "".join(f"{f'{a} + {b}':>14}" for a, b in (r.widths for r in results))
@@ -285,10 +301,11 @@ def format_fusion(results: Sequence[FusionResult]) -> str:
     return "\n".join(lines)
 
 
-def format_specs(results: Sequence[SpecResult]) -> str:
+def format_specs(results: Sequence[SpecOutput]) -> str:
     """Per architecture: barrier and midpoint accuracy naive, with the hand and derived spec."""
     lines = [
-        f"{'model':<20} {'alignment':<14} {'objective':>10} {'loss barrier':>12} {'midpoint acc.':>13}",
+        f"{'model':<20} {'alignment':<14} {'objective':>10} {'loss barrier':>12} "
+        f"{'midpoint acc.':>13}",
         "-" * 73,
     ]
     for r in results:

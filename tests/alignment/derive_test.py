@@ -270,6 +270,7 @@ class TrainNet(linen.Module):
 
 
 def test_train_mode_dropout_and_mutable_give_the_eval_spec():
+    """Train mode, active dropout and mutable collections derive the eval-mode groups."""
     model = TrainNet()
     variables = randomize(jax.eval_shape(model.init, jax.random.key(0), X))
     key = jax.random.key(1)
@@ -293,6 +294,7 @@ def test_train_mode_dropout_and_mutable_give_the_eval_spec():
 
 
 def test_resnet_in_train_mode_gives_the_hand_spec():
+    """BatchNorm in train mode (statistics returned as updates) keeps every group."""
     model, x, hand = CASES["resnet_batch"]
     abstract = jax.eval_shape(model.init, jax.random.key(0), x)
     spec = derive_spec(model.apply, abstract, x, train=True, mutable=["batch_stats"])

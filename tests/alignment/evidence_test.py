@@ -44,7 +44,7 @@ def test_matched_barrier_shrinks_with_width(barriers, seed, method):
     # > 0.022/0.026/0.018 (256); AM: 0.37/0.50/0.36 > 0.064/0.071/0.078 > 0.033/0.028/0.020.
     results = sorted(barriers[seed], key=lambda r: r.width)
     values = [r.curves[method].loss_barrier for r in results]
-    assert all(a > b for a, b in zip(values, values[1:])), values
+    assert all(a > b for a, b in zip(values, values[1:], strict=False)), values
     assert values[-1] < 0.05
 
 

@@ -49,6 +49,7 @@ def eqx_pair():
 
 @pytest.mark.parametrize("solver", ["scipy", "hungarian"])
 def test_weight_matching_on_equinox_modules(eqx_pair, solver):
+    """A planted permutation of an eqx.nn.MLP is undone exactly; its functions stay static."""
     spec, a, b, copy = eqx_pair
     out = alignment.weight_matching(spec, a, copy, solver=solver)  # was a custom_jvp error
     moved = out.apply(copy)
@@ -59,6 +60,7 @@ def test_weight_matching_on_equinox_modules(eqx_pair, solver):
 
 
 def test_other_entry_points_on_equinox_modules(eqx_pair):
+    """Activation matching, MergeMany, OT fusion, STE and interpolation take modules too."""
     spec, a, b, copy = eqx_pair
     acts = alignment.group_activations(forward, a, X, spec=spec)
     am = alignment.activation_matching(
@@ -107,6 +109,7 @@ SPEC = alignment.mlp_spec(2, prefix=None)
 
 
 def test_outputs_are_returned_from_jit_whole():
+    """AlignmentOutput and OTFusionOutput leave jit with their spec and roles, and apply."""
     ref, other = mlp_dict(0), mlp_dict(1)
     out = jax.jit(lambda r, o: alignment.weight_matching(SPEC, r, o))(ref, other)
     eager = alignment.weight_matching(SPEC, ref, other, solver="hungarian")
@@ -150,11 +153,13 @@ ENTRY_POINTS = {
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_empty_spec_is_an_error(entry):
+    """A spec without groups is a ValueError, not a silent success."""
     with pytest.raises(ValueError, match="spec has no groups"):
         ENTRY_POINTS[entry](mlp_dict(0))
 
 
 def test_wrong_spec_type_is_a_type_error():
+    """Anything but a PermutationSpec is a TypeError naming the type."""
     with pytest.raises(TypeError, match="spec must be a PermutationSpec, got dict"):
         alignment.weight_matching({"h": []}, mlp_dict(0), mlp_dict(1))
 

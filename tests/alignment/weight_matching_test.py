@@ -362,6 +362,7 @@ def gru_apply(params, xs):
 
 
 def test_gru_spec_is_the_derived_one_and_self_coupled():
+    """derive_spec finds the recurrent group; the plan marks it self-coupled (an MLP's is not)."""
     from fusionjax.alignment import derive_spec
     from fusionjax.alignment._weight_matching_problem import make_plan
 
