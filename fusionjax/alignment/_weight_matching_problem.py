@@ -272,7 +272,7 @@ class MatchStats:
       recomputes: Cost-matrix contributions computed from scratch (host loop only).
       updates: Contributions updated by a low-rank correction (host loop only).
       rejected: Steps of self-coupled groups not taken because they would not have
-        increased the objective.
+        increased the objective (host loop only).
     """
 
     sweeps: int = 0

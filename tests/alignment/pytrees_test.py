@@ -81,7 +81,7 @@ def test_other_entry_points_on_equinox_modules(eqx_pair):
         assert isinstance(model, eqx.nn.MLP)  # the whole module, static leaves back
         return jnp.mean((forward(model, x) - forward(a, x)) ** 2)
 
-    ste = alignment.ste_matching(spec, a, copy, loss_fn, [X, X])
+    ste = alignment.ste_matching(spec, a, copy, loss_fn, [X])
     assert float(ste.objective) < 1e-10
     assert_trees_close(arrays(ste.apply(copy)), arrays(a), **EXACT)
 
@@ -112,15 +112,11 @@ def test_outputs_are_returned_from_jit_whole():
     """AlignmentOutput and OTFusionOutput leave jit with their spec and roles, and apply."""
     ref, other = mlp_dict(0), mlp_dict(1)
     out = jax.jit(lambda r, o: alignment.weight_matching(SPEC, r, o))(ref, other)
-    eager = alignment.weight_matching(SPEC, ref, other, solver="hungarian")
+    eager = alignment.weight_matching(SPEC, ref, other)  # host solver: nothing to compile
     assert isinstance(out, AlignmentOutput) and out.spec == SPEC
     assert_trees_close(out.permutations, eager.permutations, **EXACT)
     assert_trees_close(out.apply(other), eager.apply(other), **EXACT)
     assert not any(isinstance(x, PermutationSpec) for x in jax.tree.leaves(out))
-
-    acts = {g: jnp.asarray(np.random.default_rng(2).standard_normal((32, 8))) for g in SPEC.names}
-    am = jax.jit(lambda a: alignment.activation_matching(SPEC, (a, a)))(acts)
-    assert am.spec == SPEC and bool(am.converged)
 
     ot = jax.jit(lambda r, o: alignment.ot_fusion(SPEC, r, o))(ref, other)
     eager_ot = alignment.ot_fusion(SPEC, ref, other)
