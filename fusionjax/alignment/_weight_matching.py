@@ -32,7 +32,11 @@ such *self-coupled* groups the LAP's solution is a proposal, taken only if the e
 change of the objective is positive beyond rounding; so the objective never decreases
 and the method stops when no proposal improves it (``converged``). That is a fixed
 point of the method, not necessarily an optimum of the quadratic coordinate problem
-(the test pair stops at 33.01, below the 34.12 the unchecked steps passed through).
+(the test pair stops at 33.01, below the 34.12 the unchecked steps passed through; on
+two random ``nn.RNN(nn.GRUCell(16))`` models the first proposal already lowers the
+objective, so the starting permutations come back, with ``converged=True``). For such
+models, start from a better point (``init_permutations``, e.g. from activation
+matching) or use a quadratic assignment solver; neither is done here.
 
 Modules: :mod:`~fusionjax.alignment._weight_matching_problem` (static plan, cost
 matrices, objective, sweep order), :mod:`~fusionjax.alignment._weight_matching_host`
