@@ -190,7 +190,7 @@ def run_pair(name, width, repeats, solvers):
                 perm, sweeps, solves = reference_weight_matching(groups, ref, oth, orders)
                 warm.append(time.perf_counter() - t0)
         perms = tuple(jax.numpy.asarray(perm[g].astype(np.int32)) for g in spec.names)
-        objective = float(wm._objective_jit(la, lb, perms, plan=plan))
+        objective = float(wm.objective_jit(la, lb, perms, plan=plan))
         rows.append(
             dict(
                 impl=f"reference ({'default' if threads is None else threads} BLAS threads)",

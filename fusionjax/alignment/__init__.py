@@ -13,7 +13,7 @@ from fusionjax.alignment._activation_matching import activation_stats_update
 from fusionjax.alignment._batchnorm import repair
 from fusionjax.alignment._batchnorm import reset_batch_stats
 from fusionjax.alignment._derive import derive_spec
-from fusionjax.alignment._derive import group_activations
+from fusionjax.alignment._group_activations import group_activations
 from fusionjax.alignment._hand_specs import mlp_spec
 from fusionjax.alignment._hand_specs import resnet_spec
 from fusionjax.alignment._hand_specs import transformer_spec
@@ -25,11 +25,11 @@ from fusionjax.alignment._interpolation import interpolation_curve
 from fusionjax.alignment._merge_many import MergeManyOutput
 from fusionjax.alignment._merge_many import merge_many
 from fusionjax.alignment._ot_fusion import OTFusionOutput
-from fusionjax.alignment._ot_fusion import apply_transports
-from fusionjax.alignment._ot_fusion import axis_roles
 from fusionjax.alignment._ot_fusion import ot_fusion
-from fusionjax.alignment._ot_fusion import solve_transport
-from fusionjax.alignment._ot_fusion import transport_maps
+from fusionjax.alignment._ot_maps import apply_transports
+from fusionjax.alignment._ot_maps import axis_roles
+from fusionjax.alignment._ot_maps import transport_maps
+from fusionjax.alignment._ot_transport import solve_transport
 from fusionjax.alignment._spec import AlignmentOutput
 from fusionjax.alignment._spec import PermutationSpec
 from fusionjax.alignment._spec import apply_permutations

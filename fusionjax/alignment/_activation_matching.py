@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from fusionjax.alignment import _assignment
-from fusionjax.alignment._spec import AlignmentOutput, PermutationSpec
+from fusionjax.alignment._spec import AlignmentOutput, PermutationSpec, check_spec
 
 Activations = Mapping[str, jax.Array]
 """``{group: [M, n]}`` activations of one model (leading axes are flattened into ``M``)."""
@@ -192,7 +192,7 @@ def activation_matching(
     post-ReLU hidden units of an MLP.
 
     Args:
-      spec: The permutation spec; every group needs activations.
+      spec: The permutation spec (at least one group); every group needs activations.
       stats: :class:`ActivationStats` accumulated over batches, or a pair
         ``(acts_ref, acts_other)`` of ``{group: [M, n]}`` dicts on the same inputs (one
         batch).
@@ -205,7 +205,8 @@ def activation_matching(
       ``converged`` is ``True`` (one exact step).
 
     Raises:
-      ValueError: if a group has no activations, shapes differ, or a statistic is NaN.
+      ValueError: if the spec has no groups, a group has no activations, shapes differ,
+        or a statistic is NaN.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -220,8 +221,7 @@ def activation_matching(
       Ainsworth, Hayase & Srinivasa, `Git Re-Basin: Merging Models modulo Permutation
       Symmetries <https://arxiv.org/abs/2209.04836>`_, ICLR 2023
     """
-    if not isinstance(spec, PermutationSpec):
-        raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}.")
+    check_spec(spec)
     if not isinstance(stats, ActivationStats):
         if not (isinstance(stats, (tuple, list)) and len(stats) == 2):
             raise TypeError(

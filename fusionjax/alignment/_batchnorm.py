@@ -27,15 +27,25 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike, Params
+
+if TYPE_CHECKING:
+    import flax.linen as nn
+
+
+def _linen():
+    """``flax.linen``, imported when first needed: importing fusionjax loads no flax."""
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+    return nn
+
 
 _MOMENTS = "fusionjax_moments"
 """Collection the interceptors sow per-channel moments into."""
@@ -107,7 +117,7 @@ def _check_apply(apply_fn: Callable, variables: Params) -> None:
 def _bn_interceptor(next_fun, args, kwargs, context):
     """Runs ``nn.BatchNorm`` in train mode and sows the moments of its input."""
     mod = context.module
-    if not (isinstance(mod, nn.BatchNorm) and context.method_name == "__call__"):
+    if not (isinstance(mod, _linen().BatchNorm) and context.method_name == "__call__"):
         return next_fun(*args, **kwargs)
     if kwargs.get("mask") is not None:
         raise ValueError(f"reset_batch_stats: BatchNorm {'/'.join(mod.path)} got a mask.")
@@ -133,6 +143,7 @@ def _bn_interceptor(next_fun, args, kwargs, context):
 
 
 def _is_layer(mod: nn.Module) -> bool:
+    nn = _linen()
     return isinstance(mod, (nn.Dense, nn.Conv))
 
 
@@ -165,7 +176,7 @@ def _one_pass(apply_fn, layers, epsilon, kwargs_items, variables, batch, targets
         interceptor = _bn_interceptor
     else:
         interceptor = _layer_interceptor(layers, targets, epsilon)
-    with nn.intercept_methods(interceptor):
+    with _linen().intercept_methods(interceptor):
         _, state = apply_fn(variables, batch, mutable=[_MOMENTS], **dict(kwargs_items))
     return state.get(_MOMENTS, {})
 
@@ -291,7 +302,7 @@ def _layer_order(apply_fn, variables, batch, apply_kwargs) -> list[str]:
         return next_fun(*args, **kwargs)
 
     def run(v, b):
-        with nn.intercept_methods(interceptor):
+        with _linen().intercept_methods(interceptor):
             return apply_fn(v, b, **apply_kwargs)
 
     jax.eval_shape(run, variables, batch)

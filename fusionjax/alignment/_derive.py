@@ -11,7 +11,8 @@ be permuted by one permutation :math:`P` while every equation stays equivariant,
 function is unchanged unless the class reaches something that is not equivariant:
 
 * the axes of the example inputs and of the outputs (whose order the caller fixes);
-* constants, ``iota`` and random numbers, whose values are not permuted;
+* constants and ``iota``, whose values are not permuted (random bits, being i.i.d., are
+  not frozen: a dropout mask permutes in distribution);
 * axes whose order matters: spatial axes of a convolution, sliced, padded, gathered,
   concatenated, sorted, cumulated or ``argmax``-ed axes, axes that a ``reshape``
   merges or splits;
@@ -28,6 +29,10 @@ jaxpr), so nested jaxprs (``jit``, ``custom_jvp_call``, ``custom_vjp_call``,
 ``closed_call``, ``checkpoint``, ``cond``, ``scan``, ``while``) are walked afresh at
 each equation that calls them, with new nodes tied to the caller's operands and results.
 
+Modules: :mod:`~fusionjax.alignment._derive_rules` (one rule per primitive), this one
+(union-find, walker, :func:`derive_spec`), :mod:`~fusionjax.alignment._group_activations`
+(the values of each group's units, from the same walk).
+
 References:
   Ainsworth, Hayase & Srinivasa, `Git Re-Basin: Merging Models modulo Permutation
   Symmetries <https://arxiv.org/abs/2209.04836>`_, ICLR 2023 (permutation specs)
@@ -39,43 +44,16 @@ References:
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
 from fusionjax._src.base import Params
+from fusionjax.alignment._derive_rules import _RULES, Node, _freeze_rule
 from fusionjax.alignment._spec import PermutationSpec, path_str
-
-_log = logging.getLogger(__name__)
-
-Node = tuple[int, int]
-"""``(value id, axis)``: one axis of one value at one call site."""
-
-_ELEMENTWISE = frozenset(
-    "abs acos acosh add add_any and asin asinh atan atan2 atanh bessel_i0e bessel_i1e cbrt "
-    "ceil clamp clz complex conj convert_element_type copy copy_p cos cosh digamma div eq "
-    "erf erf_inv erfc exp exp2 expm1 floor ge gt igamma igammac imag integer_pow is_finite "
-    "le lgamma log log1p logistic lt max min mul mulhi ne neg nextafter not or polygamma "
-    "population_count pow real reduce_precision rem round rsqrt select_n shift_left "
-    "shift_right_arithmetic shift_right_logical sign sin sinh sqrt square stop_gradient sub "
-    "tan tanh xor zeta".split()
-)
-_REDUCE = frozenset(
-    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor".split()
-)
-_ARG_REDUCE = frozenset({"argmax", "argmin"})
-_ALONG_AXIS = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
-_WINDOW = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
-_CALLS = frozenset(
-    "jit pjit closed_call core_call custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr "
-    "checkpoint remat remat2".split()
-)
 
 
 def _is_array(x) -> bool:
@@ -135,376 +113,6 @@ class _Graph:
         """Records the first use of ``v``'s axes (for the forward order of groups)."""
         for a in range(self.ndim(v)):
             self.order.setdefault((v, a), len(self.order))
-
-
-# ----------------------------------------------------------------------------- rules
-# A rule ties the axes of an equation's operands ``ins`` to those of its results ``outs``
-# (value ids). Call rules also evaluate (return the results) when ``vals`` is given.
-
-
-def _freeze_rule(w, eqn, ins, outs, vals):
-    """Unknown (or unsupported) operation: every axis of its operands and results freezes."""
-    _log.debug("derive_spec: freezing every axis at %s", eqn.primitive.name)
-    for v in (*ins, *outs):
-        w.g.freeze_all(v)
-
-
-def _map_axes(g, a: int, b: int, pairs) -> None:
-    """``union((a, i), (b, j))`` for ``(i, j)`` in ``pairs``."""
-    for i, j in pairs:
-        g.union((a, i), (b, j))
-
-
-def _elementwise_rule(w, eqn, ins, outs, vals):
-    """``out[i] = f(x[i], y[i], ...)``: equal axes tie; size-1 (broadcast) axes and scalars skip."""
-    g = w.g
-    for out in outs:
-        for v in ins:
-            if g.ndim(v) == 0:
-                continue
-            if g.ndim(v) != g.ndim(out):
-                return _freeze_rule(w, eqn, ins, outs, vals)
-            for a in range(g.ndim(v)):
-                if g.shapes[v][a] == g.shapes[out][a]:
-                    g.union((v, a), (out, a))
-                elif g.shapes[v][a] != 1:
-                    g.freeze((v, a))
-                    g.freeze((out, a))
-
-
-def _record_contraction(w, x: int, y: int, axes, vals, k: int) -> None:
-    """Remembers ``x`` as the input of a layer whose weights ``y`` depend on the params."""
-    if vals is not None and w.g.deps[y][0] and w.g.deps[x][1]:
-        for a in axes:
-            w.recorded.setdefault((x, a), vals[k])
-
-
-def _dot_general_rule(w, eqn, ins, outs, vals):
-    r""":math:`\sum_k x_{\ldots k} y_{k \ldots}`: contracting pairs tie; other axes map out."""
-    g, (lhs, rhs), (out,) = w.g, ins, outs
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    _map_axes(g, lhs, rhs, zip(lc, rc, strict=True))
-    _map_axes(g, lhs, out, ((a, k) for k, a in enumerate(lb)))
-    _map_axes(g, rhs, out, ((b, k) for k, b in enumerate(rb)))
-    lfree = [a for a in range(g.ndim(lhs)) if a not in (*lc, *lb)]
-    rfree = [b for b in range(g.ndim(rhs)) if b not in (*rc, *rb)]
-    _map_axes(g, lhs, out, ((a, len(lb) + k) for k, a in enumerate(lfree)))
-    _map_axes(g, rhs, out, ((b, len(lb) + len(lfree) + k) for k, b in enumerate(rfree)))
-    _record_contraction(w, lhs, rhs, lc, vals, 0)
-    _record_contraction(w, rhs, lhs, rc, vals, 1)
-
-
-def _conv_rule(w, eqn, ins, outs, vals):
-    """Input features tie to the kernel's, its output features to the result's; spatial freeze."""
-    g, (lhs, rhs), (out,) = w.g, ins, outs
-    p = eqn.params
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        return _freeze_rule(w, eqn, ins, outs, vals)
-    ls, rs, outs_spec = p["dimension_numbers"]
-    g.union((lhs, ls[1]), (rhs, rs[1]))
-    g.union((rhs, rs[0]), (out, outs_spec[1]))
-    g.union((lhs, ls[0]), (out, outs_spec[0]))
-    for v, spec in ((lhs, ls), (rhs, rs), (out, outs_spec)):
-        for a in spec[2:]:
-            g.freeze((v, a))
-    _record_contraction(w, lhs, rhs, ls[1:2], vals, 0)
-    _record_contraction(w, rhs, lhs, rs[1:2], vals, 1)
-
-
-def _broadcast_rule(w, eqn, ins, outs, vals):
-    """Operand axis ``i`` is result axis ``broadcast_dimensions[i]``, unless size 1 is broadcast."""
-    if len(ins) != 1:
-        return _freeze_rule(w, eqn, ins, outs, vals)
-    g, (x,), (out,) = w.g, ins, outs
-    for i, j in enumerate(eqn.params["broadcast_dimensions"]):
-        if g.shapes[x][i] == g.shapes[out][j]:
-            g.union((x, i), (out, j))
-
-
-def _reshape_blocks(src: Sequence[int], dst: Sequence[int]):
-    """Pairs ``(src axes, dst axes)`` of equal product, ignoring size-1 axes."""
-    s = [i for i, n in enumerate(src) if n != 1]
-    d = [j for j, n in enumerate(dst) if n != 1]
-    i = j = 0
-    while i < len(s) or j < len(d):
-        bs, bd, ps, pd = [s[i]], [d[j]], src[s[i]], dst[d[j]]
-        i, j = i + 1, j + 1
-        while ps != pd:
-            if ps < pd:
-                bs.append(s[i])
-                ps, i = ps * src[s[i]], i + 1
-            else:
-                bd.append(d[j])
-                pd, j = pd * dst[d[j]], j + 1
-        yield bs, bd
-
-
-def _reshape_rule(w, eqn, ins, outs, vals):
-    """Axes that survive unchanged map; merged or split axes freeze."""
-    g, (out,) = w.g, outs
-    if len(ins) != 1 or eqn.params.get("dimensions") is not None or 0 in g.shapes[ins[0]]:
-        return _freeze_rule(w, eqn, ins, outs, vals)
-    (x,) = ins
-    for bs, bd in _reshape_blocks(g.shapes[x], g.shapes[out]):
-        if len(bs) == len(bd) == 1:
-            g.union((x, bs[0]), (out, bd[0]))
-        else:
-            for a in bs:
-                g.freeze((x, a))
-            for a in bd:
-                g.freeze((out, a))
-
-
-def _transpose_rule(w, eqn, ins, outs, vals):
-    """Result axis ``i`` is operand axis ``permutation[i]``."""
-    _map_axes(w.g, ins[0], outs[0], ((a, i) for i, a in enumerate(eqn.params["permutation"])))
-
-
-def _keep_axes(w, x: int, out: int, dropped, freeze: bool) -> None:
-    """Maps the axes of ``x`` not in ``dropped`` to ``out`` in order; may freeze the dropped."""
-    kept = [a for a in range(w.g.ndim(x)) if a not in dropped]
-    _map_axes(w.g, x, out, ((a, k) for k, a in enumerate(kept)))
-    if freeze:
-        for a in dropped:
-            w.g.freeze((x, a))
-
-
-def _reduce_rule(w, eqn, ins, outs, vals):
-    """Sum/max/... over ``axes``: invariant to their order (they stay free); the rest map."""
-    _keep_axes(w, ins[0], outs[0], eqn.params["axes"], freeze=False)
-
-
-def _arg_reduce_rule(w, eqn, ins, outs, vals):
-    """``argmax``/``argmin`` return positions: the reduced axes freeze, the rest map."""
-    _keep_axes(w, ins[0], outs[0], eqn.params["axes"], freeze=True)
-
-
-def _squeeze_rule(w, eqn, ins, outs, vals):
-    """Removes size-1 ``dimensions``; the rest map."""
-    _keep_axes(w, ins[0], outs[0], [d % w.g.ndim(ins[0]) for d in eqn.params["dimensions"]], False)
-
-
-def _along_axis(w, vs: Sequence[int], axis: int) -> None:
-    """Values of one shape: ``axis`` freezes on each, the other axes tie across all."""
-    g = w.g
-    for v in vs:
-        g.freeze((v, axis % g.ndim(v)))
-        if g.ndim(v) != g.ndim(vs[0]):
-            g.freeze_all(v)
-            continue
-        for a in range(g.ndim(v)):
-            if a != axis % g.ndim(v):
-                g.union((vs[0], a), (v, a))
-
-
-def _cumulative_rule(w, eqn, ins, outs, vals):
-    """``cumsum`` etc. depend on the order along ``axis``."""
-    _along_axis(w, [*ins, *outs], eqn.params["axis"])
-
-
-def _sort_rule(w, eqn, ins, outs, vals):
-    """``sort`` (and ``argsort``): the sorted dimension freezes, the others tie across operands."""
-    _along_axis(w, [*ins, *outs], eqn.params["dimension"])
-
-
-def _concatenate_rule(w, eqn, ins, outs, vals):
-    """The joined dimension freezes, the others tie across operands and result."""
-    _along_axis(w, [*ins, *outs], eqn.params["dimension"])
-
-
-def _split_rule(w, eqn, ins, outs, vals):
-    """The split axis freezes, the others tie across operand and results."""
-    _along_axis(w, [*ins, *outs], eqn.params["axis"])
-
-
-def _rev_rule(w, eqn, ins, outs, vals):
-    """Reversed ``dimensions`` freeze; the rest map."""
-    g, (x,), (out,) = w.g, ins, outs
-    for a in range(g.ndim(x)):
-        if a in eqn.params["dimensions"]:
-            g.freeze((x, a))
-            g.freeze((out, a))
-        else:
-            g.union((x, a), (out, a))
-
-
-def _where_whole(w, x: int, out: int, whole: Sequence[bool]) -> None:
-    """Axis ``a`` maps ``x -> out`` where ``whole[a]`` (untouched), else freezes on both."""
-    for a, keep in enumerate(whole):
-        if keep:
-            w.g.union((x, a), (out, a))
-        else:
-            w.g.freeze((x, a))
-            w.g.freeze((out, a))
-
-
-def _slice_rule(w, eqn, ins, outs, vals):
-    """Axes sliced whole (start 0, full limit, stride 1) map; the others freeze."""
-    p, shape = eqn.params, w.g.shapes[ins[0]]
-    strides = p["strides"] or (1,) * len(shape)
-    whole = [
-        s == 0 and e == n and st == 1
-        for s, e, st, n in zip(p["start_indices"], p["limit_indices"], strides, shape, strict=True)
-    ]
-    _where_whole(w, ins[0], outs[0], whole)
-
-
-def _pad_rule(w, eqn, ins, outs, vals):
-    """Unpadded axes map; padded ones freeze."""
-    whole = [tuple(c) == (0, 0, 0) for c in eqn.params["padding_config"]]
-    _where_whole(w, ins[0], outs[0], whole)
-
-
-def _dynamic_slice_rule(w, eqn, ins, outs, vals):
-    """Axes taken whole map (a full-size start clamps to 0); the others freeze."""
-    shape = w.g.shapes[ins[0]]
-    whole = [s == n for s, n in zip(eqn.params["slice_sizes"], shape, strict=True)]
-    _where_whole(w, ins[0], outs[0], whole)
-
-
-def _dynamic_update_slice_rule(w, eqn, ins, outs, vals):
-    """Axes the update covers whole map across operand, update and result; the others freeze."""
-    g, (x, upd), (out,) = w.g, ins[:2], outs
-    whole = [u == n for u, n in zip(g.shapes[upd], g.shapes[x], strict=True)]
-    _where_whole(w, x, out, whole)
-    _where_whole(w, upd, out, whole)
-
-
-def _window_rule(w, eqn, ins, outs, vals):
-    """Pooling: axes with a trivial window (size 1, stride 1, no padding or dilation) map."""
-    p = eqn.params
-    whole = [
-        (d, s, tuple(pad), bd, wd) == (1, 1, (0, 0), 1, 1)
-        for d, s, pad, bd, wd in zip(
-            p["window_dimensions"],
-            p["window_strides"],
-            p["padding"],
-            p["base_dilation"],
-            p["window_dilation"],
-            strict=True,
-        )
-    ]
-    _where_whole(w, ins[0], outs[0], whole)
-
-
-def _gather_rule(w, eqn, ins, outs, vals):
-    """Operand axes neither indexed nor sliced map to their offset axis; all else freezes."""
-    g, (x, idx), (out,) = w.g, ins, outs
-    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
-    passthrough = [
-        a
-        for a in range(g.ndim(x))
-        if a not in dn.collapsed_slice_dims and a not in dn.operand_batching_dims
-    ]
-    tied_x, tied_out = set(), set()
-    for a, o in zip(passthrough, dn.offset_dims, strict=True):
-        if a not in dn.start_index_map and sizes[a] == g.shapes[x][a]:
-            g.union((x, a), (out, o))
-            tied_x.add(a)
-            tied_out.add(o)
-    for v, tied in ((x, tied_x), (out, tied_out)):
-        for a in range(g.ndim(v)):
-            if a not in tied:
-                g.freeze((v, a))
-    g.freeze_all(idx)
-
-
-def _barrier_rule(w, eqn, ins, outs, vals):
-    """``optimization_barrier`` is the identity on each operand."""
-    for x, out in zip(ins, outs, strict=True):
-        _map_axes(w.g, x, out, ((a, a) for a in range(w.g.ndim(x))))
-
-
-def _sub_jaxpr(eqn):
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        sub = eqn.params.get(key)
-        if isinstance(sub, (jcore.Jaxpr, jcore.ClosedJaxpr)):
-            return sub
-    return None
-
-
-def _tie_values(g, a: int, b: int, offset: int = 0) -> None:
-    """Axis ``i`` of ``a`` is axis ``i + offset`` of ``b``; ``b``'s first ``offset`` axes freeze."""
-    for i in range(g.ndim(a)):
-        g.union((a, i), (b, i + offset))
-    for i in range(offset):
-        g.freeze((b, i))
-
-
-def _call_rule(w, eqn, ins, outs, vals):
-    """``jit``, ``custom_jvp_call``, ...: walks the inner jaxpr with fresh nodes for this call."""
-    sub = _sub_jaxpr(eqn)
-    inner = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
-    if inner is None or len(inner.invars) != len(ins) or len(inner.outvars) != len(outs):
-        return _freeze_rule(w, eqn, ins, outs, vals)
-    inner_outs, out_vals = w.walk(sub, ins, vals)
-    for o, io in zip(outs, inner_outs, strict=True):
-        _tie_values(w.g, o, io)
-    return out_vals
-
-
-def _cond_rule(w, eqn, ins, outs, vals):
-    """Every branch is walked on the same operands; all their constraints hold together."""
-    for branch in eqn.params["branches"]:
-        inner_outs, _ = w.walk(branch, ins[1:], None)
-        for o, io in zip(outs, inner_outs, strict=True):
-            _tie_values(w.g, o, io)
-
-
-def _scan_rule(w, eqn, ins, outs, vals):
-    """The body once, its carry tied to itself (a fixed point); the scanned axis freezes."""
-    g, p = w.g, eqn.params
-    nc, nk = p["num_consts"], p["num_carry"]
-    body_in = [*ins[: nc + nk], *(g.value(g.shapes[x][1:], g.deps[x]) for x in ins[nc + nk :])]
-    for x, b in zip(ins[nc + nk :], body_in[nc + nk :], strict=True):
-        _tie_values(g, b, x, offset=1)
-    body_out, _ = w.walk(p["jaxpr"], body_in, None)
-    for k in range(nk):
-        _tie_values(g, body_out[k], ins[nc + k])
-        _tie_values(g, body_out[k], outs[k])
-    for ys, b in zip(outs[nk:], body_out[nk:], strict=True):
-        _tie_values(g, b, ys, offset=1)
-
-
-def _while_rule(w, eqn, ins, outs, vals):
-    """Condition and body walked on the carry, the body's result tied back to it."""
-    p = eqn.params
-    cn, bn = p["cond_nconsts"], p["body_nconsts"]
-    carry = ins[cn + bn :]
-    w.walk(p["cond_jaxpr"], [*ins[:cn], *carry], None)
-    body_out, _ = w.walk(p["body_jaxpr"], [*ins[cn : cn + bn], *carry], None)
-    for b, c, o in zip(body_out, carry, outs, strict=True):
-        _tie_values(w.g, b, c)
-        _tie_values(w.g, b, o)
-
-
-_RULES: dict[str, Callable] = {
-    "dot_general": _dot_general_rule,
-    "conv_general_dilated": _conv_rule,
-    "broadcast_in_dim": _broadcast_rule,
-    "reshape": _reshape_rule,
-    "transpose": _transpose_rule,
-    "squeeze": _squeeze_rule,
-    "rev": _rev_rule,
-    "sort": _sort_rule,
-    "concatenate": _concatenate_rule,
-    "split": _split_rule,
-    "slice": _slice_rule,
-    "pad": _pad_rule,
-    "dynamic_slice": _dynamic_slice_rule,
-    "dynamic_update_slice": _dynamic_update_slice_rule,
-    "gather": _gather_rule,
-    "optimization_barrier": _barrier_rule,
-    "cond": _cond_rule,
-    "scan": _scan_rule,
-    "while": _while_rule,
-    **dict.fromkeys(_ELEMENTWISE, _elementwise_rule),
-    **dict.fromkeys(_REDUCE, _reduce_rule),
-    **dict.fromkeys(_ARG_REDUCE, _arg_reduce_rule),
-    **dict.fromkeys(_ALONG_AXIS, _cumulative_rule),
-    **dict.fromkeys(_WINDOW, _window_rule),
-    **dict.fromkeys(_CALLS, _call_rule),
-}
 
 
 # ---------------------------------------------------------------------------- walker
@@ -582,6 +190,7 @@ class _Layout(NamedTuple):
     inputs_def: Any
     inputs_static: tuple
     paths: tuple[str, ...]
+    returns_updates: bool = False
 
 
 def _split(params: Params, args, kwargs) -> tuple[_Layout, list, list]:
@@ -595,7 +204,9 @@ def _split(params: Params, args, kwargs) -> tuple[_Layout, list, list]:
         raise ValueError(f"two leaves of params share the path {twice[0]!r}; rename a key")
     static = lambda xs: tuple((i, x) for i, x in enumerate(xs) if not _is_array(x))  # noqa: E731
     arrays = lambda xs: [x for x in xs if _is_array(x)]  # noqa: E731
-    layout = _Layout(p_def, static(p_leaves), a_def, static(a_flat), paths)
+    # linen's ``apply(..., mutable=[...])`` returns ``(outputs, updated variables)``.
+    updates = bool(kwargs.get("mutable", False))
+    layout = _Layout(p_def, static(p_leaves), a_def, static(a_flat), paths, updates)
     return layout, arrays(p_leaves), arrays(a_flat)
 
 
@@ -607,15 +218,45 @@ def _fill(treedef, static: tuple, arrays: Sequence[Any]):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _trace(apply_fn: Callable, layout: _Layout, p_arrays, a_arrays) -> jcore.ClosedJaxpr:
-    """``make_jaxpr`` of ``apply_fn`` as a function of the array leaves only."""
+def _trace(apply_fn: Callable, layout: _Layout, p_arrays, a_arrays):
+    """``make_jaxpr`` of ``apply_fn`` as a function of the array leaves only.
+
+    Returns:
+      ``(closed jaxpr, variable path or None per output)``: an output is an updated
+      variable (path of the variable it replaces) when ``apply_fn`` returns
+      ``(outputs, updated variables)``, as linen does with ``mutable=[...]``.
+    """
 
     def flat_fn(p_arrays, a_arrays):
         f_args, f_kwargs = _fill(layout.inputs_def, layout.inputs_static, a_arrays)
         params = _fill(layout.params_def, layout.params_static, p_arrays)
         return apply_fn(params, *f_args, **f_kwargs)
 
-    return jax.make_jaxpr(flat_fn)(p_arrays, a_arrays)
+    closed, shapes = jax.make_jaxpr(flat_fn, return_shape=True)(p_arrays, a_arrays)
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    updated = [None] * len(flat)
+    if layout.returns_updates and isinstance(shapes, tuple) and len(shapes) == 2:
+        for k, (kp, _) in enumerate(flat):
+            if kp and kp[0] == jax.tree_util.SequenceKey(1):
+                updated[k] = path_str(kp[1:])
+    return closed, updated
+
+
+def _freeze_outputs(g: _Graph, out_ids, updated, p_ids, paths) -> None:
+    """Outputs freeze (the caller fixes their order), except updated variables.
+
+    An updated variable (e.g. BatchNorm's new running mean under ``mutable``) is tied
+    axis by axis to the variable it replaces: permuting the model permutes it alike,
+    so train mode gives the spec of eval mode.
+    """
+    by_path = dict(zip(paths, p_ids, strict=True))
+    for v, path in zip(out_ids, updated, strict=True):
+        p = by_path.get(path)
+        if p is not None and g.shapes[p] == g.shapes[v]:
+            for a in range(g.ndim(v)):
+                g.union((p, a), (v, a))
+        else:
+            g.freeze_all(v)
 
 
 def _analyse(apply_fn, layout: _Layout, p_arrays, a_arrays, evaluate: bool):
@@ -624,7 +265,7 @@ def _analyse(apply_fn, layout: _Layout, p_arrays, a_arrays, evaluate: bool):
     Groups are ``[(root, [(path, axis), ...])]`` in forward order: the classes holding
     a parameter axis that are not frozen, have more than one unit and more than one node.
     """
-    closed = _trace(apply_fn, layout, p_arrays, a_arrays)
+    closed, updated = _trace(apply_fn, layout, p_arrays, a_arrays)
     w = _Walker()
     g = w.g
     p_ids = [g.value(np.shape(x), (True, False)) for x in p_arrays]
@@ -633,8 +274,7 @@ def _analyse(apply_fn, layout: _Layout, p_arrays, a_arrays, evaluate: bool):
         g.freeze_all(v)
     vals = [*p_arrays, *a_arrays] if evaluate else None
     out_ids, _ = w.walk(closed, [*p_ids, *a_ids], vals)
-    for v in out_ids:
-        g.freeze_all(v)
+    _freeze_outputs(g, out_ids, updated, p_ids, layout.paths)
 
     first: dict[Node, int] = {}
     count: dict[Node, int] = {}
@@ -676,8 +316,10 @@ def derive_spec(apply_fn: Callable, params: Params, *args, **kwargs) -> Permutat
     Args:
       apply_fn: A pure function ``apply_fn(params, *args, **kwargs)``: a linen
         ``model.apply``, ``lambda state, x: nnx.merge(graphdef, state)(x)``, or
-        ``lambda m, x: m(x)`` for an equinox module. It must not return updated state
-        (e.g. call linen with ``train=False`` and no ``mutable``): outputs are frozen.
+        ``lambda m, x: m(x)`` for an equinox module. Outputs are frozen, except the
+        updated variables of linen's ``apply(..., mutable=[...])``, which follow the
+        variables they replace: train mode (``train=True``, ``mutable=["batch_stats"]``,
+        active dropout with ``rngs=``) gives the spec of eval mode.
       params: The model's parameters (a linen variables dict, an ``nnx.State``, an
         equinox module, ...). Leaves may be ``jax.ShapeDtypeStruct``; non-array leaves
         are held static.
@@ -704,103 +346,3 @@ def derive_spec(apply_fn: Callable, params: Params, *args, **kwargs) -> Permutat
     layout, p_arrays, a_arrays = _split(params, args, kwargs)
     _, groups = _analyse(apply_fn, layout, p_arrays, a_arrays, evaluate=False)
     return PermutationSpec({f"P_{k}": axes for k, (_, axes) in enumerate(groups)})
-
-
-def _match_groups(spec: PermutationSpec, groups, paths, p_arrays) -> dict[str, Node]:
-    """``{spec group: derived root}``: the derived group holding the spec group's first axis."""
-    ndim = dict(zip(paths, (np.ndim(x) for x in p_arrays), strict=True))
-    owner = {(p, a): r for r, axes in groups for p, a in axes}
-    out = {}
-    for name, axes in spec.groups.items():
-        path, axis = axes[0]
-        if path not in ndim:
-            raise ValueError(f"spec group {name!r} names {path!r}, not an array leaf of params")
-        key = (path, axis % max(ndim[path], 1))
-        if key not in owner:
-            raise ValueError(
-                f"spec group {name!r}: {path!r} axis {axis} is in no group derived from the "
-                "model (it is frozen or never used); its activations cannot be found"
-            )
-        out[name] = owner[key]
-    return out
-
-
-def group_activations(
-    apply_fn: Callable,
-    params: Params,
-    *args,
-    spec: PermutationSpec | None = None,
-    **kwargs,
-) -> dict[str, jax.Array]:
-    r"""The hidden units of every group, as inputs of the layers that read them.
-
-    Evaluates the model's jaxpr and keeps, for each derived group, the intermediate
-    values that carry the group's axis as the *contracting* operand of a
-    ``dot_general``/``conv_general_dilated`` whose other operand depends on the
-    parameters: the inputs :math:`h` of the next layer :math:`hW` (post-ReLU units of an
-    MLP, the LayerNorm outputs that feed attention and the MLP for a transformer's
-    residual stream, queries and keys for the per-head query-key dimension). Each value
-    is moved to put the group's axis last and flattened to ``[M_i, n]``; several values
-    are concatenated along ``M``. Activation matching correlates these columns between
-    two models (Git Re-Basin, Sec. 3.1); REPAIR renormalises them.
-
-    Rows index the same input positions (batch, tokens, pixels) in every model: axes of
-    a value that belong to *another* group (e.g. the per-head dimension when collecting
-    the heads of an attention output ``[B, T, heads, d_head]``) are averaged out, since
-    their order differs between models. So permuting the model by :math:`P_g` permutes
-    the columns of ``acts[g]`` by :math:`P_g` and nothing else:
-    ``acts'[g] == acts[g][:, perm[g]]``.
-
-    Args:
-      apply_fn: As for :func:`derive_spec`.
-      params: The model's parameters.
-      *args: Inputs (here the values matter), e.g. a batch ``[B, ...]``.
-      spec: Optional spec whose group names to use (e.g. a hand spec): each of its
-        groups takes the activations of the derived group that holds its first
-        ``(path, axis)``. Default: the groups of :func:`derive_spec`.
-      **kwargs: More inputs or static flags, as for :func:`derive_spec`.
-
-    Returns:
-      ``{group: array [M, n]}``. A group whose units never feed a parametrised
-      contraction is left out.
-
-    Raises:
-      ValueError: if a group of ``spec`` starts with an axis that no derived group
-        holds (the message names the group and the path).
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> def mlp(p, x):
-      ...     return jax.nn.relu(x @ p["w1"]) @ p["w2"]
-      >>> params = {"w1": jnp.ones((3, 5)), "w2": jnp.ones((5, 2))}
-      >>> group_activations(mlp, params, jnp.ones((4, 3)))["P_0"].shape
-      (4, 5)
-    """
-    layout, p_arrays, a_arrays = _split(params, args, kwargs)
-    try:
-        hash((apply_fn, layout, spec))
-    except TypeError:  # an unhashable static leaf: compile for this call only
-        run = jax.jit(functools.partial(_activations, apply_fn, layout, spec))
-        return run(p_arrays, a_arrays)
-    return _cached_activations(apply_fn, layout, spec, p_arrays, a_arrays)
-
-
-def _activations(apply_fn, layout: _Layout, spec, p_arrays, a_arrays) -> dict[str, jax.Array]:
-    """The body of :func:`group_activations`, to run under ``jax.jit``."""
-    w, groups = _analyse(apply_fn, layout, p_arrays, a_arrays, evaluate=True)
-    if spec is None:
-        names = {f"P_{k}": r for k, (r, _) in enumerate(groups)}
-    else:
-        names = _match_groups(spec, groups, layout.paths, p_arrays)
-    grouped = {r for r, _ in groups}
-    by_root: dict[Node, list] = {}
-    for (v, a), x in w.recorded.items():
-        rest = [b for b in range(w.g.ndim(v)) if b != a]
-        other = tuple(i for i, b in enumerate(rest) if w.g.find((v, b)) in grouped)
-        x = jnp.mean(jnp.moveaxis(x, a, -1), axis=other) if other else jnp.moveaxis(x, a, -1)
-        by_root.setdefault(w.g.find((v, a)), []).append(x.reshape(-1, w.g.shapes[v][a]))
-    return {k: jnp.concatenate(by_root[r]) for k, r in names.items() if r in by_root}
-
-
-# Compiled once per (apply_fn, layout, spec, shapes): activation matching calls it per batch.
-_cached_activations = jax.jit(_activations, static_argnums=(0, 1, 2))

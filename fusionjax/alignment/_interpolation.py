@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,6 +29,7 @@ import numpy as np
 from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike, Params
 from fusionjax._src.tree import compute_dtype, is_mergeable
+from fusionjax.alignment import _pytree
 
 
 def interpolate(a: Params, b: Params, t: ArrayLike) -> Params:
@@ -41,7 +43,8 @@ def interpolate(a: Params, b: Params, t: ArrayLike) -> Params:
 
     Returns:
       A pytree like ``a``; floating-point leaves are interpolated (in at least
-      float32), other leaves (integers such as step counters) are taken from ``a``.
+      float32), other leaves (integers such as step counters, an equinox module's
+      functions) are taken from ``a``.
 
     Raises:
       ValueError: if the structures, shapes or dtypes differ (the message names the path).
@@ -83,11 +86,13 @@ def interpolation_curve(
 
     The points are evaluated with one :func:`jax.vmap` over ``t`` inside one
     :func:`jax.jit`, so ``metric_fn`` must be traceable (a loss or an accuracy
-    over a fixed batch).
+    over a fixed batch). The compiled program is cached per ``metric_fn`` object (and
+    shapes): pass the same function for every pair to compile once.
 
     Args:
       metric_fn: ``metric_fn(params) -> array or pytree of arrays``.
-      a: Model at ``t = 0``.
+      a: Model at ``t = 0``: any pytree, equinox modules included (leaves that are not
+        arrays are held static and given to ``metric_fn`` as they are in ``a``).
       b: Model at ``t = 1``.
       num: Number of points, at least 2 (both endpoints included).
 
@@ -105,13 +110,27 @@ def interpolation_curve(
     if not isinstance(num, int) or isinstance(num, bool) or num < 2:
         raise ValueError(f"num must be an int >= 2, got {num!r}")
     validation.check_same_structure(a, b, name="b", ref_name="a")
+    # Jit over the array leaves; the rest (an equinox module's functions) stays static.
+    (a, rest), (b, _) = _pytree.partition(a), _pytree.partition(b)
+    rest_leaves, rest_def = jax.tree.flatten(rest)
+    static = (metric_fn, num, rest_def, tuple(rest_leaves))
+    try:
+        hash(static)
+        run = functools.partial(_curve_values_jit, *static)
+    except TypeError:  # an unhashable metric or static leaf: compile for this call only
+        run = jax.jit(functools.partial(_curve_values, *static))
+    return InterpolationCurve(jnp.linspace(0.0, 1.0, num), run(a, b))
+
+
+def _curve_values(metric_fn, num, rest_def, rest_leaves, a, b):
+    rest = jax.tree.unflatten(rest_def, rest_leaves)
     ts = jnp.linspace(0.0, 1.0, num)
+    return jax.vmap(lambda t: metric_fn(_pytree.combine(interpolate(a, b, t), rest)))(ts)
 
-    @jax.jit
-    def run(a, b):
-        return jax.vmap(lambda t: metric_fn(interpolate(a, b, t)))(ts)
 
-    return InterpolationCurve(ts, run(a, b))
+# Compiled once per (metric_fn, num, static leaves, shapes): a sweep over model pairs
+# that passes the same metric_fn object compiles once.
+_curve_values_jit = jax.jit(_curve_values, static_argnums=(0, 1, 2, 3))
 
 
 def barrier(curve: InterpolationCurve, *, higher_is_better: bool = False) -> jax.Array:

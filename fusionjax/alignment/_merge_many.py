@@ -31,8 +31,8 @@ import numpy as np
 
 from fusionjax._src import validation
 from fusionjax._src.base import Params, PRNGKey
-from fusionjax.alignment import _weight_matching
-from fusionjax.alignment._spec import PermutationSpec, apply_permutations
+from fusionjax.alignment import _pytree, _weight_matching
+from fusionjax.alignment._spec import PermutationSpec, apply_permutations, check_spec
 
 
 class MergeManyOutput(NamedTuple):
@@ -84,8 +84,10 @@ def merge_many(
     r"""MergeMany: align ``N`` models into one basin, then average them.
 
     Args:
-      spec: Which leaf axes share a permutation.
-      models: ``N >= 2`` models with the same structure, shapes and dtypes.
+      spec: Which leaf axes share a permutation (at least one group).
+      models: ``N >= 2`` models with the same structure, shapes and dtypes: any
+        pytrees, equinox modules included (leaves that are not arrays are held static;
+        ``merged`` takes them from ``models[0]``).
       max_iter: Maximum number of rounds over the models.
       key: PRNG key for the visiting order of the models (round ``r`` visits
         ``jax.random.permutation(fold_in(key, r), N)``) and of the groups inside each
@@ -98,8 +100,9 @@ def merge_many(
       model as given) and the merged mean.
 
     Raises:
-      ValueError: if fewer than two models are given, they differ in structure (the
-        message names the model and the path), or a weight matching input is invalid.
+      ValueError: if the spec has no groups, fewer than two models are given, they
+        differ in structure (the message names the model and the path), or a weight
+        matching input is invalid.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -118,12 +121,15 @@ def merge_many(
       Ainsworth, Hayase & Srinivasa, `Git Re-Basin: Merging Models modulo Permutation
       Symmetries <https://arxiv.org/abs/2209.04836>`_, ICLR 2023
     """
+    check_spec(spec)
     if not isinstance(models, (list, tuple)):
         raise TypeError(f"models must be a list or tuple of pytrees, got {type(models).__name__}.")
     if len(models) < 2:
         raise ValueError(f"merge_many needs at least two models, got {len(models)}.")
     for i, m in enumerate(models[1:], start=1):
         validation.check_same_structure(models[0], m, name=f"models[{i}]", ref_name="models[0]")
+    rest = _pytree.partition(models[0])[1]
+    models = [_pytree.partition(m)[0] for m in models]  # compute on the array leaves
     num = len(models)
     sizes = spec.sizes(models[0])
     perms = [{g: np.arange(n, dtype=np.int32) for g, n in sizes.items()} for _ in range(num)]
@@ -163,7 +169,7 @@ def merge_many(
             break
     return MergeManyOutput(
         permutations=[{g: jnp.asarray(p) for g, p in pi.items()} for pi in perms],
-        merged=_mean(current),
+        merged=_pytree.combine(_mean(current), rest),
         converged=jnp.asarray(converged),
         rounds=rounds,
         spec=spec,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ import numpy as np
 
 from fusionjax._src.base import Params, PRNGKey
 
-PathLike = Union[str, Sequence[Any]]
+PathLike = str | Sequence[Any]
 """A leaf path: ``"params/Dense_0/kernel"`` or ``("params", "Dense_0", "kernel")``."""
 
 Permutations = dict
@@ -85,7 +85,9 @@ def leaf_paths(params: Params) -> dict[str, Any]:
 class PermutationSpec:
     """Groups of ``(leaf path, axis)`` pairs that are permuted together.
 
-    A spec is static (hashable): it may be a :func:`jax.jit` static argument.
+    A spec is static (hashable): it may be a :func:`jax.jit` static argument, and it is
+    registered as a static pytree (no leaves), so outputs that hold one, such as
+    :class:`AlignmentOutput`, can be returned from a jitted function.
 
     Attributes:
       groups: ``{name: ((path, axis), ...)}``. ``axis`` may be negative. A pair
@@ -167,7 +169,8 @@ class PermutationSpec:
                 slot = out.setdefault(path, [None] * ndim)
                 if slot[axis % ndim] is not None:
                     raise ValueError(
-                        f"{path!r} axis {axis % ndim} is in two groups: {slot[axis % ndim]!r} and {name!r}"
+                        f"{path!r} axis {axis % ndim} is in two groups: "
+                        f"{slot[axis % ndim]!r} and {name!r}"
                     )
                 slot[axis % ndim] = name
         self.sizes(params)
@@ -239,16 +242,42 @@ class _FrozenDict(dict):
     __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = _immutable
 
 
+jax.tree_util.register_static(PermutationSpec)
+
+
+def check_spec(spec: Any, name: str = "spec") -> PermutationSpec:
+    """Returns ``spec`` if it is a non-empty :class:`PermutationSpec`, else raises.
+
+    Raises:
+      TypeError: if ``spec`` is not a :class:`PermutationSpec`.
+      ValueError: if it has no groups (there would be nothing to align, and a method
+        would report success having done nothing).
+    """
+    if not isinstance(spec, PermutationSpec):
+        raise TypeError(f"{name} must be a PermutationSpec, got {type(spec).__name__}.")
+    if len(spec) == 0:
+        raise ValueError(
+            f"{name} has no groups, so there is nothing to align. If it comes from "
+            "derive_spec, every axis of the model froze: e.g. an input or output axis "
+            "reaches it, or an operation derive_spec cannot see through does (its log at "
+            "DEBUG level names them)."
+        )
+    return spec
+
+
 def identity_permutations(spec: PermutationSpec, params: Params) -> Permutations:
     """``{group: arange(n)}``: the permutations that change nothing."""
+    check_spec(spec)
     return {k: jnp.arange(n) for k, n in spec.sizes(params).items()}
 
 
 def random_permutations(spec: PermutationSpec, params: Params, key: PRNGKey) -> Permutations:
     """One uniformly random permutation per group (independent keys per group)."""
+    check_spec(spec)
     sizes = spec.sizes(params)
-    keys = jax.random.split(key, max(len(sizes), 1))
-    return {k: jax.random.permutation(kk, n) for kk, (k, n) in zip(keys, sizes.items())}
+    keys = jax.random.split(key, len(sizes))
+    pairs = zip(keys, sizes.items(), strict=True)
+    return {k: jax.random.permutation(kk, n) for kk, (k, n) in pairs}
 
 
 def invert_permutation(perm: jax.Array) -> jax.Array:
@@ -284,9 +313,10 @@ def check_permutations(spec: PermutationSpec, params: Params, permutations: Perm
 def apply_permutations(spec: PermutationSpec, permutations: Permutations, params: Params) -> Params:
     """Permutes ``params``' units: on every axis of group ``g``, unit ``i`` <- unit ``perm[g][i]``.
 
-    Leaves outside the spec (and non-array leaves) are returned unchanged. Works on
-    any pytree the spec's paths name, e.g. a linen variables dict with both
-    ``params`` and ``batch_stats``. Jittable (the spec is static).
+    Leaves outside the spec (and non-array leaves, such as an equinox module's
+    functions) are returned unchanged. Works on any pytree the spec's paths name, e.g.
+    a linen variables dict with both ``params`` and ``batch_stats``, or an equinox
+    module. Jittable (the spec is static).
 
     Args:
       spec: The permutation spec.
@@ -297,9 +327,10 @@ def apply_permutations(spec: PermutationSpec, permutations: Permutations, params
       A pytree like ``params``.
 
     Raises:
-      ValueError: if a group is missing, a length is wrong, or a path is not in
-        ``params``.
+      ValueError: if the spec has no groups, a group is missing, a length is wrong, or
+        a path is not in ``params``.
     """
+    check_spec(spec)
     check_permutations(spec, params, permutations)
     axes = spec.leaf_axes(params)
 
@@ -317,6 +348,9 @@ def apply_permutations(spec: PermutationSpec, permutations: Permutations, params
 
 class AlignmentOutput(NamedTuple):
     r"""Result of a permutation alignment (weight, activation or STE matching).
+
+    A pytree whose ``spec`` is static (:class:`PermutationSpec` is registered with
+    :func:`jax.tree_util.register_static`), so a jitted function can return it whole.
 
     Attributes:
       permutations: ``{group: int array [n]}``; ``apply`` moves ``other`` onto ``ref``.

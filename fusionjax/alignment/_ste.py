@@ -40,8 +40,13 @@ from jax import lax
 
 from fusionjax._src import validation
 from fusionjax._src.base import Params, PRNGKey
-from fusionjax.alignment import _weight_matching
-from fusionjax.alignment._spec import AlignmentOutput, PermutationSpec, apply_permutations
+from fusionjax.alignment import _pytree, _weight_matching
+from fusionjax.alignment._spec import (
+    AlignmentOutput,
+    PermutationSpec,
+    apply_permutations,
+    check_spec,
+)
 
 LossFn = Callable[[Params, Any], jax.Array]
 """``loss_fn(params, batch) -> scalar``."""
@@ -106,8 +111,10 @@ def ste_matching(
     r"""Git Re-Basin straight-through estimator: learn the permutation for a low-loss midpoint.
 
     Args:
-      spec: Which leaf axes share a permutation.
-      ref: The fixed endpoint :math:`\theta_{ref}` (also the proxy's initial value).
+      spec: Which leaf axes share a permutation (at least one group).
+      ref: The fixed endpoint :math:`\theta_{ref}` (also the proxy's initial value):
+        any pytree, equinox modules included (leaves that are not arrays are held
+        static, and put back before ``loss_fn`` sees the model).
       other: The model to permute, :math:`\theta_{other}`.
       loss_fn: ``loss_fn(params, batch) -> scalar`` (a training loss; jittable).
       batches: Iterable of batches, one per step (e.g. a list, or a generator).
@@ -125,8 +132,9 @@ def ste_matching(
       ``converged`` whether the last step's projection equalled the previous one.
 
     Raises:
-      ValueError: if ``other`` differs from ``ref`` (the message names the path), there
-        are no batches, or a weight matching input is invalid.
+      ValueError: if the spec has no groups, ``other`` differs from ``ref`` (the
+        message names the path), there are no batches, or a weight matching input is
+        invalid.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -166,7 +174,15 @@ def _ste_matching(
     spec, ref, other, loss_fn, batches, *, steps, optimizer, key, max_iter, solver
 ) -> tuple[AlignmentOutput, SteTrace]:
     """:func:`ste_matching`, also returning the per-step :class:`SteTrace`."""
+    check_spec(spec)
     validation.check_same_structure(ref, other, name="other", ref_name="ref")
+    # Compute on the array leaves; loss_fn sees whole models (static leaves put back).
+    (ref, rest), (other, _) = _pytree.partition(ref), _pytree.partition(other)
+    full_loss = loss_fn
+
+    def loss_fn(params, batch):
+        return full_loss(_pytree.combine(params, rest), batch)
+
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"steps must be a positive integer or None, got {steps!r}.")

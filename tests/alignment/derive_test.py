@@ -1,6 +1,7 @@
 """Specs derived from the jaxpr: sound (outputs unchanged), and equal to the hand specs."""
 
 import equinox as eqx
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -254,3 +255,47 @@ def test_group_activations_with_a_spec_naming_frozen_axes_fails():
     missing = PermutationSpec({"h": [("params/Dense_9/kernel", 1)]})
     with pytest.raises(ValueError, match="'params/Dense_9/kernel', not an array leaf"):
         group_activations(model.apply, variables, x, spec=missing)
+
+
+class TrainNet(linen.Module):
+    """Dense -> BatchNorm -> ReLU -> Dropout -> Dense -> ReLU -> Dense, with a train flag."""
+
+    @linen.compact
+    def __call__(self, x, train=False):
+        """Logits; batch statistics and dropout in train mode."""
+        h = linen.Dense(6)(x)
+        h = linen.BatchNorm(use_running_average=not train)(h)
+        h = linen.Dropout(0.5, deterministic=not train)(linen.relu(h))
+        return linen.Dense(2)(linen.relu(linen.Dense(6)(h)))
+
+
+def test_train_mode_dropout_and_mutable_give_the_eval_spec():
+    """Train mode, active dropout and mutable collections derive the eval-mode groups."""
+    model = TrainNet()
+    variables = randomize(jax.eval_shape(model.init, jax.random.key(0), X))
+    key = jax.random.key(1)
+    eval_spec = derive_spec(model.apply, variables, X)
+    assert len(eval_spec) == 2
+    assert ("batch_stats/BatchNorm_0/mean", 0) in groups_of(eval_spec)[0]
+    modes = {  # each used to derive no group at all
+        "train": dict(train=True, mutable=["batch_stats"], rngs={"dropout": key}),
+        "mutable": dict(mutable=["batch_stats"]),
+        "mutable=True": dict(train=True, mutable=True, rngs={"dropout": key}),
+    }
+    for mode, kwargs in modes.items():
+        spec = derive_spec(model.apply, variables, X, **kwargs)
+        assert groups_of(spec) == groups_of(eval_spec), mode
+    dropout_only = lambda v, x, k: model.apply(  # noqa: E731
+        v, x, train=True, mutable=["batch_stats"], rngs={"dropout": k}
+    )[0]
+    # Outputs returned by hand are still frozen: the batch statistics' update is dead
+    # code here, and the dropout mask alone does not freeze the units.
+    assert groups_of(derive_spec(dropout_only, variables, X, key)) == groups_of(eval_spec)
+
+
+def test_resnet_in_train_mode_gives_the_hand_spec():
+    """BatchNorm in train mode (statistics returned as updates) keeps every group."""
+    model, x, hand = CASES["resnet_batch"]
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x)
+    spec = derive_spec(model.apply, abstract, x, train=True, mutable=["batch_stats"])
+    assert groups_of(spec) == groups_of(hand)

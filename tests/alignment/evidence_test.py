@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fusionjax import alignment, zoo
+from fusionjax.demo import _alignment
 from fusionjax.testbed import classifiers
 from tests._testing import SEEDS
 
@@ -44,7 +45,7 @@ def test_matched_barrier_shrinks_with_width(barriers, seed, method):
     # > 0.022/0.026/0.018 (256); AM: 0.37/0.50/0.36 > 0.064/0.071/0.078 > 0.033/0.028/0.020.
     results = sorted(barriers[seed], key=lambda r: r.width)
     values = [r.curves[method].loss_barrier for r in results]
-    assert all(a > b for a, b in zip(values, values[1:])), values
+    assert all(a > b for a, b in zip(values, values[1:], strict=False)), values
     assert values[-1] < 0.05
 
 
@@ -89,10 +90,12 @@ def test_derived_spec_aligns_as_well_as_the_hand_spec(spec_results):
 def test_planted_permutation_of_a_trained_model_is_recovered():
     # A trained MLP, its hidden units permuted at random, plus noise at 1% of each
     # weight's scale. Weight matching returns exactly the inverse permutation; activation
-    # matching does on every unit that is alive on the data (6 + 12 of the 128 units are
-    # dead ReLUs, zero on every input: interchangeable, and matched among themselves).
+    # matching does on every unit that is alive on the data (6 + 7 of the 128 units are
+    # dead ReLUs, zero on every input: interchangeable, and matched among themselves;
+    # 6 + 12 with the 200-step model this test trained before reusing the barrier pair).
     model = zoo.MLP((64, 64))
-    (ref,) = classifiers.train_classifiers(model, [0], steps=200)
+    # The barrier study's first width-64 model (trained once per session, cached).
+    ref = _alignment._pairs(model, SEEDS)[0][0]
     spec = alignment.mlp_spec(2)
     perms = alignment.random_permutations(spec, ref, jax.random.key(1))
     keys = iter(jax.random.split(jax.random.key(2), 16))

@@ -23,7 +23,7 @@ def mlp(seed, dims=(16, 12, 10, 3)):
             "kernel": r.standard_normal((a, b)).astype(np.float32),
             "bias": r.standard_normal((b,)).astype(np.float32),
         }
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True))
     }
 
 
@@ -41,7 +41,7 @@ def permuted_copy(params, seed):
 
 
 def assert_trees_equal(a, b, atol=0.0):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
 
 
@@ -85,7 +85,7 @@ def test_noisy_copies_merge_closer_than_naive_average():
     def dist(a, b):
         return sum(
             float(np.sum((np.asarray(x) - np.asarray(y)) ** 2))
-            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
         )
 
     # Every aligned copy is within the noise of the merged model; the naive mean is not.

@@ -175,15 +175,20 @@ def test_marginal_correction():
     """Write maps divide by the ref marginals, read maps by the other marginals."""
     # An unbalanced coupling (as an unconverged Sinkhorn returns): 3 other x 2 ref units.
     t = jnp.array([[0.2, 0.1], [0.0, 0.3], [0.1, 0.3]])
-    write, read = transport_maps(t)
+    maps = jax.jit(transport_maps, static_argnames="marginal_correction")  # not op by op
+    write, read = maps(t)
     np.testing.assert_allclose(write, t / t.sum(0)[None], rtol=1e-6)  # T diag(1/beta)
     np.testing.assert_allclose(read, t / t.sum(1)[:, None], rtol=1e-6)  # diag(1/alpha) T
     np.testing.assert_allclose(write.sum(0), 1.0, rtol=1e-6)  # ref units: convex combinations
     np.testing.assert_allclose(read.sum(1), 1.0, rtol=1e-6)  # other units: mass divided up
-    w_uniform, r_uniform = transport_maps(t, marginal_correction=False)
+    w_uniform, r_uniform = maps(t, marginal_correction=False)
     np.testing.assert_allclose(w_uniform, 2 * t, rtol=1e-6)  # divides by 1/n, 1/m instead
     np.testing.assert_allclose(r_uniform, 3 * t, rtol=1e-6)
-    np.testing.assert_allclose(transport_maps(jnp.eye(4) / 4)[0], jnp.eye(4))
+    np.testing.assert_allclose(maps(jnp.eye(4) / 4)[0], jnp.eye(4))
+    # A boolean array flag (as an OTFusionOutput returned from jit holds) selects the same.
+    flag_maps = jax.jit(lambda t, flag: transport_maps(t, marginal_correction=flag))
+    np.testing.assert_allclose(flag_maps(t, jnp.asarray(False))[0], w_uniform, rtol=1e-6)
+    np.testing.assert_allclose(flag_maps(t, jnp.asarray(True))[1], read, rtol=1e-6)
 
     # A constant written unit stays constant under a soft map of any widths.
     ref = mlp(7)

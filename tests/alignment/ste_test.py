@@ -13,8 +13,8 @@ from fusionjax.alignment._weight_matching import weight_matching
 DIMS = (8, 32, 32, 4)
 SPEC = PermutationSpec(
     {
-        f"P{l}": [(f"Dense_{l}/kernel", 1), (f"Dense_{l}/bias", 0), (f"Dense_{l + 1}/kernel", 0)]
-        for l in range(len(DIMS) - 2)
+        f"P{k}": [(f"Dense_{k}/kernel", 1), (f"Dense_{k}/bias", 0), (f"Dense_{k + 1}/kernel", 0)]
+        for k in range(len(DIMS) - 2)
     }
 )
 
@@ -26,7 +26,7 @@ def init(seed):
             "kernel": jnp.asarray(r.standard_normal((a, b)).astype(np.float32) / np.sqrt(a)),
             "bias": jnp.zeros((b,), jnp.float32),
         }
-        for i, (a, b) in enumerate(zip(DIMS[:-1], DIMS[1:]))
+        for i, (a, b) in enumerate(zip(DIMS[:-1], DIMS[1:], strict=True))
     }
 
 
@@ -122,7 +122,9 @@ def test_ste_gradient_is_straight_through(problem):
     proxy, _, loss = step(a, state, b, batch)
     grads = jax.jit(jax.grad(lambda q: loss_fn(midpoint(a, q), batch)))(b)
     np.testing.assert_allclose(float(loss), float(eval_loss(midpoint(a, b), batch)), rtol=1e-6)
-    for p, q, g in zip(jax.tree.leaves(proxy), jax.tree.leaves(a), jax.tree.leaves(grads)):
+    for p, q, g in zip(
+        jax.tree.leaves(proxy), jax.tree.leaves(a), jax.tree.leaves(grads), strict=True
+    ):
         np.testing.assert_allclose(p, q - 0.5 * g, rtol=1e-5, atol=1e-6)
 
 
