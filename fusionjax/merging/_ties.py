@@ -161,7 +161,13 @@ def elect_sign(*, method: Literal["mass", "count"] = "mass") -> Step:
     """
     if method not in ("mass", "count"):
         raise ValueError(f"method must be 'mass' or 'count', got {method!r}.")
-    return Step(f"elect_sign({method})", _elect_sign, reduces=False, options={"method": method})
+    return Step(
+        f"elect_sign({method})",
+        _elect_sign,
+        reduces=False,
+        options={"method": method},
+        flat=True,
+    )
 
 
 def _disjoint_mean(x, **_):
