@@ -39,7 +39,9 @@ import numpy as np
 from jax import lax
 
 from fusionjax.alignment import _assignment
-from fusionjax.alignment._spec import AlignmentOutput, PermutationSpec, check_spec
+from fusionjax.alignment._spec import AlignmentOutput
+from fusionjax.alignment._spec import PermutationSpec
+from fusionjax.alignment._spec import check_spec
 
 Activations = Mapping[str, jax.Array]
 """``{group: [M, n]}`` activations of one model (leading axes are flattened into ``M``)."""

@@ -26,15 +26,20 @@ References:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from collections.abc import Collection
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Params
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Params
 
 if TYPE_CHECKING:
     import flax.linen as nn

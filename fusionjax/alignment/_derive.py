@@ -44,16 +44,21 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import numpy as np
 from jax.extend import core as jcore
 
 from fusionjax._src.base import Params
-from fusionjax.alignment._derive_rules import _RULES, Node, _freeze_rule
-from fusionjax.alignment._spec import PermutationSpec, path_str
+from fusionjax.alignment._derive_rules import _RULES
+from fusionjax.alignment._derive_rules import Node
+from fusionjax.alignment._derive_rules import _freeze_rule
+from fusionjax.alignment._spec import PermutationSpec
+from fusionjax.alignment._spec import path_str
 
 
 def _is_array(x) -> bool:

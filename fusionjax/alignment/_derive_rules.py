@@ -11,7 +11,8 @@ returns the results' values. A primitive without a rule freezes every axis it to
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 from jax.extend import core as jcore
 

@@ -10,9 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src.base import Params
-from fusionjax.alignment._derive import _analyse, _Layout, _split
+from fusionjax.alignment._derive import _analyse
+from fusionjax.alignment._derive import _Layout
+from fusionjax.alignment._derive import _split
 from fusionjax.alignment._derive_rules import Node
-from fusionjax.alignment._spec import PermutationSpec, check_spec
+from fusionjax.alignment._spec import PermutationSpec
+from fusionjax.alignment._spec import check_spec
 
 
 def _match_groups(spec: PermutationSpec, groups, paths, p_arrays) -> dict[str, Node]:

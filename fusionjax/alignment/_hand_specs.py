@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fusionjax.alignment._spec import PermutationSpec, normalize_path
+from fusionjax.alignment._spec import PermutationSpec
+from fusionjax.alignment._spec import normalize_path
 
 Axes = list[tuple[str, int]]
 

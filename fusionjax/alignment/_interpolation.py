@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionjax._src import pytrees as _pytree
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Params
-from fusionjax._src.tree import compute_dtype, is_mergeable
-from fusionjax.alignment import _pytree
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Params
+from fusionjax._src.tree import compute_dtype
+from fusionjax._src.tree import is_mergeable
 
 
 def interpolate(a: Params, b: Params, t: ArrayLike) -> Params:

@@ -29,10 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionjax._src import pytrees as _pytree
 from fusionjax._src import validation
-from fusionjax._src.base import Params, PRNGKey
-from fusionjax.alignment import _pytree, _weight_matching
-from fusionjax.alignment._spec import PermutationSpec, apply_permutations, check_spec
+from fusionjax._src.base import Params
+from fusionjax._src.base import PRNGKey
+from fusionjax.alignment import _weight_matching
+from fusionjax.alignment._spec import PermutationSpec
+from fusionjax.alignment._spec import apply_permutations
+from fusionjax.alignment._spec import check_spec
 
 
 class MergeManyOutput(NamedTuple):

@@ -81,31 +81,32 @@ Modules: :mod:`~fusionjax.alignment._ot_transport` (ground costs, solvers),
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionjax._src import pytrees as _pytree
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Params
-from fusionjax.alignment import _pytree
-from fusionjax.alignment._ot_maps import (
-    Roles,
-    Transports,
-    _names,
-    _resolve_roles,
-    apply_transports,
-    group_apply,
-)
-from fusionjax.alignment._ot_transport import (
-    Activations,
-    check_activations,
-    check_costs_available,
-    group_cost,
-    solve_transport,
-)
-from fusionjax.alignment._spec import PermutationSpec, check_spec, leaf_paths, path_str
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Params
+from fusionjax.alignment._ot_maps import Roles
+from fusionjax.alignment._ot_maps import Transports
+from fusionjax.alignment._ot_maps import _names
+from fusionjax.alignment._ot_maps import _resolve_roles
+from fusionjax.alignment._ot_maps import apply_transports
+from fusionjax.alignment._ot_maps import group_apply
+from fusionjax.alignment._ot_transport import Activations
+from fusionjax.alignment._ot_transport import check_activations
+from fusionjax.alignment._ot_transport import check_costs_available
+from fusionjax.alignment._ot_transport import group_cost
+from fusionjax.alignment._ot_transport import solve_transport
+from fusionjax.alignment._spec import PermutationSpec
+from fusionjax.alignment._spec import check_spec
+from fusionjax.alignment._spec import leaf_paths
+from fusionjax.alignment._spec import path_str
 
 
 class OTFusionOutput(NamedTuple):

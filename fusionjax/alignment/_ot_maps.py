@@ -28,14 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusionjax._src.base import ArrayLike, Params
-from fusionjax.alignment._spec import (
-    PermutationSpec,
-    check_spec,
-    leaf_paths,
-    normalize_path,
-    path_str,
-)
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Params
+from fusionjax.alignment._spec import PermutationSpec
+from fusionjax.alignment._spec import check_spec
+from fusionjax.alignment._spec import leaf_paths
+from fusionjax.alignment._spec import normalize_path
+from fusionjax.alignment._spec import path_str
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

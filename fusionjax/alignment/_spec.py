@@ -23,14 +23,18 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusionjax._src.base import Params, PRNGKey
+from fusionjax._src.base import Params
+from fusionjax._src.base import PRNGKey
 
 PathLike = str | Sequence[Any]
 """A leaf path: ``"params/Dense_0/kernel"`` or ``("params", "Dense_0", "kernel")``."""

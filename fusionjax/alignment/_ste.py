@@ -29,8 +29,10 @@ References:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Iterable
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,15 +40,15 @@ import numpy as np
 import optax
 from jax import lax
 
+from fusionjax._src import pytrees as _pytree
 from fusionjax._src import validation
-from fusionjax._src.base import Params, PRNGKey
-from fusionjax.alignment import _pytree, _weight_matching
-from fusionjax.alignment._spec import (
-    AlignmentOutput,
-    PermutationSpec,
-    apply_permutations,
-    check_spec,
-)
+from fusionjax._src.base import Params
+from fusionjax._src.base import PRNGKey
+from fusionjax.alignment import _weight_matching
+from fusionjax.alignment._spec import AlignmentOutput
+from fusionjax.alignment._spec import PermutationSpec
+from fusionjax.alignment._spec import apply_permutations
+from fusionjax.alignment._spec import check_spec
 
 LossFn = Callable[[Params, Any], jax.Array]
 """``loss_fn(params, batch) -> scalar``."""

@@ -55,26 +55,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionjax._src import pytrees as _pytree
 from fusionjax._src import validation
-from fusionjax._src.base import Params, PRNGKey
-from fusionjax.alignment import _assignment, _pytree
-from fusionjax.alignment._spec import (
-    AlignmentOutput,
-    Permutations,
-    PermutationSpec,
-    check_permutations,
-    check_spec,
-)
+from fusionjax._src.base import Params
+from fusionjax._src.base import PRNGKey
+from fusionjax.alignment import _assignment
+from fusionjax.alignment._spec import AlignmentOutput
+from fusionjax.alignment._spec import Permutations
+from fusionjax.alignment._spec import PermutationSpec
+from fusionjax.alignment._spec import check_permutations
+from fusionjax.alignment._spec import check_spec
 from fusionjax.alignment._weight_matching_compiled import compiled_loop
 from fusionjax.alignment._weight_matching_host import host_loop
-from fusionjax.alignment._weight_matching_problem import (
-    MatchStats,
-    check_finite,
-    make_plan,
-    objective,
-    objective_jit,
-    sweep_orders,
-)
+from fusionjax.alignment._weight_matching_problem import MatchStats
+from fusionjax.alignment._weight_matching_problem import check_finite
+from fusionjax.alignment._weight_matching_problem import make_plan
+from fusionjax.alignment._weight_matching_problem import objective
+from fusionjax.alignment._weight_matching_problem import objective_jit
+from fusionjax.alignment._weight_matching_problem import sweep_orders
 
 __all__ = ["MatchStats", "make_plan", "sweep_orders", "weight_matching"]
 

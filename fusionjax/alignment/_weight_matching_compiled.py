@@ -20,14 +20,12 @@ import numpy as np
 from jax import lax
 
 from fusionjax.alignment import _assignment
-from fusionjax.alignment._weight_matching_problem import (
-    SELF_RTOL,
-    _Plan,
-    dynamic_cost,
-    group_gain,
-    reduce_cost,
-    static_cost,
-)
+from fusionjax.alignment._weight_matching_problem import SELF_RTOL
+from fusionjax.alignment._weight_matching_problem import _Plan
+from fusionjax.alignment._weight_matching_problem import dynamic_cost
+from fusionjax.alignment._weight_matching_problem import group_gain
+from fusionjax.alignment._weight_matching_problem import reduce_cost
+from fusionjax.alignment._weight_matching_problem import static_cost
 
 
 def _padded_lap_input(cost, size: int, n: int):

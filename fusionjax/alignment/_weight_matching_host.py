@@ -38,14 +38,12 @@ import numpy as np
 from jax import lax
 
 from fusionjax.alignment import _assignment
-from fusionjax.alignment._weight_matching_problem import (
-    SELF_RTOL,
-    MatchStats,
-    entry_cost,
-    group_gain,
-    reduce_cost,
-    static_costs_jit,
-)
+from fusionjax.alignment._weight_matching_problem import SELF_RTOL
+from fusionjax.alignment._weight_matching_problem import MatchStats
+from fusionjax.alignment._weight_matching_problem import entry_cost
+from fusionjax.alignment._weight_matching_problem import group_gain
+from fusionjax.alignment._weight_matching_problem import reduce_cost
+from fusionjax.alignment._weight_matching_problem import static_costs_jit
 
 _HIGHEST = lax.Precision.HIGHEST
 

@@ -40,8 +40,10 @@ import numpy as np
 from jax import lax
 
 from fusionjax._src import validation
-from fusionjax._src.base import Params, PRNGKey
-from fusionjax.alignment._spec import PermutationSpec, leaf_paths
+from fusionjax._src.base import Params
+from fusionjax._src.base import PRNGKey
+from fusionjax.alignment._spec import PermutationSpec
+from fusionjax.alignment._spec import leaf_paths
 
 _HIGHEST = lax.Precision.HIGHEST
 

@@ -1,4 +1,4 @@
-"""Arrays versus the rest: how alignment accepts any pytree (equinox modules included).
+"""Arrays versus the rest: how an entry point accepts any pytree (equinox modules included).
 
 An equinox module is a pytree whose leaves are its arrays *and* its other fields (the
 activation function of an ``eqx.nn.MLP``, ``None`` biases, Python numbers). Such leaves
