@@ -107,7 +107,10 @@ def child(model: str, impl: str, steps: int) -> dict:
     import optax
 
     import fusionjax as fj
-    from fusionjax.learned import _loop, _train
+    from jax.tree_util import Partial
+
+    from fusionjax._src import training
+    from fusionjax.learned import _loop
 
     base, fts, data, logits_fn = _synthetic() if model == "synthetic" else _testbed()
     tvs = fj.learned.stacked_task_vectors(base, fts)
@@ -120,15 +123,14 @@ def child(model: str, impl: str, steps: int) -> dict:
         + sum(x.nbytes for x in jax.tree.leaves(tvs))
         + sum(x.nbytes for x in data)
     ) / 2**30
-    opt = optax.adam(1e-3)
-    with jax.numpy_dtype_promotion("standard"):
-        state = opt.init(coef)
-    step = _loop._make_step(fj.learned.adamerging_loss, logits_fn, opt, BATCH, (0.0, 1.0))
+    opt = training.standard_promotion(optax.adam(1e-3))
+    state = opt.init(coef)
+    step = Partial(_loop._step, fj.learned.adamerging_loss, logits_fn, opt, BATCH, (0.0, 1.0))
     key = jax.random.key(0)
     rss_ready = _rss_gb()
 
     if impl == "loop":
-        run = _train._compiled_chunk(step, steps)
+        run = training.compiled_chunk(step, steps)
 
         def go(c, s):
             return run(jnp.asarray(0), jnp.asarray(steps), c, s, (key, base, tvs, None, data))

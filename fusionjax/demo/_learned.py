@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
+from jax.tree_util import Partial
 
 import fusionjax as fj
 
@@ -90,7 +91,8 @@ def ligand_ensemble(ctx: Any):
     accs = []
     for t, task in enumerate(tb.tasks):
         feats = fj.learned.expert_features(list(tb.finetuned), task.x_test, tb.features)
-        logits = fj.learned.ensemble_logits(res.weights_fn(task.x_test), feats, tb.head_logits, t)
+        weights = res.weights(list(tb.finetuned), task.x_test, tb.features)
+        logits = fj.learned.ensemble_logits(weights, feats, tb.head_logits, t)
         accs.append(float(np.mean(np.asarray(logits).argmax(-1) == task.y_test)))
     return Scores(np.asarray(accs)), "Portland on train, ensemble of features", res
 
@@ -105,7 +107,7 @@ def ligand_merge(ctx: Any):
         logits = fj.learned.merged_logits(
             tb.pretrained,
             tvs,
-            res.weights_fn(task.x_test),
+            res.weights(list(tb.finetuned), task.x_test, tb.features),
             task.x_test,
             features_fn=tb.features,
             head_fn=tb.head_logits,
@@ -119,18 +121,19 @@ def wemoe_distinct_inputs(ctx: Any):
     """WEMoE on the tasks whose inputs differ (its router sees inputs only), scored there."""
     tb = ctx.tb
     tasks = distinct_input_tasks(tb)
+    # A Partial of the testbed's logits (itself a Partial holding the heads): the loop
+    # takes the heads as arguments and compiles once for every seed.
+    logits_fn = Partial(_subset_logits, tb.logits, tuple(tasks))
     res = fj.learned.wemoe(
         tb.pretrained,
         [tb.finetuned[t] for t in tasks],
         [tb.tasks[t].x_test for t in tasks],
-        lambda p, i, x: tb.logits(p, tasks[i], x),
+        logits_fn,
         key=ctx.key,
     )
     accs = np.full(tb.num_tasks, np.nan)
     for i, t in enumerate(tasks):
-        logits = fj.learned.wemoe_logits(
-            res, lambda p, j, x: tb.logits(p, tasks[j], x), i, tb.tasks[t].x_test
-        )
+        logits = fj.learned.wemoe_logits(res, logits_fn, i, tb.tasks[t].x_test)
         accs[t] = float(np.mean(np.asarray(logits).argmax(-1) == tb.tasks[t].y_test))
     merged = fj.merge(tb.pretrained, [tb.finetuned[t] for t in tasks], _TA_PAPER)
     ta = float(np.mean(np.asarray(tb.evaluate(merged))[tasks]))
@@ -140,6 +143,11 @@ def wemoe_distinct_inputs(ctx: Any):
         f"{100 * ta:.1f}, individual {100 * individual:.1f})"
     )
     return Scores(accs), note, res
+
+
+def _subset_logits(logits, tasks, params, i, x):
+    """The logits of task ``tasks[i]``: models merged on a subset of the tasks."""
+    return logits(params, tasks[i], x)
 
 
 def distinct_input_tasks(tb) -> list[int]:

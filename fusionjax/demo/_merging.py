@@ -124,9 +124,9 @@ def _fisher(ctx: _Context):
     tb = ctx.tb
     fishers = []
     for i, (task, ft) in enumerate(zip(tb.tasks, tb.finetuned)):
-        fn = lambda p, x, i=i: tb.logits(p, i, x)  # noqa: E731
         x = jnp.asarray(task.x_train[:FISHER_SIZE])
-        fishers.append(merging.fisher_diagonal(fn, ft, x, batch_size=32))
+        # fisher_diagonal's Fisher from Dense inputs and output gradients (~40x faster).
+        fishers.append(interop.dense_fisher_diagonal(tb.task_logits(i), ft, x, batch_size=32))
     return _plain(ctx, _FISHER, f"{FISHER_SIZE} examples/task", fishers=fj.stack(fishers))
 
 

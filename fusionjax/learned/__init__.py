@@ -17,17 +17,15 @@ from fusionjax.learned._coefficients import effective
 from fusionjax.learned._coefficients import init_coefficients
 from fusionjax.learned._coefficients import random_blocks
 from fusionjax.learned._coefficients import stacked_task_vectors
-from fusionjax.learned._ligand import NeuralLigand
-from fusionjax.learned._ligand import ensemble_logits
-from fusionjax.learned._ligand import expert_features
-from fusionjax.learned._ligand import init_portland
-from fusionjax.learned._ligand import merged_features
-from fusionjax.learned._ligand import merged_logits
+from fusionjax.learned._ensemble import ensemble_logits
+from fusionjax.learned._ensemble import expert_features
+from fusionjax.learned._ensemble import merged_features
+from fusionjax.learned._ensemble import merged_logits
+from fusionjax.learned._ligand import NeuralLigandOutput
 from fusionjax.learned._ligand import neural_ligand
 from fusionjax.learned._ligand import neural_ligand_loss
 from fusionjax.learned._ligand import offset_matrix
-from fusionjax.learned._ligand import portland_weights
-from fusionjax.learned._loop import LearnedMerge
+from fusionjax.learned._loop import LearnedMergeOutput
 from fusionjax.learned._loop import adamerging
 from fusionjax.learned._loop import adamerging_plus_plus
 from fusionjax.learned._loop import atlas
@@ -36,10 +34,12 @@ from fusionjax.learned._loop import sample_batches
 from fusionjax.learned._objectives import adamerging_loss
 from fusionjax.learned._objectives import atlas_loss
 from fusionjax.learned._objectives import entropy
-from fusionjax.learned._wemoe import WEMoEResult
-from fusionjax.learned._wemoe import init_routers
-from fusionjax.learned._wemoe import moe_dense
-from fusionjax.learned._wemoe import routing_weights
+from fusionjax.learned._moe import init_routers
+from fusionjax.learned._moe import moe_dense
+from fusionjax.learned._moe import routing_weights
+from fusionjax.learned._portland import init_portland
+from fusionjax.learned._portland import portland_weights
+from fusionjax.learned._wemoe import WEMoEOutput
 from fusionjax.learned._wemoe import wemoe
 from fusionjax.learned._wemoe import wemoe_apply
 from fusionjax.learned._wemoe import wemoe_logits
@@ -47,9 +47,9 @@ from fusionjax.learned._wemoe import wemoe_loss
 from fusionjax.learned._wemoe import wemoe_upscale
 
 __all__ = [
-    "LearnedMerge",
-    "NeuralLigand",
-    "WEMoEResult",
+    "LearnedMergeOutput",
+    "NeuralLigandOutput",
+    "WEMoEOutput",
     "adamerging",
     "adamerging_loss",
     "adamerging_plus_plus",

@@ -85,34 +85,37 @@ References:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.tree_util import Partial
 
-from fusionjax._src import validation
+from fusionjax._src import training, validation
 from fusionjax._src.base import Params, PRNGKey, Stacked
-from fusionjax.learned import _coefficients, _objectives, _train
+from fusionjax.learned import _coefficients, _loop, _objectives
+from fusionjax.learned._ensemble import (
+    FeaturesFn,
+    HeadFn,
+    Level,
+    ensemble_logits,
+    expert_features,
+    features_of,
+)
+from fusionjax.learned._portland import Portland, _check_features, init_portland, portland_weights
 
-Portland = Any
-"""Portland parameters: ``{"dense_0": {"kernel": [K*d, h], "bias": [h]}, ...}``."""
-FeaturesFn = Callable[[Params, Any], jax.Array]
-HeadFn = Callable[[int, jax.Array], jax.Array]
 Alignment = Literal["sum", "norm"]
-Level = Literal["features", "logits"]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class NeuralLigand(NamedTuple):
-    r"""The result of :func:`neural_ligand`.
+class NeuralLigandOutput(NamedTuple):
+    r"""The result of :func:`neural_ligand`: a pytree of arrays (``jax.jit`` can return it).
 
     Attributes:
       portland: The trained Portland parameters (see :func:`init_portland`).
-      weights_fn: ``weights_fn(x) -> [n, K]``, the per-sample weights (CoopVecs) of
-        inputs ``x``; it runs the :math:`K` models' ``features_fn`` on ``x``.
       coefficients: ``[K]`` weights averaged over the training data (per task, then
         over tasks): the coefficients of the static merge ``params``.
       task_coefficients: ``[T, K]``, the mean weights over each task's training data.
@@ -122,211 +125,27 @@ class NeuralLigand(NamedTuple):
     """
 
     portland: Portland
-    weights_fn: Callable[[Any], jax.Array]
     coefficients: jax.Array
     task_coefficients: jax.Array
     params: Params
     losses: np.ndarray
 
+    def weights(self, finetuned: Sequence[Params], x: Any, features_fn: FeaturesFn) -> jax.Array:
+        """The per-sample weights (CoopVecs) ``[n, K]`` of inputs ``x``.
 
-def init_portland(
-    key: PRNGKey, num_models: int, feature_dim: int, *, hidden_sizes: Sequence[int] = ()
-) -> Portland:
-    r"""Initial Portland parameters: an MLP from the :math:`K` models' features to :math:`K` logits.
+        ``portland_weights(self.portland, expert_features(finetuned, x, features_fn))``:
+        runs the :math:`K` models' ``features_fn`` (compiled) on ``x``.
 
-    The paper's Portland is one linear layer on the concatenated features,
-    ``[K * d] -> [K]``, followed by a softmax (``hidden_sizes=()``). Hidden layers (ReLU)
-    make it a small MLP. Every layer is initialised like PyTorch's ``nn.Linear`` (as in
-    the official code): kernel and bias uniform in :math:`\pm 1/\sqrt{\text{fan-in}}`.
+        Args:
+          finetuned: The :math:`K` models the Portland was trained with.
+          x: Inputs, ``[n, ...]``.
+          features_fn: ``features_fn(params, x) -> [n, d]``, as given to the loop.
 
-    Args:
-      key: PRNG key.
-      num_models: :math:`K`, the number of collaborating models.
-      feature_dim: :math:`d`, the width of each model's features.
-      hidden_sizes: Widths of hidden layers; empty for the paper's linear Portland.
-
-    Returns:
-      ``{"dense_0": {"kernel": [K*d, h_0], "bias": [h_0]}, ..., "dense_L": {..., [K]}}``,
-      float32.
-
-    Examples:
-      >>> import jax
-      >>> import fusionjax as fj
-      >>> p = fj.learned.init_portland(jax.random.key(0), 3, 4)
-      >>> p["dense_0"]["kernel"].shape, p["dense_0"]["bias"].shape
-      ((12, 3), (3,))
-    """
-    for name, value in (("num_models", num_models), ("feature_dim", feature_dim)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    sizes = [int(num_models) * int(feature_dim)]
-    for i, h in enumerate(hidden_sizes):
-        if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1:
-            raise ValueError(f"hidden_sizes[{i}] must be a positive integer, got {h!r}.")
-        sizes.append(int(h))
-    sizes.append(int(num_models))
-    params = {}
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        k_w, k_b = jax.random.split(jax.random.fold_in(key, i))
-        bound = 1.0 / np.sqrt(fan_in)
-        params[f"dense_{i}"] = {
-            "kernel": jax.random.uniform(k_w, (fan_in, fan_out), jnp.float32, -bound, bound),
-            "bias": jax.random.uniform(k_b, (fan_out,), jnp.float32, -bound, bound),
-        }
-    return params
-
-
-def _layers(portland: Portland) -> list[tuple[str, jax.Array, jax.Array]]:
-    if not isinstance(portland, Mapping) or not portland:
-        raise TypeError(
-            "portland must be a dict of layers {'dense_0': {'kernel', 'bias'}, ...} as "
-            f"init_portland returns, got {type(portland).__name__}."
-        )
-    out = []
-    for i in range(len(portland)):
-        name = f"dense_{i}"
-        layer = portland.get(name)
-        if not isinstance(layer, Mapping) or "kernel" not in layer or "bias" not in layer:
-            raise ValueError(
-                f"portland[{name!r}] must be a dict with 'kernel' and 'bias' (layers are named "
-                f"dense_0 ... dense_{len(portland) - 1}); got keys {sorted(portland)}."
-            )
-        kernel, bias = jnp.asarray(layer["kernel"]), jnp.asarray(layer["bias"])
-        if kernel.ndim != 2 or bias.shape != kernel.shape[1:]:
-            raise ValueError(
-                f"portland[{name!r}] has kernel {kernel.shape} and bias {bias.shape}; expected "
-                "kernel [in, out] and bias [out]."
-            )
-        if out and out[-1][1].shape[1] != kernel.shape[0]:
-            raise ValueError(
-                f"portland[{name!r}]['kernel'] has {kernel.shape[0]} inputs but the previous "
-                f"layer has {out[-1][1].shape[1]} outputs."
-            )
-        out.append((name, kernel, bias))
-    return out
-
-
-def _check_features(features: jax.Array, name: str = "features") -> None:
-    if jnp.ndim(features) < 2:
-        raise ValueError(
-            f"{name} must be stacked [K, ..., d] (one row of features per model), got shape "
-            f"{jnp.shape(features)}."
-        )
-    if not jnp.issubdtype(jnp.result_type(features), jnp.floating):
-        raise TypeError(f"{name} must be floating point, got {jnp.result_type(features)}.")
-
-
-def portland_weights(portland: Portland, features: jax.Array) -> jax.Array:
-    r"""The per-sample weights (CoopVecs) :math:`w(x)` the Portland gives.
-
-    :math:`w(x) = \mathrm{softmax}\big(\mathrm{MLP}([f_1(x); \dots; f_K(x)])\big)`.
-
-    Args:
-      portland: Portland parameters from :func:`init_portland`.
-      features: The :math:`K` models' features of the same inputs, stacked
-        ``[K, ..., d]`` (see :func:`expert_features`); they are concatenated in model
-        order, ``[..., K * d]``.
-
-    Returns:
-      ``[..., K]`` float32 weights, non-negative and summing to one over the last axis.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> import fusionjax as fj
-      >>> p = fj.learned.init_portland(jax.random.key(0), 3, 4)
-      >>> w = fj.learned.portland_weights(p, jnp.ones((3, 5, 4)))  # 5 inputs
-      >>> w.shape, bool(jnp.allclose(w.sum(-1), 1.0))
-      ((5, 3), True)
-    """
-    _check_features(features)
-    layers = _layers(portland)
-    k, d = jnp.shape(features)[0], jnp.shape(features)[-1]
-    batch = jnp.shape(features)[1:-1]
-    if layers[0][1].shape[0] != k * d:
-        raise ValueError(
-            f"portland['dense_0']['kernel'] expects {layers[0][1].shape[0]} inputs, but "
-            f"features give K * d = {k} * {d} = {k * d}."
-        )
-    if layers[-1][1].shape[1] != k:
-        raise ValueError(
-            f"portland['dense_{len(layers) - 1}'] gives {layers[-1][1].shape[1]} weights, but "
-            f"features stack K = {k} models."
-        )
-    h = jnp.moveaxis(jnp.asarray(features, jnp.float32), 0, -2).reshape(-1, k * d)
-    for i, (_, kernel, bias) in enumerate(layers):
-        h = jnp.matmul(h, kernel.astype(jnp.float32), precision=_HIGHEST)
-        h = h + bias.astype(jnp.float32)[None, :]
-        if i < len(layers) - 1:
-            h = jax.nn.relu(h)
-    return jax.nn.softmax(h, axis=-1).reshape(*batch, k)
-
-
-def expert_features(finetuned: Sequence[Params], x: Any, features_fn: FeaturesFn) -> jax.Array:
-    """The features of every model on the same inputs, stacked ``[K, n, d]``.
-
-    Args:
-      finetuned: The :math:`K` collaborating models.
-      x: Inputs, ``[n, ...]`` (anything ``features_fn`` takes).
-      features_fn: ``features_fn(params, x) -> [n, d]``.
-
-    Returns:
-      ``[K, n, d]`` features (the models stay frozen: compute these once and reuse them).
-    """
-    validation.check_nonempty(finetuned)
-    feats = [jnp.asarray(features_fn(p, x)) for p in finetuned]
-    for i, f in enumerate(feats):
-        if f.ndim != 2 or f.shape != feats[0].shape:
-            raise ValueError(
-                f"features_fn(finetuned[{i}], x) must return [n, d] features like "
-                f"finetuned[0]'s {feats[0].shape}, got shape {f.shape}."
-            )
-    return jnp.stack(feats)
-
-
-def ensemble_logits(
-    weights: jax.Array,
-    features: jax.Array,
-    head_fn: HeadFn,
-    task_index: int,
-    *,
-    level: Level = "features",
-) -> jax.Array:
-    r"""The weighted ensemble of :math:`K` models, through task ``task_index``'s head.
-
-    Args:
-      weights: ``[n, K]`` per-sample weights (from :func:`portland_weights`).
-      features: ``[K, n, d]`` the models' features of the same inputs.
-      head_fn: ``head_fn(task_index, features) -> [n, C]``, the task's (fixed) head.
-      task_index: Which task's head; a Python int.
-      level: ``"features"`` (the paper): :math:`h_t(\sum_k w_k f_k)`; ``"logits"``:
-        :math:`\sum_k w_k h_t(f_k)`. They agree when the head is affine.
-
-    Returns:
-      ``[n, C]`` logits.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import fusionjax as fj
-      >>> head = lambda t, f: f @ jnp.eye(2)
-      >>> feats = jnp.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # K = 2 models, n = 1
-      >>> fj.learned.ensemble_logits(jnp.array([[0.25, 0.75]]), feats, head, 0)
-      Array([[0.25, 0.75]], dtype=float32)
-    """
-    _check_features(features)
-    k = jnp.shape(features)[0]
-    if jnp.shape(weights) != jnp.shape(features)[1:-1] + (k,):
-        raise ValueError(
-            f"weights must have shape {jnp.shape(features)[1:-1] + (k,)} for features of shape "
-            f"{jnp.shape(features)} ([K, ..., d]), got {jnp.shape(weights)}."
-        )
-    w = jnp.asarray(weights, jnp.float32)
-    if level == "features":
-        mixed = jnp.einsum("...k,k...d->...d", w, features.astype(jnp.float32), precision=_HIGHEST)
-        return head_fn(task_index, mixed)
-    if level == "logits":
-        logits = jnp.stack([head_fn(task_index, features[i]) for i in range(k)])
-        return jnp.einsum("...k,k...c->...c", w, logits.astype(jnp.float32), precision=_HIGHEST)
-    raise ValueError(f"level must be 'features' or 'logits', got {level!r}.")
+        Returns:
+          ``[n, K]`` float32 weights on the simplex.
+        """
+        feats = jnp.stack([features_of(features_fn, p, x) for p in finetuned])
+        return portland_weights(self.portland, feats)
 
 
 def offset_matrix(task_vectors: Stacked, *, alignment: Alignment = "sum") -> jax.Array:
@@ -523,102 +342,6 @@ def _loss_core(portland, feats, labels, tasks, sizes, head_fn, offsets, scaling,
     return total / len(sizes)
 
 
-def merged_features(
-    base: Params,
-    task_vectors: Stacked,
-    weights: jax.Array,
-    x: jax.Array,
-    *,
-    features_fn: FeaturesFn,
-    batch_size: int = 32,
-) -> jax.Array:
-    r"""Features of the per-sample merge :math:`\theta(x_i) = \theta_0 + \sum_k w_{ik}\tau_k`.
-
-    Each input gets its own merged model (the paper's parameter-level collaboration);
-    with weights on the simplex this is :math:`\sum_k w_{ik}\theta_k`. Samples are
-    processed ``batch_size`` at a time (``batch_size`` merged copies of the model in
-    memory at once). The result does not depend on the task, so one compiled program
-    serves every task's head (see :func:`merged_logits`).
-
-    Args:
-      base: Base parameters :math:`\theta_0`.
-      task_vectors: Stacked task vectors ``[K, ...]``.
-      weights: ``[n, K]`` per-sample weights; one shared ``[K]`` vector is also accepted.
-      x: ``[n, ...]`` inputs.
-      features_fn: ``features_fn(params, x) -> [n, d]`` (jit-compatible).
-      batch_size: Samples merged and evaluated together.
-
-    Returns:
-      ``[n, d]`` features, row :math:`i` computed with :math:`\theta(x_i)`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import fusionjax as fj
-      >>> base, tvs = {"w": jnp.zeros(2)}, {"w": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
-      >>> features_fn = lambda p, x: x * p["w"][None]
-      >>> weights = jnp.array([[1.0, 0.0], [0.5, 0.5]])  # one merge per input
-      >>> fj.learned.merged_features(base, tvs, weights, jnp.ones((2, 2)), features_fn=features_fn)
-      Array([[1. , 0. ],
-             [0.5, 0.5]], dtype=float32)
-    """
-    validation.check_hparam("batch_size", batch_size, lower=1)
-    k = _coefficients.num_tasks(task_vectors)
-    n = jnp.shape(x)[0] if jnp.ndim(x) else None
-    w = jnp.asarray(weights, jnp.float32)
-    if w.shape == (k,) and n is not None:
-        w = jnp.broadcast_to(w, (n, k))
-    if n is None or w.shape != (n, k):
-        raise ValueError(
-            f"weights must be [n, K] = ({n}, {k}) for {n} inputs and {k} task vectors (or "
-            f"[K]), got shape {jnp.shape(weights)}."
-        )
-    return _merged_features_jit(base, task_vectors, w, x, features_fn, int(batch_size))
-
-
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _merged_features_jit(base, task_vectors, w, x, features_fn, batch_size):
-    def one(args):
-        wi, xi = args
-        params = _coefficients.combine(base, task_vectors, wi)
-        return features_fn(params, xi[None])[0]
-
-    return jax.lax.map(one, (w, x), batch_size=min(batch_size, int(w.shape[0])))
-
-
-def merged_logits(
-    base: Params,
-    task_vectors: Stacked,
-    weights: jax.Array,
-    x: jax.Array,
-    *,
-    features_fn: FeaturesFn,
-    head_fn: HeadFn,
-    task_index: int,
-    batch_size: int = 32,
-) -> jax.Array:
-    r"""Logits of the per-sample merge: :math:`h_t(f(\theta(x_i), x_i))`, one merge per input.
-
-    :math:`\theta(x_i) = \theta_0 + \sum_k w_{ik}\tau_k`; see :func:`merged_features`.
-
-    Args:
-      base: Base parameters :math:`\theta_0`.
-      task_vectors: Stacked task vectors ``[K, ...]``.
-      weights: ``[n, K]`` per-sample weights; one shared ``[K]`` vector is also accepted.
-      x: ``[n, ...]`` inputs.
-      features_fn: ``features_fn(params, x) -> [n, d]`` (jit-compatible).
-      head_fn: ``head_fn(task_index, features) -> [n, C]``.
-      task_index: Which task's head; a Python int.
-      batch_size: Samples merged and evaluated together.
-
-    Returns:
-      ``[n, C]`` logits; see :func:`merged_features`.
-    """
-    feats = merged_features(
-        base, task_vectors, weights, x, features_fn=features_fn, batch_size=batch_size
-    )
-    return head_fn(task_index, feats)
-
-
 class _Pools(NamedTuple):
     """Every task's training features, concatenated: ``rows [sum n_t, K, d]``, ``labels``."""
 
@@ -633,7 +356,7 @@ def _task_pools(data, finetuned, features_fn):
             "data must be a non-empty list with one pool per task: (x, y) for labelled "
             "training (the paper's 'sup') or x alone for entropy minimisation ('semi')."
         )
-    features_fn = jax.jit(features_fn)  # the models' forward passes, compiled once
+    features_fn = functools.partial(features_of, features_fn)  # compiled once per shape
     rows, labels, sizes, supervised = [], [], [], []
     for t, d in enumerate(data):
         if isinstance(d, (tuple, list)):
@@ -680,42 +403,27 @@ def _task_features(pools: _Pools, sizes: Sequence[int]) -> list[jax.Array]:
     ]
 
 
-def _make_step(head_fn, optimizer, batch_size, scaling, level, sizes, supervised):
+def _step(head_fn, optimizer, batch_size, scaling, level, sizes, supervised, *carry_and_args):
+    s, portland, opt_state, key, offsets, pools = carry_and_args
+    # One batch per task, uniformly with replacement, all drawn and gathered at once.
     sizes_arr = np.asarray(sizes, np.int32)
     starts = np.concatenate([[0], np.cumsum(sizes_arr)[:-1]]).astype(np.int32)
+    shape = (len(sizes), batch_size)
+    idx = jax.random.randint(jax.random.fold_in(key, s), shape, 0, sizes_arr[:, None])
+    idx = (idx + starts[:, None]).reshape(-1)
+    feats = jnp.swapaxes(jnp.take(pools.rows, idx, axis=0), 0, 1)
+    y = jnp.take(pools.labels, idx, axis=0).reshape(shape)
+    labels = [y[t] if sup else None for t, sup in enumerate(supervised)]
     tasks = list(range(len(sizes)))
 
-    def step(s, portland, opt_state, key, offsets, pools):
-        # One batch per task, uniformly with replacement, all drawn and gathered at once.
-        shape = (len(sizes), batch_size)
-        idx = jax.random.randint(jax.random.fold_in(key, s), shape, 0, sizes_arr[:, None])
-        idx = (idx + starts[:, None]).reshape(-1)
-        feats = jnp.swapaxes(jnp.take(pools.rows, idx, axis=0), 0, 1)
-        y = jnp.take(pools.labels, idx, axis=0).reshape(shape)
-        labels = [y[t] if sup else None for t, sup in enumerate(supervised)]
+    def loss_fn(p):
+        return _loss_core(
+            p, feats, labels, tasks, [batch_size] * len(sizes), head_fn, offsets, scaling, level
+        )
 
-        def loss_fn(p):
-            return _loss_core(
-                p,
-                feats,
-                labels,
-                tasks,
-                [batch_size] * len(sizes),
-                head_fn,
-                offsets,
-                scaling,
-                level,
-            )
-
-        loss, grads = jax.value_and_grad(loss_fn)(portland)
-        portland, opt_state = _train.apply_optimizer(optimizer, grads, opt_state, portland)
-        return portland, opt_state, loss
-
-    return step
-
-
-def _weights_of_inputs(portland, finetuned, features_fn, x):
-    return portland_weights(portland, expert_features(finetuned, x, features_fn))
+    loss, grads = jax.value_and_grad(loss_fn)(portland)
+    updates, opt_state = optimizer.update(grads, opt_state, portland)
+    return optax.apply_updates(portland, updates), opt_state, loss
 
 
 def neural_ligand(
@@ -737,7 +445,7 @@ def neural_ligand(
     progress: Any = None,
     jit: bool = True,
     chunk: int = 250,
-) -> NeuralLigand:
+) -> NeuralLigandOutput:
     r"""Neural Ligand: trains a Portland weighting of the models, and merges with its weights.
 
     The models are frozen: their features on the training pools are computed once, and
@@ -773,8 +481,9 @@ def neural_ligand(
       chunk: Steps per compiled call (progress is reported between calls).
 
     Returns:
-      A :class:`NeuralLigand`: the Portland, the per-sample weights function, the mean
-      weights and the static merge they give, and the loss curve. Evaluate the
+      A :class:`NeuralLigandOutput`: the Portland, the mean weights and the static
+      merge they give, and the loss curve; ``.weights(finetuned, x, features_fn)``
+      gives the per-sample weights. Evaluate the
       per-sample merge with :func:`merged_logits` and the ensemble with
       :func:`ensemble_logits`.
 
@@ -791,7 +500,7 @@ def neural_ligand(
             f / jnp.linalg.norm(f, axis=-1, keepdims=True)) @ tb.heads[t].T
         res = fj.learned.neural_ligand(tb.pretrained, list(tb.finetuned),
             [(t.x_train, t.y_train) for t in tb.tasks], tb.features, head_fn)
-        w = res.weights_fn(tb.tasks[0].x_test)  # [n, K] CoopVecs
+        w = res.weights(tb.finetuned, tb.tasks[0].x_test, tb.features)  # [n, K] CoopVecs
 
     References:
       Li, Yu and Wang, `Multi-Level Collaboration in Model Merging
@@ -814,10 +523,20 @@ def neural_ligand(
     pools, sizes, supervised = _task_pools(data, finetuned, features_fn)
     k, d = len(finetuned), int(pools.rows.shape[-1])
     portland = init_portland(key_init, k, d, hidden_sizes=hidden_sizes)
-    opt = optax.adam(learning_rate) if optimizer is None else optimizer
-    opt_state = _train.init_optimizer(opt, portland)
-    step = _make_step(head_fn, opt, int(batch_size), float(scaling), level, sizes, supervised)
-    portland, _, losses = _train.run_steps(
+    opt = _loop.adam(float(learning_rate)) if optimizer is None else optimizer
+    opt = training.standard_promotion(opt)
+    opt_state = opt.init(portland)
+    step = Partial(
+        _step,
+        head_fn,
+        opt,
+        int(batch_size),
+        float(scaling),
+        level,
+        tuple(sizes),
+        tuple(supervised),
+    )
+    portland, _, losses = training.run_steps(
         step,
         portland,
         opt_state,
@@ -832,9 +551,8 @@ def neural_ligand(
         [jnp.mean(portland_weights(portland, f), axis=0) for f in _task_features(pools, sizes)]
     )
     coefficients = jnp.mean(per_task, axis=0)
-    return NeuralLigand(
+    return NeuralLigandOutput(
         portland=portland,
-        weights_fn=functools.partial(_weights_of_inputs, portland, finetuned, jax.jit(features_fn)),
         coefficients=coefficients,
         task_coefficients=per_task,
         params=_coefficients.combine(base, tvs, coefficients),

@@ -20,11 +20,16 @@ hand-written loop with the same objective, optimizer, key and batch size (its st
 
 The compiled loop runs ``chunk`` steps per call with a ``lax.fori_loop`` (the task vectors
 and data are arguments, never constants baked into the program), reporting progress
-between calls.
+between calls. Its step is a :class:`jax.tree_util.Partial` of a module-level function,
+so a ``logits_fn`` that is itself a ``Partial`` (as :attr:`fusionjax.testbed.Testbed.logits`
+is) passes its arrays as arguments too, and one compilation serves every call with the
+same shapes, optimizer and hyperparameters (the default Adam is built once per learning
+rate).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -32,11 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.tree_util import Partial
 
-from fusionjax._src import validation
+from fusionjax._src import training, validation
 from fusionjax._src.base import ArrayLike, Params, PRNGKey, Stacked
 from fusionjax._src.merge import chain
-from fusionjax.learned import _coefficients, _objectives, _train
+from fusionjax.learned import _coefficients, _objectives
 from fusionjax.learned._coefficients import Clamp, Coefficients, Granularity
 from fusionjax.learned._objectives import LogitsFn
 from fusionjax.merging import _ties
@@ -44,8 +50,8 @@ from fusionjax.merging import _ties
 Objective = Callable[..., jax.Array]
 
 
-class LearnedMerge(NamedTuple):
-    r"""The result of a learned merge.
+class LearnedMergeOutput(NamedTuple):
+    r"""The result of a learned merge (a pytree of arrays: it can be returned from ``jax.jit``).
 
     Attributes:
       coefficients: The trained coefficients as the optimizer left them (before any
@@ -95,22 +101,30 @@ def sample_batches(key: PRNGKey, data: Sequence[Any], batch_size: int) -> list[A
     return out
 
 
-def _make_step(objective, logits_fn, optimizer, batch_size, clamp):
-    def step(s, coef, opt_state, key, base, tvs, partition, data):
-        batches = sample_batches(jax.random.fold_in(key, s), data, batch_size)
-        loss, grads = jax.value_and_grad(objective)(
-            coef,
-            batches,
-            base=base,
-            task_vectors=tvs,
-            logits_fn=logits_fn,
-            partition=partition,
-            clamp=clamp,
-        )
-        coef, opt_state = _train.apply_optimizer(optimizer, grads, opt_state, coef)
-        return coef, opt_state, loss
+@functools.lru_cache(maxsize=16)
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """``optax.adam(learning_rate)`` under standard promotion, one object per learning rate.
 
-    return step
+    The learned loops' default optimizer: being the same object on every call, it keys
+    one compiled loop for all of them.
+    """
+    return training.standard_promotion(optax.adam(learning_rate))
+
+
+def _step(objective, logits_fn, optimizer, batch_size, clamp, s, coef, opt_state, *args):
+    key, base, tvs, partition, data = args
+    batches = sample_batches(jax.random.fold_in(key, s), data, batch_size)
+    loss, grads = jax.value_and_grad(objective)(
+        coef,
+        batches,
+        base=base,
+        task_vectors=tvs,
+        logits_fn=logits_fn,
+        partition=partition,
+        clamp=clamp,
+    )
+    updates, opt_state = optimizer.update(grads, opt_state, coef)
+    return optax.apply_updates(coef, updates), opt_state, loss
 
 
 def fit_coefficients(
@@ -130,7 +144,7 @@ def fit_coefficients(
     progress: Any = None,
     jit: bool = True,
     chunk: int = 50,
-) -> LearnedMerge:
+) -> LearnedMergeOutput:
     """Trains merging coefficients with an optax optimizer: the loop every method here uses.
 
     Args:
@@ -154,7 +168,7 @@ def fit_coefficients(
       chunk: Steps per compiled call (progress is reported between calls).
 
     Returns:
-      A :class:`LearnedMerge`.
+      A :class:`LearnedMergeOutput`.
     """
     validation.check_hparam("steps", steps, lower=0)
     validation.check_hparam("batch_size", batch_size, lower=1)
@@ -164,11 +178,12 @@ def fit_coefficients(
         _leading_size(d, t)
     if key is None:
         raise ValueError("key is required: it draws the batches, e.g. key=jax.random.key(0).")
-    step = _make_step(objective, logits_fn, optimizer, int(batch_size), clamp)
-    coef, _, losses = _train.run_steps(
+    optimizer = training.standard_promotion(optimizer)
+    step = Partial(_step, objective, logits_fn, optimizer, int(batch_size), clamp)
+    coef, _, losses = training.run_steps(
         step,
         coefficients,
-        _train.init_optimizer(optimizer, coefficients),
+        optimizer.init(coefficients),
         (key, base, task_vectors, partition, data),
         steps=steps,
         jit=jit,
@@ -177,7 +192,7 @@ def fit_coefficients(
         desc="learned merge",
     )
     params = _coefficients.combine(base, task_vectors, coef, partition=partition, clamp=clamp)
-    return LearnedMerge(coefficients=coef, params=params, losses=losses)
+    return LearnedMergeOutput(coefficients=coef, params=params, losses=losses)
 
 
 def adamerging(
@@ -198,7 +213,7 @@ def adamerging(
     key: PRNGKey | None = None,
     progress: Any = None,
     jit: bool = True,
-) -> LearnedMerge:
+) -> LearnedMergeOutput:
     r"""AdaMerging: merging coefficients learned by entropy minimisation on unlabeled test data.
 
     Learns :math:`\lambda` in :math:`\theta = \theta_0 + \sum_t \lambda_t\odot\tau_t` by
@@ -229,7 +244,7 @@ def adamerging(
       jit: Compile the loop.
 
     Returns:
-      A :class:`LearnedMerge` with the coefficients, the merged params and the entropy curve.
+      A :class:`LearnedMergeOutput` with the coefficients, the merged params and the entropy curve.
 
     Examples:
       On the digits testbed (``tb = fusionjax.testbed.load()``)::
@@ -247,7 +262,7 @@ def adamerging(
     coef = _coefficients.init_coefficients(
         tvs, granularity=granularity, init=init, partition=partition
     )
-    opt = optax.adam(learning_rate) if optimizer is None else optimizer
+    opt = adam(float(learning_rate)) if optimizer is None else optimizer
     return fit_coefficients(
         _objectives.adamerging_loss,
         base,
@@ -274,7 +289,7 @@ def adamerging_plus_plus(
     *,
     density: ArrayLike = 0.2,
     **kwargs,
-) -> LearnedMerge:
+) -> LearnedMergeOutput:
     r"""AdaMerging++: AdaMerging on TIES-processed task vectors.
 
     Each task vector is trimmed to its top ``density`` magnitudes and its entries that
@@ -290,7 +305,7 @@ def adamerging_plus_plus(
       **kwargs: Everything else :func:`adamerging` takes.
 
     Returns:
-      A :class:`LearnedMerge`.
+      A :class:`LearnedMergeOutput`.
 
     References:
       Yang et al, `AdaMerging <https://arxiv.org/abs/2310.02575>`_, ICLR 2024;
@@ -318,7 +333,7 @@ def atlas(
     key: PRNGKey | None = None,
     progress: Any = None,
     jit: bool = True,
-) -> LearnedMerge:
+) -> LearnedMergeOutput:
     r"""aTLAS: anisotropic (per-block) coefficients learned on a few labeled examples.
 
     :math:`\theta = \theta_0 + \sum_t \Lambda_t \odot \tau_t` where :math:`\Lambda_t`
@@ -343,7 +358,7 @@ def atlas(
       jit: Compile the loop.
 
     Returns:
-      A :class:`LearnedMerge`.
+      A :class:`LearnedMergeOutput`.
 
     References:
       Zhang et al, `Knowledge Composition using Task Vectors with Learned Anisotropic
@@ -359,7 +374,7 @@ def atlas(
     coef = _coefficients.init_coefficients(
         tvs, granularity=granularity, init=init, partition=partition
     )
-    opt = optax.adam(learning_rate) if optimizer is None else optimizer
+    opt = adam(float(learning_rate)) if optimizer is None else optimizer
     return fit_coefficients(
         _objectives.atlas_loss,
         base,

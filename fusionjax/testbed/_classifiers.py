@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fusionjax._src import training
 from fusionjax._src.base import Params
 from fusionjax.testbed._tasks import load_images, split_indices
 
@@ -94,7 +95,7 @@ def _trainer(model: nn.Module, learning_rate: float, chunk: int):
     indices), in a ``lax.fori_loop`` unless ``chunk == 1``. Built once per configuration:
     a closure has no static arguments to hash per call.
     """
-    opt = optax.adam(learning_rate)
+    opt = training.standard_promotion(optax.adam(learning_rate))
 
     def step(carry, idx, x, y):
         params, state, opt_state = carry
@@ -129,12 +130,11 @@ def _train(model, seeds, steps, batch_size, learning_rate, data, chunk):
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
     batches = np.stack([_batches(int(s), data.x_train.shape[0], steps, batch_size) for s in seeds])
-    # optax's Adam mixes Python floats and int32 counts: trace it under standard promotion
-    # whatever the user's (or the test suite's) setting.
-    with jax.numpy_dtype_promotion("standard"):
-        carry = (params, state, jax.vmap(opt_init)(params))
-        for t0 in range(0, steps, chunk):
-            carry = run(carry, batches[:, t0 : t0 + chunk], data.x_train, data.y_train)
+    # The optimizer runs under standard promotion (training.standard_promotion), whatever
+    # the user's (or the test suite's) setting.
+    carry = (params, state, jax.vmap(opt_init)(params))
+    for t0 in range(0, steps, chunk):
+        carry = run(carry, batches[:, t0 : t0 + chunk], data.x_train, data.y_train)
     params, state, _ = carry
     stacked = {"params": params, **state}
     return [jax.tree.map(lambda v, i=i: v[i], stacked) for i in range(len(seeds))]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,6 +43,54 @@ def normalize(x: jax.Array) -> jax.Array:
 def head_logits(features: jax.Array, head: jax.Array, scale: float) -> jax.Array:
     """Cosine logits ``scale * <f / |f|, h_c>`` of ``[..., d]`` features, ``[C, d]`` head."""
     return scale * (normalize(features) @ head.T)
+
+
+# The testbed's functions as jax.tree_util.Partial objects (see Testbed.logits): the Python
+# function is cached per (widths, scale), so it is the same object for every seed and
+# keys a compiled loop; the heads are the Partial's array leaves, passed as arguments.
+
+
+@functools.lru_cache(maxsize=16)
+def features_fn(widths: tuple[int, ...]) -> Callable[..., jax.Array]:
+    """``fn(params, x) -> [..., d]``: the encoder's unnormalized features."""
+    encoder = Encoder(widths)
+
+    def features(params, x):
+        return encoder.apply({"params": params}, x)
+
+    return features
+
+
+@functools.lru_cache(maxsize=16)
+def logits_fn(widths: tuple[int, ...], scale: float) -> Callable[..., jax.Array]:
+    """``fn(heads, params, task_index, x) -> [..., C]``: a task's logits, heads a tuple."""
+    features = features_fn(widths)
+
+    def logits(heads, params, task_index, x):
+        return head_logits(features(params, x), heads[task_index], scale)
+
+    return logits
+
+
+@functools.lru_cache(maxsize=16)
+def task_logits_fn(widths: tuple[int, ...], scale: float) -> Callable[..., jax.Array]:
+    """``fn(head, params, x) -> [..., C]``: logits through one given head."""
+    features = features_fn(widths)
+
+    def logits(head, params, x):
+        return head_logits(features(params, x), head, scale)
+
+    return logits
+
+
+@functools.lru_cache(maxsize=16)
+def head_logits_fn(scale: float) -> Callable[..., jax.Array]:
+    """``fn(heads, task_index, features) -> [..., C]``: a task's head on features."""
+
+    def logits(heads, task_index, features):
+        return head_logits(features, heads[task_index], scale)
+
+    return logits
 
 
 def gap_basis(features: np.ndarray, dim: int) -> np.ndarray:

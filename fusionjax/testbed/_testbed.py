@@ -15,6 +15,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from fusionjax._src.progress import Progress as _Progress
 from fusionjax.testbed import _model, _tasks, _train
@@ -64,42 +65,55 @@ class Testbed:
         """Number of tasks."""
         return len(self.tasks)
 
-    def features(self, params: Params, x: jax.Array) -> jax.Array:
-        """Unnormalized encoder features ``[..., d]`` of ``[..., 64]`` inputs."""
-        return self.encoder.apply({"params": params}, x)
+    @functools.cached_property
+    def features(self) -> Partial:
+        """``features(params, x) -> [..., d]``: unnormalized encoder features of ``[..., 64]`` inputs.
 
-    def logits(self, params: Params, task_index: int, x: jax.Array) -> jax.Array:
-        """Logits of one task: encoder features, normalized, through the task's fixed head.
+        A :class:`jax.tree_util.Partial` with no array leaves (see :attr:`logits`).
+        """
+        return Partial(_model.features_fn(self.config.widths))
+
+    @functools.cached_property
+    def logits(self) -> Partial:
+        """``logits(params, task_index, x) -> [..., C]``: encoder features through a task's head.
 
         Pure and differentiable in ``params`` (which may be traced): use it under
-        ``jax.jit(tb.logits, static_argnums=1)``, ``jax.grad`` or ``jax.vmap``.
+        ``jax.jit(tb.logits, static_argnums=1)``, ``jax.grad`` or ``jax.vmap``. The logits are
+        ``logit_scale * cos(features, head rows)`` of the fixed head ``tb.heads[task_index]``
+        (``task_index`` a Python int) for inputs ``x``, ``[..., 64]`` (a batch ``[n, 64]`` or
+        one example ``[64]``).
 
-        Args:
-          params: Encoder params (any merged or fine-tuned tree of the same structure).
-          task_index: Which task's head; a Python int (static).
-          x: ``[..., 64]`` inputs, e.g. a batch ``[n, 64]`` or one example ``[64]``.
-
-        Returns:
-          ``[..., num_classes]`` logits, ``logit_scale * cos(features, head rows)``.
+        It is a :class:`jax.tree_util.Partial` whose array leaves are the heads: a loop
+        that takes it as an argument of its compiled function (as the learned loops do)
+        compiles once for every seed, whose testbeds differ in their heads only.
         """
-        return _model.head_logits(
-            self.features(params, x), self.heads[task_index], self.config.logit_scale
-        )
+        return Partial(_model.logits_fn(self.config.widths, self.config.logit_scale), self.heads)
 
-    def head_logits(self, task_index: int, features: jax.Array) -> jax.Array:
-        """Logits of one task's fixed head on encoder features ``[..., d]``.
+    def task_logits(self, task_index: int) -> Partial:
+        """``fn(params, x) -> [..., C]``: the logits of one task (``tb.logits`` with ``task_index`` set).
 
-        ``tb.logits(params, t, x) == tb.head_logits(t, tb.features(params, x))``: methods
-        that mix features before the head (Neural Ligand's ensemble) use the two halves.
+        A :class:`jax.tree_util.Partial` whose one array leaf is the task's head, so tasks
+        with the same number of classes share a compiled function that takes it as an
+        argument (e.g. :func:`fusionjax.interop.dense_fisher_diagonal`).
 
         Args:
           task_index: Which task's head; a Python int.
-          features: Unnormalized encoder features ``[..., d]``.
 
         Returns:
-          ``[..., num_classes]`` logits.
+          The function.
         """
-        return _model.head_logits(features, self.heads[task_index], self.config.logit_scale)
+        fn = _model.task_logits_fn(self.config.widths, self.config.logit_scale)
+        return Partial(fn, self.heads[task_index])
+
+    @functools.cached_property
+    def head_logits(self) -> Partial:
+        """``head_logits(task_index, features) -> [..., C]``: a task's fixed head on features.
+
+        ``tb.logits(params, t, x) == tb.head_logits(t, tb.features(params, x))``: methods
+        that mix features before the head (Neural Ligand's ensemble) use the two halves.
+        A :class:`jax.tree_util.Partial` whose array leaves are the heads.
+        """
+        return Partial(_model.head_logits_fn(self.config.logit_scale), self.heads)
 
     def evaluate(self, params: Params) -> np.ndarray:
         """Test accuracy of an encoder on every task, ``[num_tasks]`` float64 in ``[0, 1]``."""

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fusionjax._src import training
 from fusionjax.testbed import _model, _tasks
 
 Params = Any
@@ -112,10 +113,7 @@ def pretrain(config: Config, images: jax.Array, key: jax.Array) -> tuple[Params,
     Returns:
       ``(params, losses)``: the encoder's ``params`` collection and ``[steps]`` losses.
     """
-    # optax's Adam mixes int32 step counts with floats, which a strict promotion mode
-    # (as in our test suite) rejects; training code is ours, so trace it in standard mode.
-    with jax.numpy_dtype_promotion("standard"):
-        return _pretrain(config, images, key)
+    return _pretrain(config, images, key)
 
 
 def _pretrain(config: Config, images: jax.Array, key: jax.Array) -> tuple[Params, jax.Array]:
@@ -129,7 +127,9 @@ def _pretrain(config: Config, images: jax.Array, key: jax.Array) -> tuple[Params
             "bias": jnp.zeros((1, _tasks.NUM_PIXELS), jnp.float32),
         },
     }
-    optimizer = optax.adam(config.pretrain_learning_rate)
+    # optax's Adam mixes int32 step counts with floats, which strict promotion (as in our
+    # test suite) rejects: the optimizer runs under standard promotion.
+    optimizer = training.standard_promotion(optax.adam(config.pretrain_learning_rate))
 
     def loss_fn(params, key):
         k_batch, k_view, k_corrupt = jax.random.split(key, 3)
@@ -175,13 +175,13 @@ def finetune(
     Returns:
       The fine-tuned encoder params; the head is not trained.
     """
-    with jax.numpy_dtype_promotion("standard"):
-        return _finetune(config, params, head, valid, x, y, key)
+    return _finetune(config, params, head, valid, x, y, key)
 
 
 def _finetune(config, params, head, valid, x, y, key):
     encoder = _model.Encoder(config.widths)
     optimizer = optax.sgd(config.finetune_learning_rate, momentum=config.finetune_momentum)
+    optimizer = training.standard_promotion(optimizer)
     penalty = jnp.where(valid, 0.0, -1e9)[None, :]
 
     def loss_fn(params, key):

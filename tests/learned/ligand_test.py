@@ -33,7 +33,7 @@ import pytest
 
 from fusionjax import testbed
 from fusionjax.learned import _coefficients
-from fusionjax.learned import _ligand as nl
+from fusionjax import learned as nl
 from tests._testing import F32, SEEDS, assert_trees_close
 
 # --------------------------------------------------------------------------------------
@@ -271,9 +271,13 @@ def test_ready_loop_trains_only_the_portland(setting):
     np.testing.assert_allclose(res.coefficients, res.task_coefficients.mean(0), **F32)
     tvs = _coefficients.stacked_task_vectors(base, finetuned)
     assert_trees_close(res.params, _coefficients.combine(base, tvs, res.coefficients))
-    w = res.weights_fn(data[0][0])
+    w = res.weights(finetuned, data[0][0], features_fn)
     want = nl.portland_weights(res.portland, nl.expert_features(finetuned, data[0][0], features_fn))
     np.testing.assert_allclose(w, want, rtol=1e-5, atol=1e-6)
+    # The output is a pytree of arrays: jit returns it whole.
+    back = jax.jit(lambda out: out)(res)
+    assert type(back) is nl.NeuralLigandOutput
+    assert_trees_close(back.portland, res.portland, rtol=0, atol=0)
 
 
 def test_alignment_term_alone_pulls_the_weighted_offset_to_zero(setting):
@@ -378,11 +382,8 @@ def test_testbed_merge_equals_ensemble_where_weights_are_near_one_hot(suite):
     for s in SEEDS:
         tb = testbed.load(seed=s)
         res = suite[s][MERGE].details
-        near = [
-            t
-            for t, task in enumerate(tb.tasks)
-            if float(jnp.mean(jnp.max(res.weights_fn(task.x_test), axis=-1))) >= 0.8
-        ]
+        weights = [res.weights(tb.finetuned, task.x_test, tb.features) for task in tb.tasks]
+        near = [t for t, w in enumerate(weights) if float(jnp.mean(jnp.max(w, axis=-1))) >= 0.8]
         assert near, f"seed {s}: no task with near one-hot weights"
         diff = np.abs(suite[s][MERGE].accuracies[near] - suite[s][ENSEMBLE].accuracies[near])
         # Measured at most 0.7 points (one or two test examples).

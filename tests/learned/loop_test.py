@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import fusionjax as fj
+from fusionjax._src import training
 
 T, D, H, N = 3, 6, 16, 40
 
@@ -193,3 +194,42 @@ def test_errors(problem):
             task_vectors=fj.learned.stacked_task_vectors(base, fts),
             logits_fn=logits_fn,
         )
+
+
+def _head_logits(heads, params, t, x):
+    h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"][None])
+    h = jnp.tanh(h @ params["l2"]["kernel"] + params["l2"]["bias"][None])
+    return 3.0 * h @ heads[t]
+
+
+def test_one_compile_serves_models_that_differ_in_their_head_arrays(problem):
+    """A ``Partial`` logits_fn passes its arrays (heads) as arguments: no recompilation.
+
+    As the testbed's ``tb.logits`` does for every seed; the result is the closure's.
+    """
+    base, fts, data, logits_fn = problem
+    keys = jax.random.split(jax.random.key(9), T)
+    heads = [jax.random.normal(keys[t], (H, 2 + t)) for t in range(T)]
+    kw = dict(steps=3, batch_size=4, granularity="task", learning_rate=0.02)
+    before = training._run_chunk_shared._cache_size()
+    scaled = [[scale * h for h in heads] for scale in (1.0, 2.0)]
+    outs = [
+        fj.learned.adamerging(base, fts, data, jax.tree_util.Partial(_head_logits, hs), **kw)
+        for hs in scaled
+    ]
+    assert training._run_chunk_shared._cache_size() - before == 1
+    for hs, out in zip(scaled, outs, strict=True):
+        closure = fj.learned.adamerging(
+            base, fts, data, lambda p, t, x, hs=hs: _head_logits(hs, p, t, x), **kw
+        )
+        np.testing.assert_array_equal(out.losses, closure.losses)
+    assert not np.allclose(outs[0].losses, outs[1].losses)  # the heads did reach the loop
+
+
+def test_output_is_a_pytree_jit_returns(problem):
+    """LearnedMergeOutput holds arrays only: ``jax.jit`` returns it whole."""
+    base, fts, data, logits_fn = problem
+    res = fj.learned.adamerging(base, fts, data, logits_fn, steps=2, granularity="task")
+    back = jax.jit(lambda out: out)(res)
+    assert type(back) is fj.learned.LearnedMergeOutput
+    np.testing.assert_array_equal(back.coefficients, res.coefficients)

@@ -57,7 +57,7 @@ import pytest
 
 import fusionjax as fj
 from fusionjax import testbed
-from fusionjax.learned import _wemoe as wm
+from fusionjax import learned as wm
 from tests import _testing
 
 T, D, N = 3, 5, 24
@@ -408,10 +408,13 @@ def test_hand_written_optax_loop_reproduces_wemoe(problem, trained):
 
 
 def test_wemoe_logits_jits_with_the_result_as_argument(problem, trained):
-    """A WEMoEResult is a pytree: jit takes it as an argument."""
+    """A WEMoEOutput is a pytree: jit takes it as an argument and returns it."""
     _, _, data, logits_fn = problem
     res = trained[True]
     f = jax.jit(lambda r, x: wm.wemoe_logits(r, logits_fn, 2, x))
+    back = jax.jit(lambda r: r)(res)
+    assert type(back) is wm.WEMoEOutput
+    _testing.assert_trees_close(back.routers, res.routers, rtol=0, atol=0)
     np.testing.assert_allclose(
         f(res, data[2]), wm.wemoe_logits(res, logits_fn, 2, data[2]), rtol=1e-5, atol=1e-5
     )
