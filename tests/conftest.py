@@ -53,11 +53,11 @@ def fusions():
 def spec_results():
     """``{0: [ResNet result, transformer result]}``: hand vs derived spec, one pair each.
 
-    One seed, a shorter-trained ResNet and 3 points per BatchNorm curve (the demo: 300
-    steps, 5 points): with equal groups in the same order the two specs give the same
-    matching, which is what the test checks; the demo's figures over 3 seeds are in the
-    README.
+    One seed, shorter-trained models (ResNet 50 steps, transformer 150) and 3 points per
+    BatchNorm curve (the demo: 300 steps, 5 points): with equal groups in the same order
+    the two specs give the same matching, which is what the test checks; the demo's
+    figures over 3 seeds are in the README.
     """
     from fusionjax.demo import _alignment
 
-    return _alignment.spec_study([0], resnet_steps=150, resnet_points=3)
+    return _alignment.spec_study([0], resnet_steps=50, resnet_points=3, transformer_steps=150)

@@ -193,15 +193,6 @@ def _check_pair(spec: PermutationSpec, ref: Params, other: Params):
     return lr, lo, axes_r, axes_o
 
 
-def _check_finite(leaves: dict, name: str) -> None:
-    """Raises naming the first concrete floating-point leaf with NaN or Inf (on the host)."""
-    for path, x in leaves.items():
-        if isinstance(x, jax.core.Tracer) or not hasattr(x, "dtype"):
-            continue
-        if jnp.issubdtype(x.dtype, jnp.inexact) and not np.isfinite(np.asarray(x)).all():
-            raise ValueError(f"{name} has NaN or Inf values at {path!r}.")
-
-
 @jax.jit
 def _interpolate(ref, other, cur, weight):
     """``((1 - w) ref + w aligned, aligned)`` leaf by leaf; integer leaves from ``ref``."""
@@ -370,8 +361,8 @@ def ot_fusion(
     if cost == "activation":
         acts_r, acts_o = check_activations(activations, spec.names, sizes_r, sizes_o)
     validation.check_passthrough_equal(ref, [other], name="other")
-    _check_finite(lr, "ref")
-    _check_finite(lo, "other")
+    validation.check_finite(ref, "ref")
+    validation.check_finite(other, "other")
 
     check_costs_available(spec, axes_r, acts_r)
 

@@ -287,21 +287,7 @@ class MatchStats:
     rejected: int = 0
 
 
-def _all_finite(x) -> bool:
-    if isinstance(x, np.ndarray) or all(d.platform == "cpu" for d in x.devices()):
-        return bool(np.isfinite(np.asarray(x)).all())
-    with jax.ensure_compile_time_eval():
-        return bool(jnp.isfinite(x).all())
-
-
-def check_finite(tree, name: str) -> None:
-    """Raises ``ValueError`` naming the first NaN/Inf leaf of ``tree`` (concrete leaves).
-
-    Host-resident leaves are checked with NumPy (no compilation per leaf shape).
-    """
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if _is_float(x) and validation.is_concrete(x) and not _all_finite(x):
-            raise ValueError(f"{name} has NaN or Inf values at {jax.tree_util.keystr(path)}.")
+check_finite = validation.check_finite  # the one finite check of the library
 
 
 def reduce_cost(cost):

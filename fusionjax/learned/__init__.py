@@ -31,12 +31,12 @@ from fusionjax.learned._loop import adamerging_plus_plus
 from fusionjax.learned._loop import atlas
 from fusionjax.learned._loop import fit_coefficients
 from fusionjax.learned._loop import sample_batches
-from fusionjax.learned._objectives import adamerging_loss
-from fusionjax.learned._objectives import atlas_loss
-from fusionjax.learned._objectives import entropy
 from fusionjax.learned._moe import init_routers
 from fusionjax.learned._moe import moe_dense
 from fusionjax.learned._moe import routing_weights
+from fusionjax.learned._objectives import adamerging_loss
+from fusionjax.learned._objectives import atlas_loss
+from fusionjax.learned._objectives import entropy
 from fusionjax.learned._portland import init_portland
 from fusionjax.learned._portland import portland_weights
 from fusionjax.learned._wemoe import WEMoEOutput

@@ -20,7 +20,9 @@ gradients for (or copies) the task vectors.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from typing import Any
+from typing import Literal
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,10 @@ import numpy as np
 
 from fusionjax._src import tree as tree_lib
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Params, PRNGKey, Stacked
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Params
+from fusionjax._src.base import PRNGKey
+from fusionjax._src.base import Stacked
 
 keystr = jax.tree_util.keystr
 Granularity = Literal["task", "layer", "block"]

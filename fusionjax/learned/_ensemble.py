@@ -8,14 +8,18 @@ The ensemble mixes the :math:`K` models' features, :math:`h_t(\sum_k w_k(x) f_k(
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-from fusionjax._src import training, validation
-from fusionjax._src.base import Params, Stacked
+from fusionjax._src import training
+from fusionjax._src import validation
+from fusionjax._src.base import Params
+from fusionjax._src.base import Stacked
 from fusionjax.learned import _coefficients
 from fusionjax.learned._portland import _check_features
 

@@ -85,8 +85,11 @@ References:
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import Literal
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,18 +97,25 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
-from fusionjax._src import training, validation
-from fusionjax._src.base import Params, PRNGKey, Stacked
-from fusionjax.learned import _coefficients, _loop, _objectives
-from fusionjax.learned._ensemble import (
-    FeaturesFn,
-    HeadFn,
-    Level,
-    ensemble_logits,
-    expert_features,
-    features_of,
-)
-from fusionjax.learned._portland import Portland, _check_features, init_portland, portland_weights
+from fusionjax._src import keys as keys_lib
+from fusionjax._src import training
+from fusionjax._src import validation
+from fusionjax._src.base import Params
+from fusionjax._src.base import PRNGKey
+from fusionjax._src.base import Stacked
+from fusionjax.learned import _coefficients
+from fusionjax.learned import _loop
+from fusionjax.learned import _objectives
+from fusionjax.learned._ensemble import FeaturesFn
+from fusionjax.learned._ensemble import HeadFn
+from fusionjax.learned._ensemble import Level
+from fusionjax.learned._ensemble import ensemble_logits
+from fusionjax.learned._ensemble import expert_features
+from fusionjax.learned._ensemble import features_of
+from fusionjax.learned._portland import Portland
+from fusionjax.learned._portland import _check_features
+from fusionjax.learned._portland import init_portland
+from fusionjax.learned._portland import portland_weights
 
 Alignment = Literal["sum", "norm"]
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -474,7 +484,7 @@ def neural_ligand(
       level: ``"features"`` (the paper) or ``"logits"``; see :func:`ensemble_logits`.
       hidden_sizes: Hidden widths of the Portland; ``()`` is the paper's linear layer.
       optimizer: Any optax optimizer, instead of Adam.
-      key: PRNG key of the initialisation and of the batches (default ``key(0)``).
+      key: PRNG key of the initialisation and of the batches (required).
       progress: ``None``, a callable (called with a message per chunk), or a tqdm-like
         bar or class.
       jit: Compile the loop (``False`` runs the same steps eagerly).
@@ -515,7 +525,7 @@ def neural_ligand(
         raise ValueError(f"alignment must be 'sum', 'norm' or None, got {alignment!r}.")
     if level not in ("features", "logits"):
         raise ValueError(f"level must be 'features' or 'logits', got {level!r}.")
-    key = jax.random.key(0) if key is None else key
+    key = keys_lib.require_key(key, "neural_ligand")
     key_init, key_batches = jax.random.split(key)
     finetuned = list(finetuned) if isinstance(finetuned, tuple) else finetuned
     tvs = _coefficients.stacked_task_vectors(base, finetuned)

@@ -30,8 +30,10 @@ rate).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +41,19 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
-from fusionjax._src import training, validation
-from fusionjax._src.base import ArrayLike, Params, PRNGKey, Stacked
+from fusionjax._src import keys as keys_lib
+from fusionjax._src import training
+from fusionjax._src import validation
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Params
+from fusionjax._src.base import PRNGKey
+from fusionjax._src.base import Stacked
 from fusionjax._src.merge import chain
-from fusionjax.learned import _coefficients, _objectives
-from fusionjax.learned._coefficients import Clamp, Coefficients, Granularity
+from fusionjax.learned import _coefficients
+from fusionjax.learned import _objectives
+from fusionjax.learned._coefficients import Clamp
+from fusionjax.learned._coefficients import Coefficients
+from fusionjax.learned._coefficients import Granularity
 from fusionjax.learned._objectives import LogitsFn
 from fusionjax.merging import _ties
 
@@ -239,7 +249,7 @@ def adamerging(
       task_vector_fn: A task-vector step applied to the task vectors first
         (:func:`adamerging_plus_plus` passes TIES' trim and sign election).
       partition: Block ids for ``granularity="block"``.
-      key: PRNG key of the batch sampling (default ``jax.random.key(0)``).
+      key: PRNG key of the batch sampling (required).
       progress: Progress reporting, see :func:`fit_coefficients`.
       jit: Compile the loop.
 
@@ -257,7 +267,7 @@ def adamerging(
       Yang et al, `AdaMerging: Adaptive Model Merging for Multi-Task Learning
       <https://arxiv.org/abs/2310.02575>`_, ICLR 2024
     """
-    key = jax.random.key(0) if key is None else key
+    key = keys_lib.require_key(key, "adamerging")
     tvs = _coefficients.stacked_task_vectors(base, finetuned, task_vector_fn)
     coef = _coefficients.init_coefficients(
         tvs, granularity=granularity, init=init, partition=partition
@@ -353,7 +363,7 @@ def atlas(
       learning_rate: Adam's learning rate (ignored if ``optimizer`` is given).
       batch_size: Labeled examples per task per step.
       optimizer: Any optax optimizer, instead of Adam.
-      key: PRNG key of the partition and the batch sampling (default ``key(0)``).
+      key: PRNG key of the partition and the batch sampling (required).
       progress: Progress reporting.
       jit: Compile the loop.
 
@@ -364,7 +374,7 @@ def atlas(
       Zhang et al, `Knowledge Composition using Task Vectors with Learned Anisotropic
       Scaling <https://arxiv.org/abs/2407.02880>`_, NeurIPS 2024
     """
-    key = jax.random.key(0) if key is None else key
+    key = keys_lib.require_key(key, "atlas")
     key_blocks, key_batches = jax.random.split(key)
     tvs = _coefficients.stacked_task_vectors(base, finetuned)
     if num_blocks == 1:

@@ -13,7 +13,10 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -21,7 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src import validation
-from fusionjax._src.base import ArrayLike, Params, PRNGKey, Stacked
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Params
+from fusionjax._src.base import PRNGKey
+from fusionjax._src.base import Stacked
 
 LayerPath = tuple[str, ...]
 """A module path, e.g. ``("Dense_1",)`` or ``("Encoder_0", "Dense_1")``."""

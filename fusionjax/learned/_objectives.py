@@ -15,16 +15,21 @@ int, so every task may have its own head and number of classes) for inputs ``x``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fusionjax._src.base import Params, Stacked
+from fusionjax._src.base import Params
+from fusionjax._src.base import Stacked
 from fusionjax.learned import _coefficients
-from fusionjax.learned._coefficients import Clamp, Coefficients
+from fusionjax.learned._coefficients import Clamp
+from fusionjax.learned._coefficients import Coefficients
 
 LogitsFn = Callable[[Params, int, Any], jax.Array]
 Batches = Union[Sequence[Any], Mapping[int, Any]]

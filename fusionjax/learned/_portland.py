@@ -6,7 +6,8 @@ Portland is one linear layer. See :mod:`fusionjax.learned._ligand` for the metho
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax

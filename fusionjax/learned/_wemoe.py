@@ -51,8 +51,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -61,25 +64,31 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
-from fusionjax._src import training, validation
-from fusionjax._src.base import ArrayLike, Params, PRNGKey, Stacked
+from fusionjax._src import keys as keys_lib
+from fusionjax._src import training
+from fusionjax._src import validation
+from fusionjax._src.base import ArrayLike
+from fusionjax._src.base import Params
+from fusionjax._src.base import PRNGKey
+from fusionjax._src.base import Stacked
 from fusionjax._src.merge import merge
-from fusionjax.learned import _coefficients, _loop
-from fusionjax.learned._moe import (
-    Layers,
-    LayerPath,
-    Routers,
-    _fmt,
-    _get,
-    _layer_table,
-    _nest,
-    _replace,
-    _replace_leaves,
-    init_routers,
-    moe_dense,
-    routing_weights,
-)
-from fusionjax.learned._objectives import LogitsFn, entropy, task_batches
+from fusionjax.learned import _coefficients
+from fusionjax.learned import _loop
+from fusionjax.learned._moe import LayerPath
+from fusionjax.learned._moe import Layers
+from fusionjax.learned._moe import Routers
+from fusionjax.learned._moe import _fmt
+from fusionjax.learned._moe import _get
+from fusionjax.learned._moe import _layer_table
+from fusionjax.learned._moe import _nest
+from fusionjax.learned._moe import _replace
+from fusionjax.learned._moe import _replace_leaves
+from fusionjax.learned._moe import init_routers
+from fusionjax.learned._moe import moe_dense
+from fusionjax.learned._moe import routing_weights
+from fusionjax.learned._objectives import LogitsFn
+from fusionjax.learned._objectives import entropy
+from fusionjax.learned._objectives import task_batches
 from fusionjax.merging import _linear
 
 
@@ -465,7 +474,7 @@ def wemoe(
         weight matrix per task and step: cheaper, FusionBench's default), or route every
         example on its own in training too (``False``).
       optimizer: Any optax optimizer, instead of Adam.
-      key: PRNG key of the router initialisation and the batches (default ``key(0)``).
+      key: PRNG key of the router initialisation and the batches (required).
       progress: ``None``, a callable (called with a message per chunk), or a tqdm-like bar
         or class.
       jit: Compile the loop (``False`` runs the same steps eagerly).
@@ -502,7 +511,7 @@ def wemoe(
         )
     for t, d in enumerate(unlabeled):
         validation.check_examples(d, None, name=f"unlabeled[{t}]")
-    key = jax.random.key(0) if key is None else key
+    key = keys_lib.require_key(key, "wemoe")
     key_init, key_batches = jax.random.split(key)
     backbone, tvs, _ = wemoe_upscale(
         base, finetuned, logits_fn, list(unlabeled), layers=layers, scaling=scaling

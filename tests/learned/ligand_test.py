@@ -255,6 +255,7 @@ def test_ready_loop_trains_only_the_portland(setting):
         steps=60,
         batch_size=16,
         learning_rate=1e-2,
+        key=jax.random.key(0),
     )
     assert res.losses.shape == (60,)
     assert res.losses[-10:].mean() < res.losses[:10].mean()
@@ -322,21 +323,21 @@ def test_errors_name_the_problem(setting):
     bad = jax.tree.map(lambda x: x, finetuned[1])
     bad["dense"]["kernel"] = jnp.zeros((D_IN + 1, HIDDEN))
     with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\]"):
-        nl.neural_ligand(base, [finetuned[0], bad], data, features_fn, head_fn, steps=1)
+        nl.neural_ligand(base, [finetuned[0], bad], data, features_fn, head_fn, steps=1, key=jax.random.key(0))
     portland = nl.init_portland(jax.random.key(0), 3, D)
     with pytest.raises(ValueError, match=r"dense_0.*K \* d = 3 \* 5"):
         nl.portland_weights(portland, jnp.ones((3, 2, D + 1)))
     with pytest.raises(ValueError, match="alignment"):
-        nl.neural_ligand(base, finetuned, data, features_fn, head_fn, alignment="l2")
+        nl.neural_ligand(base, finetuned, data, features_fn, head_fn, alignment="l2", key=jax.random.key(0))
     with pytest.raises(ValueError, match="level"):
-        nl.neural_ligand(base, finetuned, data, features_fn, head_fn, level="probs")
+        nl.neural_ligand(base, finetuned, data, features_fn, head_fn, level="probs", key=jax.random.key(0))
     with pytest.raises(ValueError, match="steps"):
-        nl.neural_ligand(base, finetuned, data, features_fn, head_fn, steps=-1)
+        nl.neural_ligand(base, finetuned, data, features_fn, head_fn, steps=-1, key=jax.random.key(0))
     with pytest.raises(ValueError, match="data must be a non-empty list"):
-        nl.neural_ligand(base, finetuned, [], features_fn, head_fn)
+        nl.neural_ligand(base, finetuned, [], features_fn, head_fn, key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"data\[1\]'s labels must be a \[n\] integer"):
         float_labels = [data[0], (data[1][0], jnp.zeros(40))]
-        nl.neural_ligand(base, finetuned, float_labels, features_fn, head_fn, steps=1)
+        nl.neural_ligand(base, finetuned, float_labels, features_fn, head_fn, steps=1, key=jax.random.key(0))
     tvs = _coefficients.stacked_task_vectors(base, finetuned)
     with pytest.raises(ValueError, match=r"weights must be \[n, K\] = \(40, 3\)"):
         nl.merged_logits(

@@ -128,8 +128,7 @@ def test_chunking_does_not_change_the_result(problem):
 def test_entropy_goes_down_and_params_are_the_merge_of_the_coefficients(problem):
     base, fts, data, logits_fn = problem
     res = fj.learned.adamerging(
-        base, fts, data, logits_fn, steps=60, learning_rate=3e-2, batch_size=16
-    )
+        base, fts, data, logits_fn, steps=60, learning_rate=3e-2, batch_size=16, key=jax.random.key(0))
     assert res.losses[-10:].mean() < res.losses[:10].mean()
     tvs = fj.learned.stacked_task_vectors(base, fts)
     want = fj.learned.combine(base, tvs, res.coefficients, clamp=(0.0, 1.0))
@@ -141,8 +140,7 @@ def test_entropy_goes_down_and_params_are_the_merge_of_the_coefficients(problem)
 def test_adamerging_plus_plus_learns_on_trimmed_task_vectors(problem):
     base, fts, data, logits_fn = problem
     res = fj.learned.adamerging_plus_plus(
-        base, fts, data, logits_fn, steps=2, density=0.1, granularity="task"
-    )
+        base, fts, data, logits_fn, steps=2, density=0.1, granularity="task", key=jax.random.key(0))
     # With λ = 0.3 and 10% of each task vector kept, the merge differs from base on few entries.
     changed = float(jnp.mean(res.params["l2"]["kernel"] != base["l2"]["kernel"]))
     assert 0.0 < changed <= 3 * 0.1 + 1e-6
@@ -152,7 +150,7 @@ def test_atlas_fits_labeled_batches(problem):
     base, fts, data, logits_fn = problem
     labels = [np.asarray(jnp.argmax(logits_fn(fts[t], t, x), -1)) for t, x in enumerate(data)]
     labeled = list(zip(data, labels))
-    res = fj.learned.atlas(base, fts, labeled, logits_fn, num_blocks=3, steps=40, batch_size=16)
+    res = fj.learned.atlas(base, fts, labeled, logits_fn, num_blocks=3, steps=40, batch_size=16, key=jax.random.key(0))
     assert res.coefficients["l1"]["kernel"].shape == (T, 3)
     assert res.losses[-5:].mean() < res.losses[:5].mean()
 
@@ -161,23 +159,22 @@ def test_progress_callable_is_called(problem):
     base, fts, data, logits_fn = problem
     messages = []
     fj.learned.adamerging(
-        base, fts, data, logits_fn, steps=5, progress=messages.append, granularity="task"
-    )
+        base, fts, data, logits_fn, steps=5, progress=messages.append, granularity="task", key=jax.random.key(0))
     assert messages and "step 5/5" in messages[-1]
 
 
 def test_errors(problem):
     base, fts, data, logits_fn = problem
     with pytest.raises(ValueError, match="steps"):
-        fj.learned.adamerging(base, fts, data, logits_fn, steps=-1)
+        fj.learned.adamerging(base, fts, data, logits_fn, steps=-1, key=jax.random.key(0))
     with pytest.raises(ValueError, match="non-empty list"):
-        fj.learned.adamerging(base, fts, [], logits_fn)
+        fj.learned.adamerging(base, fts, [], logits_fn, key=jax.random.key(0))
     with pytest.raises(ValueError, match="task 1's data has no examples"):
-        fj.learned.adamerging(base, fts, [data[0], data[1][:0]], logits_fn)
+        fj.learned.adamerging(base, fts, [data[0], data[1][:0]], logits_fn, key=jax.random.key(0))
     with pytest.raises(ValueError, match="empty"):
-        fj.learned.adamerging(base, [], data, logits_fn)
+        fj.learned.adamerging(base, [], data, logits_fn, key=jax.random.key(0))
     with pytest.raises(TypeError, match="task_vector_fn"):
-        fj.learned.adamerging_plus_plus(base, fts, data, logits_fn, task_vector_fn=None)
+        fj.learned.adamerging_plus_plus(base, fts, data, logits_fn, task_vector_fn=None, key=jax.random.key(0))
     with pytest.raises(TypeError, match=r"\(x, y\)"):
         fj.learned.atlas_loss(
             jnp.ones(T),
@@ -210,7 +207,7 @@ def test_one_compile_serves_models_that_differ_in_their_head_arrays(problem):
     base, fts, data, logits_fn = problem
     keys = jax.random.split(jax.random.key(9), T)
     heads = [jax.random.normal(keys[t], (H, 2 + t)) for t in range(T)]
-    kw = dict(steps=3, batch_size=4, granularity="task", learning_rate=0.02)
+    kw = dict(steps=3, batch_size=4, granularity="task", learning_rate=0.02, key=jax.random.key(0))
     before = training._run_chunk_shared._cache_size()
     scaled = [[scale * h for h in heads] for scale in (1.0, 2.0)]
     outs = [
@@ -229,7 +226,7 @@ def test_one_compile_serves_models_that_differ_in_their_head_arrays(problem):
 def test_output_is_a_pytree_jit_returns(problem):
     """LearnedMergeOutput holds arrays only: ``jax.jit`` returns it whole."""
     base, fts, data, logits_fn = problem
-    res = fj.learned.adamerging(base, fts, data, logits_fn, steps=2, granularity="task")
+    res = fj.learned.adamerging(base, fts, data, logits_fn, steps=2, granularity="task", key=jax.random.key(0))
     back = jax.jit(lambda out: out)(res)
     assert type(back) is fj.learned.LearnedMergeOutput
     np.testing.assert_array_equal(back.coefficients, res.coefficients)

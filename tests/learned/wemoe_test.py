@@ -385,7 +385,7 @@ def test_jit_and_eager_take_the_same_steps(trained):
 
 
 def test_hand_written_optax_loop_reproduces_wemoe(problem, trained):
-    """The documented optax loop over wemoe_loss reproduces wemoe() step for step."""
+    """The documented optax loop over wemoe_loss reproduces wemoe(key=jax.random.key(0)) step for step."""
     base, fts, data, logits_fn = problem
     key_init, key_batches = jax.random.split(TRAIN["key"])
     backbone, tvs, _ = wm.wemoe_upscale(base, fts, logits_fn, data, layers=TRAIN["layers"])
@@ -429,7 +429,7 @@ def test_errors_name_the_layer(problem):
     """Empty, unknown, never-called and mismatched layers raise errors naming the path."""
     base, fts, data, logits_fn = problem
     with pytest.raises(ValueError, match="finetuned is empty"):
-        wm.wemoe(base, [], [], logits_fn)
+        wm.wemoe(base, [], [], logits_fn, key=jax.random.key(0))
     with pytest.raises(
         ValueError, match=r"\['Dense_9'\], which is not a module of the model; the nn.Dense"
     ):
@@ -448,7 +448,7 @@ def test_errors_name_the_layer(problem):
     with pytest.raises(ValueError, match=r"finetuned\[1\].*\['Dense_1'\]\['kernel'\].*\(8, 7\)"):
         wm.wemoe_upscale(base, [fts[0], bad, fts[2]], logits_fn, data)
     with pytest.raises(ValueError, match=r"one pool of inputs per task \(3\), got 2"):
-        wm.wemoe(base, fts, data[:2], logits_fn)
+        wm.wemoe(base, fts, data[:2], logits_fn, key=jax.random.key(0))
 
 
 def test_non_dense_layer_is_rejected():
