@@ -66,8 +66,8 @@ from fusionjax._src.base import ArrayLike, Params, PRNGKey, Stacked
 from fusionjax._src.merge import merge
 from fusionjax.learned import _coefficients, _loop
 from fusionjax.learned._moe import (
-    Layers,
     LayerPath,
+    Layers,
     Routers,
     _fmt,
     _get,

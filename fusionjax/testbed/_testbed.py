@@ -67,7 +67,7 @@ class Testbed:
 
     @functools.cached_property
     def features(self) -> Partial:
-        """``features(params, x) -> [..., d]``: unnormalized encoder features of ``[..., 64]`` inputs.
+        """``features(params, x) -> [..., d]``: unnormalized features of ``[..., 64]`` inputs.
 
         A :class:`jax.tree_util.Partial` with no array leaves (see :attr:`logits`).
         """
@@ -90,7 +90,7 @@ class Testbed:
         return Partial(_model.logits_fn(self.config.widths, self.config.logit_scale), self.heads)
 
     def task_logits(self, task_index: int) -> Partial:
-        """``fn(params, x) -> [..., C]``: the logits of one task (``tb.logits`` with ``task_index`` set).
+        """``fn(params, x) -> [..., C]``: one task's logits (``tb.logits`` with ``task_index`` set).
 
         A :class:`jax.tree_util.Partial` whose one array leaf is the task's head, so tasks
         with the same number of classes share a compiled function that takes it as an

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fusionjax import learned as nl
 from fusionjax import testbed
 from fusionjax.learned import _coefficients
-from fusionjax import learned as nl
 from tests._testing import F32, SEEDS, assert_trees_close
 
 # --------------------------------------------------------------------------------------
