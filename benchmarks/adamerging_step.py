@@ -105,10 +105,9 @@ def child(model: str, impl: str, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
-
-    import fusionjax as fj
     from jax.tree_util import Partial
 
+    import fusionjax as fj
     from fusionjax._src import training
     from fusionjax.learned import _loop
 

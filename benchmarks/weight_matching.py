@@ -102,7 +102,8 @@ def make_pair(name: str, width: int):
     import jax
     import jax.numpy as jnp
 
-    from fusionjax import alignment, zoo
+    from fusionjax import alignment
+    from fusionjax import zoo
 
     if name == "mlp":
         model = zoo.MLP(widths=(512, 512, 512), num_classes=10)

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusionjax import alignment, zoo
+from fusionjax import alignment
+from fusionjax import zoo
 from fusionjax._src.base import Params
 from fusionjax.alignment._spec import path_str
 from fusionjax.testbed import classifiers

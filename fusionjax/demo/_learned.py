@@ -12,7 +12,8 @@ inputs no other task shares (see ``tests/learned/wemoe_test.py`` for all eight).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 from jax.tree_util import Partial

@@ -11,15 +11,18 @@ for the reported accuracies.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import fusionjax as fj
-from fusionjax import interop, merging
+from fusionjax import interop
+from fusionjax import merging
 from fusionjax.demo import _learned
 
 SCALING_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2, 1.5)

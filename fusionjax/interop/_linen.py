@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 from typing import Any
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +120,7 @@ def dense_grams(
     variables: Any,
     xs: Any,
     *,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
     normalize: bool = True,
     **apply_kwargs: Any,
 ) -> Any:

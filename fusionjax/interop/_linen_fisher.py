@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusionjax._src import training, validation
+from fusionjax._src import training
 from fusionjax._src import tree as tree_lib
+from fusionjax._src import validation
 from fusionjax._src.base import Params
 
 _HIGHEST = jax.lax.Precision.HIGHEST

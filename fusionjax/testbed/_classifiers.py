@@ -28,7 +28,8 @@ import optax
 
 from fusionjax._src import training
 from fusionjax._src.base import Params
-from fusionjax.testbed._tasks import load_images, split_indices
+from fusionjax.testbed._tasks import load_images
+from fusionjax.testbed._tasks import split_indices
 
 
 class Digits(NamedTuple):

@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 import zipfile
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,9 @@ import numpy as np
 from jax.tree_util import Partial
 
 from fusionjax._src.progress import Progress as _Progress
-from fusionjax.testbed import _model, _tasks, _train
+from fusionjax.testbed import _model
+from fusionjax.testbed import _tasks
+from fusionjax.testbed import _train
 from fusionjax.testbed._tasks import Task
 from fusionjax.testbed._train import Config
 
@@ -67,7 +69,7 @@ class Testbed:
 
     @functools.cached_property
     def features(self) -> Partial:
-        """``features(params, x) -> [..., d]``: unnormalized encoder features of ``[..., 64]`` inputs.
+        """``features(params, x) -> [..., d]``: unnormalized features of ``[..., 64]`` inputs.
 
         A :class:`jax.tree_util.Partial` with no array leaves (see :attr:`logits`).
         """
@@ -90,7 +92,7 @@ class Testbed:
         return Partial(_model.logits_fn(self.config.widths, self.config.logit_scale), self.heads)
 
     def task_logits(self, task_index: int) -> Partial:
-        """``fn(params, x) -> [..., C]``: the logits of one task (``tb.logits`` with ``task_index`` set).
+        """``fn(params, x) -> [..., C]``: one task's logits (``tb.logits`` with ``task_index`` set).
 
         A :class:`jax.tree_util.Partial` whose one array leaf is the task's head, so tasks
         with the same number of classes share a compiled function that takes it as an
@@ -283,8 +285,8 @@ def load(
     seed: int = 0,
     *,
     cache: bool = True,
-    progress: Optional[Any] = None,
-    config: Optional[Config] = None,
+    progress: Any | None = None,
+    config: Config | None = None,
 ) -> Testbed:
     """Builds the digits multi-task testbed, or reads it from the on-disk cache.
 

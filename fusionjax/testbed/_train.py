@@ -12,7 +12,8 @@ import numpy as np
 import optax
 
 from fusionjax._src import training
-from fusionjax.testbed import _model, _tasks
+from fusionjax.testbed import _model
+from fusionjax.testbed import _tasks
 
 Params = Any
 

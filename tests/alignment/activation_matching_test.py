@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 
 from fusionjax.alignment import PermutationSpec
-from fusionjax.alignment._activation_matching import (
-    ActivationStats,
-    activation_matching,
-    activation_stats_init,
-    activation_stats_update,
-)
+from fusionjax.alignment._activation_matching import ActivationStats
+from fusionjax.alignment._activation_matching import activation_matching
+from fusionjax.alignment._activation_matching import activation_stats_init
+from fusionjax.alignment._activation_matching import activation_stats_update
 
 SPEC = PermutationSpec(
     {

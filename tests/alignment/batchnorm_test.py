@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fusionjax.alignment import repair, reset_batch_stats
+from fusionjax.alignment import repair
+from fusionjax.alignment import reset_batch_stats
 from tests._testing import assert_trees_close
 
 

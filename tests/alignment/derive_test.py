@@ -10,23 +10,19 @@ from flax import nnx
 from jax.extend.core import Primitive
 
 from fusionjax import zoo
-from fusionjax.alignment import (
-    PermutationSpec,
-    apply_permutations,
-    derive_spec,
-    group_activations,
-    transformer_spec,
-)
+from fusionjax.alignment import PermutationSpec
+from fusionjax.alignment import apply_permutations
+from fusionjax.alignment import derive_spec
+from fusionjax.alignment import group_activations
+from fusionjax.alignment import transformer_spec
 from tests._testing import assert_trees_close
-from tests.alignment.hand_specs_test import (
-    CASES,
-    TOKENS,
-    assert_invariant,
-    case,
-    numpy_permutations,
-    permute,
-    randomize,
-)
+from tests.alignment.hand_specs_test import CASES
+from tests.alignment.hand_specs_test import TOKENS
+from tests.alignment.hand_specs_test import assert_invariant
+from tests.alignment.hand_specs_test import case
+from tests.alignment.hand_specs_test import numpy_permutations
+from tests.alignment.hand_specs_test import permute
+from tests.alignment.hand_specs_test import randomize
 
 
 def derive(name):

@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fusionjax import alignment, zoo
+from fusionjax import alignment
+from fusionjax import zoo
 from fusionjax.demo import _alignment
 from fusionjax.testbed import classifiers
 from tests._testing import SEEDS
-from tests.alignment.hand_specs_test import numpy_permutations, permute
+from tests.alignment.hand_specs_test import numpy_permutations
+from tests.alignment.hand_specs_test import permute
 
 MATCHERS = ("weight matching", "activation matching")
 

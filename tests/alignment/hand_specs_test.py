@@ -8,15 +8,13 @@ import numpy as np
 import pytest
 
 from fusionjax import zoo
-from fusionjax.alignment import (
-    PermutationSpec,
-    apply_permutations,
-    mlp_spec,
-    random_permutations,
-    resnet_spec,
-    transformer_spec,
-    vgg_spec,
-)
+from fusionjax.alignment import PermutationSpec
+from fusionjax.alignment import apply_permutations
+from fusionjax.alignment import mlp_spec
+from fusionjax.alignment import random_permutations
+from fusionjax.alignment import resnet_spec
+from fusionjax.alignment import transformer_spec
+from fusionjax.alignment import vgg_spec
 from fusionjax.alignment._spec import path_str
 from tests._testing import assert_trees_close
 

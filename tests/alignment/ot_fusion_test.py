@@ -5,16 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fusionjax.alignment import (
-    PermutationSpec,
-    apply_permutations,
-    apply_transports,
-    axis_roles,
-    ot_fusion,
-    solve_transport,
-    transformer_spec,
-    transport_maps,
-)
+from fusionjax.alignment import PermutationSpec
+from fusionjax.alignment import apply_permutations
+from fusionjax.alignment import apply_transports
+from fusionjax.alignment import axis_roles
+from fusionjax.alignment import ot_fusion
+from fusionjax.alignment import solve_transport
+from fusionjax.alignment import transformer_spec
+from fusionjax.alignment import transport_maps
 from fusionjax.alignment._spec import path_str
 from fusionjax.zoo import Transformer
 from tests._testing import assert_trees_close

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from fusionjax import alignment
-from fusionjax.alignment import AlignmentOutput, OTFusionOutput, PermutationSpec
+from fusionjax.alignment import AlignmentOutput
+from fusionjax.alignment import OTFusionOutput
+from fusionjax.alignment import PermutationSpec
 from tests._testing import assert_trees_close
-from tests.alignment.hand_specs_test import numpy_permutations, randomize
+from tests.alignment.hand_specs_test import numpy_permutations
+from tests.alignment.hand_specs_test import randomize
 
 EXACT = dict(rtol=0, atol=0)
 X = jnp.asarray(np.random.default_rng(1).standard_normal((16, 3), np.float32))

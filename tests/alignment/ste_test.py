@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from fusionjax.alignment import PermutationSpec
-from fusionjax.alignment._ste import _ste_matching, ste_matching
+from fusionjax.alignment._ste import _ste_matching
+from fusionjax.alignment._ste import ste_matching
 from fusionjax.alignment._weight_matching import weight_matching
 
 DIMS = (8, 32, 32, 4)

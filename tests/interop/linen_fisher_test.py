@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fusionjax.interop import _linen_fisher, dense_fisher_diagonal
+from fusionjax.interop import _linen_fisher
+from fusionjax.interop import dense_fisher_diagonal
 from fusionjax.merging import fisher_diagonal
-from tests._testing import F32, assert_trees_close
+from tests._testing import F32
+from tests._testing import assert_trees_close
 
 
 class Block(nn.Module):

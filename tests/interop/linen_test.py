@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import fusionjax as fj
-from fusionjax.interop import capture_dense_inputs, dense_grams
+from fusionjax.interop import capture_dense_inputs
+from fusionjax.interop import dense_grams
 from fusionjax.merging import regmean
 
 RTOL, ATOL = 1e-5, 1e-6

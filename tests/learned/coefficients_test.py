@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 import fusionjax as fj
-from tests._testing import F32, assert_trees_close, finetune_like, random_model
+from tests._testing import F32
+from tests._testing import assert_trees_close
+from tests._testing import finetune_like
+from tests._testing import random_model
 
 
 @pytest.fixture(scope="module")

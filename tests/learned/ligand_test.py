@@ -31,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fusionjax import learned as nl
 from fusionjax import testbed
 from fusionjax.learned import _coefficients
-from fusionjax import learned as nl
-from tests._testing import F32, SEEDS, assert_trees_close
+from tests._testing import F32
+from tests._testing import SEEDS
+from tests._testing import assert_trees_close
 
 # --------------------------------------------------------------------------------------
 # A tiny synthetic setting: K = 3 two-layer models, T = 2 tasks with fixed linear heads.

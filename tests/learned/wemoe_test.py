@@ -56,8 +56,8 @@ import optax
 import pytest
 
 import fusionjax as fj
-from fusionjax import testbed
 from fusionjax import learned as wm
+from fusionjax import testbed
 from tests import _testing
 
 T, D, N = 3, 5, 24

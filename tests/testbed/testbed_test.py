@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from fusionjax import testbed
-from fusionjax.testbed import _tasks, _testbed
+from fusionjax.testbed import _tasks
+from fusionjax.testbed import _testbed
 
 # Tiny hyperparameters: exercises every code path (build, cache, progress) in seconds.
 TINY = dataclasses.replace(
