@@ -56,7 +56,7 @@ def _synthetic():
 
     key = jax.random.key(0)
     base = {}
-    for i, (a, b) in enumerate(zip(SYN_WIDTHS[:-1], SYN_WIDTHS[1:])):
+    for i, (a, b) in enumerate(zip(SYN_WIDTHS[:-1], SYN_WIDTHS[1:], strict=False)):
         k = jax.random.fold_in(key, i)
         base[f"Dense_{i}"] = {
             "kernel": jax.random.normal(k, (a, b), jnp.float32) / np.sqrt(a),
@@ -189,7 +189,8 @@ def main() -> None:
     import jax
 
     print(
-        f"{datetime.date.today()}  {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{datetime.date.today()}  {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, "
         f"jax {jax.__version__}, device {jax.devices()[0].platform}"
     )
     records = []
@@ -218,7 +219,9 @@ def main() -> None:
             for impl in ("loop", "jit-step"):
                 if impl in by:
                     print(
-                        f"{model}: {impl} is {by['eager']['ms_per_step'] / by[impl]['ms_per_step']:.1f}x faster than eager"
+                        f"{model}: {impl} is "
+                        f"{by['eager']['ms_per_step'] / by[impl]['ms_per_step']:.1f}x "
+                        "faster than eager"
                     )
     if args.json:
         with open(args.json, "w") as f:

@@ -1,9 +1,9 @@
-"""Every merging method on the digits multi-task testbed, as a table.
+r"""Every merging method on the digits multi-task testbed, as a table.
 
 Hyperparameters follow the papers. Where a paper tunes the final scaling
-:math:`\\lambda` on validation data (task arithmetic, TIES, breadcrumbs, DARE,
+:math:`\lambda` on validation data (task arithmetic, TIES, breadcrumbs, DARE,
 DELLA), the suite does too: the merged task vector is computed once with
-:math:`\\lambda=1` and :math:`\\lambda` is picked from a grid by the mean accuracy
+:math:`\lambda=1` and :math:`\lambda` is picked from a grid by the mean accuracy
 on a validation slice of each task's *training* split. Test data is used only
 for the reported accuracies.
 """
@@ -78,7 +78,7 @@ def _validation_accuracy(tb) -> Callable[[Any], float]:
     def validate(params) -> float:
         accs = [
             float(np.mean(np.asarray(jnp.argmax(logits(params, i, x), -1)) == y))
-            for i, (x, y) in enumerate(zip(xs, ys))
+            for i, (x, y) in enumerate(zip(xs, ys, strict=False))
         ]
         return float(np.mean(accs))
 
@@ -86,7 +86,7 @@ def _validation_accuracy(tb) -> Callable[[Any], float]:
 
 
 def _tuned(ctx: _Context, merger: fj.Step, **extra) -> tuple[Any, str]:
-    """Merges with :math:`\\lambda=1`, then picks :math:`\\lambda` on validation data."""
+    r"""Merges with :math:`\lambda=1`, then picks :math:`\lambda` on validation data."""
     tb = ctx.tb
     merged = fj.merge(tb.pretrained, list(tb.finetuned), merger, key=ctx.key, **extra)
     tv = fj.task_vector(tb.pretrained, merged)
@@ -126,7 +126,7 @@ _REGMEAN = merging.regmean(alpha=0.9)
 def _fisher(ctx: _Context):
     tb = ctx.tb
     fishers = []
-    for i, (task, ft) in enumerate(zip(tb.tasks, tb.finetuned)):
+    for i, (task, ft) in enumerate(zip(tb.tasks, tb.finetuned, strict=False)):
         x = jnp.asarray(task.x_train[:FISHER_SIZE])
         # fisher_diagonal's Fisher from Dense inputs and output gradients (~40x faster).
         fishers.append(interop.dense_fisher_diagonal(tb.task_logits(i), ft, x, batch_size=32))
@@ -137,7 +137,7 @@ def _regmean(ctx: _Context):
     tb = ctx.tb
     grams = [
         interop.dense_grams(tb.encoder, {"params": ft}, jnp.asarray(task.x_train))
-        for task, ft in zip(tb.tasks, tb.finetuned)
+        for task, ft in zip(tb.tasks, tb.finetuned, strict=False)
     ]
     return _plain(ctx, _REGMEAN, "α=0.9, train inputs", grams=fj.stack(grams))
 
@@ -282,5 +282,8 @@ def format_coefficients(task_names: Sequence[str], coefficients: Any) -> str:
     width = max(len(n) for n in names) + 2
     cols = [n.removeprefix("digits_")[:10] for n in task_names]
     lines = ["tensor".ljust(width) + "".join(c.rjust(11) for c in cols)]
-    lines += [n.ljust(width) + "".join(f"{v:11.2f}" for v in row) for n, row in zip(names, table)]
+    lines += [
+        n.ljust(width) + "".join(f"{v:11.2f}" for v in row)
+        for n, row in zip(names, table, strict=True)
+    ]
     return "\n".join(lines)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 from typing import Literal
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ keystr = jax.tree_util.keystr
 Granularity = Literal["task", "layer", "block"]
 Coefficients = Any
 """An array ``[T]`` (task-wise) or a pytree of ``[T]`` / ``[T, B]`` leaves."""
-Clamp = Optional[tuple[float, float]]
+Clamp = tuple[float, float] | None
 
 
 def _is_none(x) -> bool:
@@ -142,7 +141,7 @@ def init_coefficients(
             treedef.unflatten([0] * len(leaves)), partition, "partition"
         )
         out = []
-        for x, p in zip(leaves, ids):
+        for x, p in zip(leaves, ids, strict=False):
             if x is None:
                 out.append(None)
                 continue
@@ -243,7 +242,7 @@ def combine(
     lams = _leaf_coefficients(coefficients, base)
     ids = tree_lib.broadcast_leaves(base, partition, "partition")
     out = []
-    for (path, b), x, lam, block_ids in zip(base_paths, tv_leaves, lams, ids):
+    for (path, b), x, lam, block_ids in zip(base_paths, tv_leaves, lams, ids, strict=False):
         if x is None:
             out.append(b)
             continue

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from fusionjax.learned._coefficients import Clamp
 from fusionjax.learned._coefficients import Coefficients
 
 LogitsFn = Callable[[Params, int, Any], jax.Array]
-Batches = Union[Sequence[Any], Mapping[int, Any]]
+Batches = Sequence[Any] | Mapping[int, Any]
 
 
 def entropy(logits: jax.Array, axis: int = -1) -> jax.Array:

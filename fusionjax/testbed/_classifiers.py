@@ -117,7 +117,7 @@ def _trainer(model: nn.Module, learning_rate: float, chunk: int):
 
 
 def _batches(seed: int, n: int, steps: int, batch_size: int) -> np.ndarray:
-    """``[steps, batch_size]`` example indices: epochs of a seeded shuffle, no repeats within one."""
+    """``[steps, batch_size]`` example indices: seeded epochs, no repeats within one."""
     rng = np.random.default_rng(seed)
     epochs = -(-steps * batch_size // n) + 1
     order = np.concatenate([rng.permutation(n)[: n - n % batch_size] for _ in range(epochs)])

@@ -128,7 +128,7 @@ class Testbed:
         c_max = max(t.num_classes for t in self.tasks)
         heads = np.zeros((self.num_tasks, c_max, self.config.widths[-1]), np.float32)
         valid = np.zeros((self.num_tasks, c_max), bool)
-        for i, (task, head) in enumerate(zip(self.tasks, self.heads)):
+        for i, (task, head) in enumerate(zip(self.tasks, self.heads, strict=False)):
             heads[i, : task.num_classes] = np.asarray(head)
             valid[i, : task.num_classes] = True
         x = np.stack([t.x_test for t in self.tasks])
@@ -241,7 +241,7 @@ def _restore(path: str, config: Config, num_tasks: int):
 
         def tree(prefix):
             out = [jnp.asarray(data[f"{prefix}/{i}"]) for i in range(len(leaves))]
-            for a, s in zip(out, leaves):
+            for a, s in zip(out, leaves, strict=False):
                 if a.shape != s.shape or a.dtype != s.dtype:
                     raise ValueError(f"{path}: {prefix} is {a.shape} {a.dtype}, not {s.shape}")
             return jax.tree.unflatten(treedef, out)
@@ -263,7 +263,7 @@ def _build(config: Config, seed: int, tasks: tuple[Task, ...], progress: _Progre
     heads = make_heads(config, seed, tasks, pretrained)
     c_max = max(t.num_classes for t in tasks)
     finetuned = []
-    for t, (task, head) in enumerate(zip(tasks, heads)):
+    for t, (task, head) in enumerate(zip(tasks, heads, strict=False)):
         progress.start(f"fine-tuning {task.name}")
         padded = np.zeros((c_max, head.shape[1]), np.float32)
         padded[: task.num_classes] = head

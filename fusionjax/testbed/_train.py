@@ -20,7 +20,7 @@ Params = Any
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Hyperparameters of the testbed; all of them key the on-disk cache.
+    r"""Hyperparameters of the testbed; all of them key the on-disk cache.
 
     Attributes:
       test_fraction: Fraction of the images held out for testing (same split for all tasks).
@@ -31,7 +31,7 @@ class Config:
       mask_rate: Fraction of pixels replaced by 0.5 in pretraining inputs.
       noise_std: Standard deviation of the Gaussian noise added to pretraining inputs.
       head_shots: Labelled training examples per class that make a head's prototype.
-      semantic_weight: Weight :math:`\\epsilon` of the prototype in each head row (the rest
+      semantic_weight: Weight :math:`\epsilon` of the prototype in each head row (the rest
         is a direction in the feature "gap"); small values make pretrained logits
         low-contrast, as CLIP's zero-shot logits are.
       gap_dim: Dimension of the gap subspace the head directions are drawn from.

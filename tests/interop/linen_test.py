@@ -155,10 +155,10 @@ def test_stacked_dense_grams_merge_linear_models_by_least_squares():
     xs = [jax.random.normal(k, (40, 5)) * (i + 1.0) for i, k in enumerate(keys[:2])]
     base = model.init(keys[2], xs[0][:1])["params"]
     fts = [model.init(k, xs[0][:1])["params"] for k in keys[3:5]]
-    grams = fj.stack([dense_grams(model, {"params": p}, x) for p, x in zip(fts, xs)])
+    grams = fj.stack([dense_grams(model, {"params": p}, x) for p, x in zip(fts, xs, strict=False)])
     merged = fj.merge(base, fts, regmean(alpha=1.0), grams=grams)
     a = np.concatenate([np.asarray(x, np.float64) for x in xs])
-    b = np.concatenate([np.asarray(x @ p["kernel"], np.float64) for x, p in zip(xs, fts)])
+    b = np.concatenate([np.asarray(x @ p["kernel"], np.float64) for x, p in zip(xs, fts, strict=False)])
     want = np.linalg.lstsq(a, b, rcond=None)[0]
     np.testing.assert_allclose(merged["kernel"], want, rtol=1e-4, atol=1e-5)
 
@@ -171,7 +171,7 @@ def test_stacking_grams_with_none_leaves(net):
     assert stacked["Dense_0"]["bias"] is None
     params = variables["params"]
     merged = fj.merge(params, [params, params], regmean(), grams=stacked)
-    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params), strict=False):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 

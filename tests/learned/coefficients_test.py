@@ -53,7 +53,7 @@ def test_combine_matches_manual_sum(models, granularity, maybe_jit):
     leaves, treedef = jax.tree.flatten(coef)
     coef = treedef.unflatten([x * (1.0 + i) + jnp.arange(3.0) for i, x in enumerate(leaves)])
     got = maybe_jit(fj.learned.combine)(base, tvs, coef)
-    lam = dict(zip(_flat(coef).keys(), [np.asarray(x, np.float64) for x in jax.tree.leaves(coef)]))
+    lam = dict(zip(_flat(coef).keys(), [np.asarray(x, np.float64) for x in jax.tree.leaves(coef)], strict=False))
 
     def lam_of_leaf(name):
         return lam[""] if granularity == "task" else lam[name]

@@ -92,7 +92,7 @@ def test_ready_loop_equals_hand_written_optax_loop(problem):
         losses.append(float(loss))
     # Same steps, same batches, same arithmetic: bit for bit.
     np.testing.assert_array_equal(ready.losses, np.asarray(losses, np.float32))
-    for a, b in zip(jax.tree.leaves(ready.coefficients), jax.tree.leaves(coef)):
+    for a, b in zip(jax.tree.leaves(ready.coefficients), jax.tree.leaves(coef), strict=False):
         np.testing.assert_array_equal(a, b)
     assert not np.allclose(jax.tree.leaves(coef)[0], 0.3), "the coefficients did not move"
 
@@ -106,7 +106,7 @@ def test_jit_and_eager_give_the_same_trajectory(problem, granularity):
     jitted = fj.learned.adamerging(base, fts, data, logits_fn, **kw)
     eager = fj.learned.adamerging(base, fts, data, logits_fn, jit=False, **kw)
     np.testing.assert_allclose(jitted.losses, eager.losses, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(jitted.coefficients), jax.tree.leaves(eager.coefficients)):
+    for a, b in zip(jax.tree.leaves(jitted.coefficients), jax.tree.leaves(eager.coefficients), strict=False):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -132,7 +132,7 @@ def test_entropy_goes_down_and_params_are_the_merge_of_the_coefficients(problem)
     assert res.losses[-10:].mean() < res.losses[:10].mean()
     tvs = fj.learned.stacked_task_vectors(base, fts)
     want = fj.learned.combine(base, tvs, res.coefficients, clamp=(0.0, 1.0))
-    for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(want), strict=False):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     assert res.params["count"].dtype == jnp.int32
 
@@ -149,7 +149,7 @@ def test_adamerging_plus_plus_learns_on_trimmed_task_vectors(problem):
 def test_atlas_fits_labeled_batches(problem):
     base, fts, data, logits_fn = problem
     labels = [np.asarray(jnp.argmax(logits_fn(fts[t], t, x), -1)) for t, x in enumerate(data)]
-    labeled = list(zip(data, labels))
+    labeled = list(zip(data, labels, strict=False))
     res = fj.learned.atlas(base, fts, labeled, logits_fn, num_blocks=3, steps=40, batch_size=16, key=jax.random.key(0))
     assert res.coefficients["l1"]["kernel"].shape == (T, 3)
     assert res.losses[-5:].mean() < res.losses[:5].mean()

@@ -36,7 +36,7 @@ def _leaves(params):
 
 def _assert_same(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(_leaves(a), _leaves(b)):
+    for x, y in zip(_leaves(a), _leaves(b), strict=False):
         np.testing.assert_array_equal(x, y)
 
 
@@ -78,7 +78,7 @@ def test_params_and_heads_shapes(tb):
         assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
             lambda x: (x.shape, x.dtype), tb.pretrained
         )
-    for task, head in zip(tb.tasks, tb.heads):
+    for task, head in zip(tb.tasks, tb.heads, strict=False):
         assert head.shape == (task.num_classes, 128) and head.dtype == jnp.float32
         np.testing.assert_allclose(np.linalg.norm(head, axis=1), 1.0, rtol=1e-5)
 
@@ -87,7 +87,7 @@ def test_heads_are_fixed(tb):
     # The heads are a function of the pretrained encoder and the seed only: rebuilding
     # them gives the same arrays, and they are not among the (merged) params.
     rebuilt = _testbed.make_heads(tb.config, tb.seed, tb.tasks, tb.pretrained)
-    for a, b in zip(rebuilt, tb.heads):
+    for a, b in zip(rebuilt, tb.heads, strict=False):
         np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6, atol=1e-7)
     assert len(jax.tree.leaves(tb.pretrained)) == 6
     x = tb.tasks[1].x_test[:5]
@@ -154,7 +154,7 @@ def test_task_vectors_are_small(tb):
     # Measured ||tau_t|| / ||theta_0|| between 0.048 and 0.10 over seeds 0-2.
     base = _leaves(tb.pretrained)
     for params in tb.finetuned:
-        relative = _norm([p - b for p, b in zip(_leaves(params), base)]) / _norm(base)
+        relative = _norm([p - b for p, b in zip(_leaves(params), base, strict=False)]) / _norm(base)
         assert 0.01 < relative < 0.15
 
 
@@ -178,9 +178,9 @@ def test_deterministic_with_and_without_cache(tmp_path, monkeypatch):
     cached = testbed.load(seed=3, config=TINY, cache=True)  # reads the file
     for a, b in [(first, second), (first, cached)]:
         _assert_same(a.pretrained, b.pretrained)
-        for x, y in zip(a.finetuned, b.finetuned):
+        for x, y in zip(a.finetuned, b.finetuned, strict=False):
             _assert_same(x, y)
-        for x, y in zip(a.heads, b.heads):
+        for x, y in zip(a.heads, b.heads, strict=False):
             np.testing.assert_array_equal(x, y)
     other = testbed.load(seed=4, config=TINY, cache=True)
     kernel = lambda t: t.pretrained["Dense_0"]["kernel"]  # noqa: E731
