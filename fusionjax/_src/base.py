@@ -67,6 +67,8 @@ class LeafInfo:
       num_layers: Number of numbered layers in the whole model (one more than the
         largest layer index found in any path), or ``None`` if no path has one.
         :func:`fusionjax.merging.gradient` interpolates over it.
+      model_size: Entries of one model over all its merged leaves (what a
+        model-wide step ranks over), or ``None`` if unknown.
     """
 
     path: tuple
@@ -74,6 +76,7 @@ class LeafInfo:
     dtype: Any
     num_models: int
     num_layers: int | None = None
+    model_size: int | None = None
 
     @property
     def size(self) -> int:

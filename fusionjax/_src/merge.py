@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 from typing import Literal
@@ -285,6 +286,10 @@ class _Plan:
         self.paths = base_src.paths
         self.kinds = base_src.kinds
         n_layers = _num_layers(self.paths)
+        size = sum(
+            math.prod(s.shape) for s, k in zip(base_src.specs, self.kinds, strict=True)
+            if k == stream.PARAM
+        )
         self.infos: list[LeafInfo | None] = []
         self.steps: list[Step | None] = []
         template = base_src.treedef.unflatten(list(base_src.specs))
@@ -299,7 +304,7 @@ class _Plan:
                 self.steps.append(None)
                 self.structures.append(None)
                 continue
-            info = LeafInfo(path, tuple(spec.shape), spec.dtype, num_models, n_layers)
+            info = LeafInfo(path, tuple(spec.shape), spec.dtype, num_models, n_layers, size)
             ck = (info.shape, jnp.dtype(info.dtype))
             if cache is not None and ck in cache:
                 resolved, structure = cache[ck]
@@ -620,6 +625,7 @@ def apply_to_stacked(
         [None] * len(leaves) if base is None else paths_lib.broadcast_leaves(tvs, base, "base")
     )
     n_layers = _num_layers(leaf_paths)
+    size = sum(math.prod(np.shape(x)[1:]) for x in leaves)
     steps, infos = [], []
     for path, x in flat:
         if np.ndim(x) < 1 or np.shape(x)[0] != t:
@@ -627,7 +633,7 @@ def apply_to_stacked(
                 f"{step.name}: stacked task vectors need a leading model axis of size {t} on "
                 f"every leaf; {keystr(path)} has shape {np.shape(x)}."
             )
-        info = LeafInfo(path, tuple(np.shape(x)[1:]), x.dtype, t, n_layers)
+        info = LeafInfo(path, tuple(np.shape(x)[1:]), x.dtype, t, n_layers, size)
         try:
             steps.append(step.resolve(info))
         except (ValueError, TypeError) as e:

@@ -50,6 +50,11 @@ def _trim(x, *, k, **_):
     return jnp.stack([jnp.where(jnp.abs(x[t]) >= thr[t], x[t], zero) for t in range(x.shape[0])])
 
 
+def _prepare_trim_model(hp, info):
+    # The kept count over the whole model, from the float64 density (exact).
+    return {"k": num_kept(hp["density"], info.model_size), "threshold": hp["threshold"]}
+
+
 def _trim_model(x, *, threshold, **_):
     thr = threshold.astype(x.dtype)
     zero = jnp.zeros((), x.dtype)
@@ -69,8 +74,7 @@ class _MagnitudeThreshold(Statistic):
 
     def init(self, hparams, infos):
         n = sum(info.size for info in infos)
-        k = num_kept(hparams["density"], n)
-        return quantile.stream_init(jnp.asarray(k, jnp.int32), n)
+        return quantile.stream_init(jnp.asarray(hparams["k"], jnp.int32), n)
 
     def begin(self, state, pass_index):
         return quantile.stream_begin(state, pass_index)
@@ -128,6 +132,7 @@ def trim(*, density: ArrayLike = 0.2, scope: Scope = "leaf") -> Step:
         reduces=False,
         hparams={"density": density, "threshold": 0.0},
         per_model=("density", "threshold"),
+        prepare=_prepare_trim_model,
         statistic=_MagnitudeThreshold(),
     )
 

@@ -138,3 +138,12 @@ def test_exact_kept_count_for_concrete_density():
     fts = [{"w": jnp.arange(1.0, 91.0)}]
     out = fj.merge(base, fts, fj.merging.ties(density=0.3))
     assert int((np.asarray(out["w"]) != 0).sum()) == 27
+
+
+def test_model_wide_kept_count_is_exact_too():
+    # 0.2 of 10^6 is 200000; a float32 density (0.2000000030) would keep 200001.
+    n = 1_000_000
+    base = {"w": np.zeros(n, np.float32)}
+    fts = [{"w": np.arange(1, n + 1, dtype=np.float32)}]
+    m = fj.chain(fj.merging.trim(density=0.2, scope="model"), fj.merging.sum())
+    assert int((np.asarray(fj.merge(base, fts, m)["w"]) != 0).sum()) == 200_000
