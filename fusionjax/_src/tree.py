@@ -54,6 +54,11 @@ def task_vector(base: Params, finetuned: Params) -> Params:
       <https://arxiv.org/abs/2212.04089>`_, ICLR 2023
     """
     validation.check_models(base, [finetuned], check_values=False)
+    return _task_vector(base, finetuned)
+
+
+def _task_vector(base: Params, finetuned: Params) -> Params:
+    """:func:`task_vector` without the checks (the caller has validated)."""
 
     def sub(b, f):
         if not is_mergeable(b):
@@ -75,7 +80,7 @@ def task_vectors(base: Params, finetuned: Sequence[Params]) -> list[Params]:
       A list with one task-vector pytree per fine-tuned model.
     """
     validation.check_models(base, finetuned, check_values=False)
-    return [task_vector(base, ft) for ft in finetuned]
+    return [_task_vector(base, ft) for ft in finetuned]
 
 
 def apply_task_vector(base: Params, tv: Params, scaling: ArrayLike = 1.0) -> Params:
