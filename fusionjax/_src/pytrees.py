@@ -62,3 +62,50 @@ class StaticDict(dict):
 
 
 jax.tree_util.register_static(StaticDict)
+
+
+# -- For jit: the arrays as arguments, the rest as one hashable static argument --
+
+
+def jit_partition(tree: Any) -> tuple[list, tuple]:
+    """Splits a pytree into its array leaves and a hashable rest (structure, other leaves).
+
+    ``jit_combine(*jit_partition(tree))`` rebuilds ``tree``. As ``equinox.partition`` with
+    ``is_array``, but the rest is one hashable tuple, ready to be a static argument.
+
+    Args:
+      tree: Any pytree (a ``Partial``, a function, a dict of arrays and numbers).
+
+    Returns:
+      ``(arrays, static)``: the ``jax.Array`` / ``np.ndarray`` leaves in order, and
+      ``(treedef, ((index, leaf), ...))`` for the other leaves.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> arrays, static = jit_partition({"a": jnp.ones(2), "b": 3})
+      >>> len(arrays), static[1]
+      (1, ((1, 3),))
+      >>> jit_combine(arrays, static)["b"]
+      3
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [x for x in leaves if isinstance(x, (jax.Array, np.ndarray))]
+    rest = tuple((i, x) for i, x in enumerate(leaves) if not isinstance(x, (jax.Array, np.ndarray)))
+    return arrays, (treedef, rest)
+
+
+def jit_combine(arrays: list, static: tuple) -> Any:
+    """Inverse of :func:`jit_partition`.
+
+    Args:
+      arrays: The array leaves (or tracers standing for them), in order.
+      static: The second output of :func:`jit_partition`.
+
+    Returns:
+      The pytree.
+    """
+    treedef, rest = static
+    fixed = dict(rest)
+    it = iter(arrays)
+    leaves = [fixed[i] if i in fixed else next(it) for i in range(treedef.num_leaves)]
+    return jax.tree.unflatten(treedef, leaves)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fusionjax._src import pytrees
 from fusionjax._src import validation
 from fusionjax._src.progress import Progress
 
@@ -189,7 +190,7 @@ def compiled_chunk(step: Step, chunk: int) -> Callable[..., tuple[Any, Any, jax.
     Returns:
       ``run(start, n, params, opt_state, args)``; ``start`` and ``n`` are int32 scalars.
     """
-    dynamic, static = partition(step)
+    dynamic, static = pytrees.jit_partition(step)
     try:
         hash(static)
     except TypeError:
@@ -199,50 +200,6 @@ def compiled_chunk(step: Step, chunk: int) -> Callable[..., tuple[Any, Any, jax.
         run = jax.jit(functools.partial(_run_chunk, step, int(chunk)))
         return lambda start, n, params, opt_state, args: run(start, n, params, opt_state, args)
     return functools.partial(_run_chunk_shared, static, int(chunk), dynamic)
-
-
-def partition(tree: Any) -> tuple[list, tuple]:
-    """Splits a pytree into its array leaves and a hashable rest (structure, other leaves).
-
-    ``combine(*partition(tree))`` rebuilds ``tree``. As ``equinox.partition`` with
-    ``is_array``, but the rest is one hashable tuple, ready to be a static argument.
-
-    Args:
-      tree: Any pytree (a ``Partial``, a function, a dict of arrays and numbers).
-
-    Returns:
-      ``(arrays, static)``: the ``jax.Array`` / ``np.ndarray`` leaves in order, and
-      ``(treedef, ((index, leaf), ...))`` for the other leaves.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> arrays, static = partition({"a": jnp.ones(2), "b": 3})
-      >>> len(arrays), static[1]
-      (1, ((1, 3),))
-      >>> combine(arrays, static)["b"]
-      3
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    arrays = [x for x in leaves if isinstance(x, (jax.Array, np.ndarray))]
-    rest = tuple((i, x) for i, x in enumerate(leaves) if not isinstance(x, (jax.Array, np.ndarray)))
-    return arrays, (treedef, rest)
-
-
-def combine(arrays: list, static: tuple) -> Any:
-    """Inverse of :func:`partition`.
-
-    Args:
-      arrays: The array leaves (or tracers standing for them), in order.
-      static: The second output of :func:`partition`.
-
-    Returns:
-      The pytree.
-    """
-    treedef, rest = static
-    fixed = dict(rest)
-    it = iter(arrays)
-    leaves = [fixed[i] if i in fixed else next(it) for i in range(treedef.num_leaves)]
-    return jax.tree.unflatten(treedef, leaves)
 
 
 def _run_chunk(step, chunk, start, n, params, opt_state, args):
@@ -257,4 +214,5 @@ def _run_chunk(step, chunk, start, n, params, opt_state, args):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _run_chunk_shared(static, chunk, dynamic, start, n, params, opt_state, args):
-    return _run_chunk(combine(dynamic, static), chunk, start, n, params, opt_state, args)
+    step = pytrees.jit_combine(dynamic, static)
+    return _run_chunk(step, chunk, start, n, params, opt_state, args)

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusionjax._src import training
+from fusionjax._src import batches
+from fusionjax._src import pytrees
 from fusionjax._src import tree as tree_lib
 from fusionjax._src import validation
 from fusionjax._src.base import Params
@@ -112,24 +113,13 @@ def dense_fisher_diagonal(
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + np.shape(a)[1:], a.dtype), inputs)
     calls = _dense_calls(logits_fn, params, one)
     layers = _layer_table(params, calls)
-    dynamic, static = training.partition(logits_fn)
+    dynamic, static = pytrees.jit_partition(logits_fn)
     acc = {
         path: {k: jnp.zeros(shape, jnp.float32) for k, shape in leaves}
         for path, _, leaves in layers
     }
     layer_key = tuple((path, rows) for path, rows, _ in layers)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        pad = batch_size - (stop - start)
-
-        def take(a, start=start, stop=stop, pad=pad):
-            xb = jnp.asarray(a[start:stop])
-            if pad:
-                xb = jnp.concatenate([xb, jnp.repeat(xb[:1], pad, axis=0)])
-            return xb
-
-        xb = jax.tree.map(take, inputs)
-        mask = (jnp.arange(batch_size) < (stop - start)).astype(jnp.float32)
+    for xb, mask in batches.padded_batches(inputs, n, batch_size):
         acc = _accumulate(static, calls, layer_key, dynamic, acc, params, xb, mask)
 
     def leaf(path, x):
@@ -210,7 +200,7 @@ def _layer_table(params, calls) -> tuple:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _accumulate(static, calls, layers, dynamic, acc, params, xb, mask):
     """Adds one (masked) batch's Fisher sum to ``acc``; compiled once per model shape."""
-    logits_fn = training.combine(dynamic, static)
+    logits_fn = pytrees.jit_combine(dynamic, static)
     in_params = {path for path, _ in layers}
 
     def example(eps, x):

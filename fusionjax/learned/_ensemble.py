@@ -16,7 +16,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from fusionjax._src import training
+from fusionjax._src import pytrees
 from fusionjax._src import validation
 from fusionjax._src.base import Params
 from fusionjax._src.base import Stacked
@@ -146,13 +146,13 @@ def merged_features(
             f"weights must be [n, K] = ({n}, {k}) for {n} inputs and {k} task vectors (or "
             f"[K]), got shape {jnp.shape(weights)}."
         )
-    dynamic, static = training.partition(features_fn)
+    dynamic, static = pytrees.jit_partition(features_fn)
     return _merged_features_jit(static, int(batch_size), dynamic, base, task_vectors, w, x)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _merged_features_jit(static, batch_size, dynamic, base, task_vectors, w, x):
-    features_fn = training.combine(dynamic, static)
+    features_fn = pytrees.jit_combine(dynamic, static)
 
     def one(args):
         wi, xi = args
@@ -200,13 +200,13 @@ def features_of(features_fn: FeaturesFn, params: Params, x: Any) -> jax.Array:
     """``features_fn(params, x)``, compiled once per static part of ``features_fn`` and shapes.
 
     A :class:`jax.tree_util.Partial` ``features_fn`` has its arrays passed as arguments
-    (see :func:`fusionjax._src.training.partition`), so equal functions of different
+    (see :func:`fusionjax._src.pytrees.jit_partition`), so equal functions of different
     models or seeds share the compiled forward pass.
     """
-    dynamic, static = training.partition(features_fn)
+    dynamic, static = pytrees.jit_partition(features_fn)
     return _features_jit(static, dynamic, params, x)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _features_jit(static, dynamic, params, x):
-    return training.combine(dynamic, static)(params, x)
+    return pytrees.jit_combine(dynamic, static)(params, x)

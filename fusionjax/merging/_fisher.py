@@ -9,8 +9,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from fusionjax._src import batches
+from fusionjax._src import pytrees
 from fusionjax._src import tree as tree_lib
 from fusionjax._src import validation
 from fusionjax._src.base import MISSING
@@ -91,58 +92,39 @@ def fisher_diagonal(
     """
     n, batch_size = validation.check_examples(inputs, batch_size)
 
-    leaves, treedef = jax.tree.flatten(params)
-    float_idx = tuple(i for i, x in enumerate(leaves) if tree_lib.is_mergeable(x))
-    if not float_idx:
+    arrays, static = pytrees.jit_partition(params)
+    is_float = tuple(bool(tree_lib.is_mergeable(x)) for x in arrays)
+    if not any(is_float):
         raise ValueError("params has no floating-point leaf to compute a Fisher for.")
-    array_idx = tuple(i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray)))
-    others = tuple((i, x) for i, x in enumerate(leaves) if i not in array_idx)
-    static = (treedef, float_idx, array_idx, others)
     try:
         hash(static)
     except TypeError:
         raise TypeError(
             "fisher_diagonal needs params whose leaves are arrays or hashable values; "
-            f"got unhashable leaves {[type(x).__name__ for _, x in others]}."
+            f"got unhashable leaves {[type(x).__name__ for _, x in static[1]]}."
         ) from None
-    arrays = [jnp.asarray(leaves[i]) for i in array_idx]
+    arrays = [jnp.asarray(x) for x in arrays]
 
-    acc = [jnp.zeros(leaves[i].shape, jnp.float32) for i in float_idx]
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        pad = batch_size - (stop - start)
+    acc = [jnp.zeros(x.shape, jnp.float32) for x, f in zip(arrays, is_float, strict=True) if f]
+    for xb, mask in batches.padded_batches(inputs, n, batch_size):
+        acc = _accumulate_fisher(logits_fn, static, is_float, acc, arrays, xb, mask)
 
-        def take(a, start=start, stop=stop, pad=pad):
-            xb = jnp.asarray(a[start:stop])
-            if pad:
-                xb = jnp.concatenate([xb, jnp.repeat(xb[:1], pad, axis=0)])
-            return xb
-
-        xb = jax.tree.map(take, inputs)
-        mask = (jnp.arange(batch_size) < (stop - start)).astype(jnp.float32)
-        acc = _accumulate_fisher(logits_fn, static, acc, arrays, xb, mask)
-
-    out = [None] * len(leaves)
-    for i, a in zip(float_idx, acc, strict=False):
-        out[i] = a / jnp.float32(n)
-    return treedef.unflatten(out)
+    fishers = iter(a / jnp.float32(n) for a in acc)
+    out = [next(fishers) if f else None for f in is_float]
+    treedef, rest = static
+    leaves = dict(rest)
+    it = iter(out)
+    return treedef.unflatten([None if i in leaves else next(it) for i in range(treedef.num_leaves)])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _accumulate_fisher(logits_fn, static, acc, arrays, xb, mask):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _accumulate_fisher(logits_fn, static, is_float, acc, arrays, xb, mask):
     """Adds one (masked) batch's Fisher sum to ``acc``; compiled once per model shape."""
-    treedef, float_idx, array_idx, others = static
-    pos = {i: j for j, i in enumerate(array_idx)}
 
     def rebuild(fl):
-        full = [None] * treedef.num_leaves
-        for i, x in others:
-            full[i] = x
-        for i in array_idx:
-            full[i] = arrays[pos[i]]
-        for i, x in zip(float_idx, fl, strict=False):
-            full[i] = x
-        return treedef.unflatten(full)
+        it = iter(fl)
+        full = [next(it) if f else a for a, f in zip(arrays, is_float, strict=True)]
+        return pytrees.jit_combine(full, static)
 
     def example_log_probs(fl, x):
         logits = logits_fn(rebuild(fl), jax.tree.map(lambda a: a[None], x))
@@ -154,7 +136,7 @@ def _accumulate_fisher(logits_fn, static, acc, arrays, xb, mask):
         lp = jax.nn.log_softmax(logits[0].astype(jnp.float32))
         return lp, lp
 
-    fl = [arrays[pos[i]] for i in float_idx]
+    fl = [a for a, f in zip(arrays, is_float, strict=True) if f]
     jac_fn = jax.jacrev(example_log_probs, has_aux=True)
     jac, lp = jax.vmap(jac_fn, in_axes=(None, 0))(fl, xb)  # [B, C, ...], [B, C]
     w = (jax.lax.stop_gradient(jnp.exp(lp)) * mask[:, None]).reshape(-1)  # [B*C]
