@@ -147,10 +147,16 @@ def _stacked_tv(base, finetuned):
     return b, jnp.stack([f.astype(dt) - b for f in finetuned])
 
 
-def _explicit_axes() -> tuple:
-    """Mesh axes in explicit sharding mode (inside a trace), or ``()``."""
+def _explicit_axes(x=None) -> tuple:
+    """Mesh axes in explicit sharding mode (inside a trace), or ``()``.
+
+    With ``x``, only if ``x`` itself carries a sharding over that mesh (host
+    arrays merged inside a mesh context carry none).
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
+        return ()
+    if x is not None and jax.typeof(x).sharding.mesh.empty:
         return ()
     return tuple(
         name
@@ -165,7 +171,7 @@ def _apply_auto(step, tv, key, base, extras):
     A step's internals (a radix select's flattened histogram, a per-unit sort)
     need not keep the leaf's sharding; the merged leaf gets it back.
     """
-    axes = _explicit_axes()
+    axes = _explicit_axes(tv)
     if not axes:
         return step.apply(tv, key=key, base=base, extras=extras)
     fn = jax.sharding.auto_axes(
@@ -176,9 +182,12 @@ def _apply_auto(step, tv, key, base, extras):
     return fn(step, tv, key, base, extras)
 
 
-def _merge_leaf_impl(step, base, finetuned, key, extras, check_finite):
+def _merge_leaf_impl(step, base, finetuned, key, extras, check_finite, sharded=True):
     b, tv = _stacked_tv(base, finetuned)
-    merged = _apply_auto(step, tv, key, b, extras)
+    if sharded:
+        merged = _apply_auto(step, tv, key, b, extras)
+    else:  # a group of small host leaves: nothing to keep sharded
+        merged = step.apply(tv, key=key, base=b, extras=extras)
     if merged.shape != base.shape:
         raise ValueError(
             f"the merger returned shape {merged.shape} for a parameter of shape {base.shape}."
@@ -198,7 +207,7 @@ def _merge_group(steps, base, finetuned, keys, check_finite):
     """``_merge_leaf`` vmapped over a group of small leaves, flattened and zero-padded."""
 
     def one(step, b, fts, key):
-        return _merge_leaf_impl(step, b, fts, key, {}, check_finite)
+        return _merge_leaf_impl(step, b, fts, key, {}, check_finite, sharded=False)
 
     return jax.vmap(one, (0, 0, 0, None if keys is None else 0))(steps, base, finetuned, keys)
 
@@ -225,7 +234,7 @@ def _stat_leaf(statistic, stacked_input, prefix, state, base, finetuned, pass_in
         b, tv = _stacked_tv(base, finetuned)
     for j, p in enumerate(prefix):
         tv = _apply_auto(p, tv, fold_in(key, j), b, extras)
-    axes = _explicit_axes()
+    axes = _explicit_axes(tv)
     if not axes:
         return statistic.update(state, tv, pass_index)
     fn = jax.sharding.auto_axes(
