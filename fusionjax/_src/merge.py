@@ -495,9 +495,12 @@ def merge(
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((merger, key)))
     if not extra_args and not traced:
         for idx in _groups(plan, base_src):
-            if _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink, flags):
+            finite = _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink)
+            if finite is not False:
                 grouped.update(idx)
+            if finite is not False and finite is not None:
                 flag_paths.extend(plan.paths[i] for i in idx)
+                flags.extend(finite)
     for i, path in enumerate(plan.paths):
         if i in grouped:
             continue
@@ -568,8 +571,12 @@ def _groups(plan, base_src):
             yield idx[c : c + per]
 
 
-def _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink, flags) -> bool:
-    """Merges one group of small leaves in one call; ``False`` if they must go one by one."""
+def _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink):
+    """Merges one group of small leaves in one call.
+
+    Returns ``False`` if they must go one by one, else their finite flags
+    ``[len(idx), T + 1]`` (``None`` without the check).
+    """
     bases = [base_src.read(i) for i in idx]
     fts = [[s.read(i) for i in idx] for s in ft_srcs]
     for x in [*bases, *(f for row in fts for f in row)]:
@@ -603,9 +610,7 @@ def _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink, flag
     leaves = [out[j, : plan.infos[i].size].reshape(plan.infos[i].shape) for j, i in enumerate(idx)]
     for i, leaf in zip(idx, jax.device_put(leaves), strict=True):
         out_sink.write(i, leaf)
-    if finite is not None:
-        flags.extend(np.asarray(finite)[: len(idx)])
-    return True
+    return None if finite is None else np.asarray(finite)[: len(idx)]
 
 
 def _is_key(x) -> bool:
