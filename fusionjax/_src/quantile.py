@@ -230,22 +230,26 @@ DIGITS_F32 = tuple(_digits(_NBITS[4]))
 
 
 def stream_init(k: jax.Array, n: int) -> dict:
-    """The state of a streamed select of the ``k[t]``-th largest over ``n`` entries per row."""
-    k = jnp.asarray(k, jnp.int32).reshape(-1, 1)
-    t = k.shape[0]
+    """The state of a streamed select of the ``k[t, r]``-th largest over ``n`` entries per row.
+
+    ``k`` is ``[T]`` or ``[T, m]`` (``m`` ranks per row, found in the same passes).
+    """
+    k = jnp.asarray(k, jnp.int32)
+    k = k.reshape(k.shape[0], -1)
+    t, m = k.shape
     return {
         "k": k,
         "n": jnp.asarray(min(n, np.iinfo(np.int32).max), jnp.int32),
-        "prefix": jnp.zeros((t, 1), jnp.int32),
-        "above": jnp.zeros((t, 1), jnp.int32),
-        "hist": jnp.zeros((t, 1, 1), jnp.int32),
+        "prefix": jnp.zeros((t, m), jnp.int32),
+        "above": jnp.zeros((t, m), jnp.int32),
+        "hist": jnp.zeros((t, m, 1), jnp.int32),
     }
 
 
 def stream_begin(state: dict, pass_index: int) -> dict:
     """Starts pass ``pass_index``: an empty histogram of that pass's digit."""
-    t = state["k"].shape[0]
-    return {**state, "hist": jnp.zeros((t, 1, 1 << DIGITS_F32[pass_index]), jnp.int32)}
+    t, m = state["k"].shape
+    return {**state, "hist": jnp.zeros((t, m, 1 << DIGITS_F32[pass_index]), jnp.int32)}
 
 
 def stream_update(state: dict, x: jax.Array, pass_index: int) -> dict:
@@ -266,8 +270,8 @@ def stream_end(state: dict, pass_index: int) -> dict:
 
 
 def stream_result(state: dict) -> jax.Array:
-    """The ``[T]`` values after the last pass (``+inf`` for ``k <= 0``, 0 for ``k > n``)."""
+    """The ``[T, m]`` values after the last pass (``+inf`` for ``k <= 0``, 0 for ``k > n``)."""
     value = jax.lax.bitcast_convert_type(state["prefix"], jnp.float32)
     k = state["k"]
     value = jnp.where(k > state["n"], jnp.zeros((), jnp.float32), value)
-    return jnp.where(k <= 0, jnp.asarray(jnp.inf, jnp.float32), value)[:, 0]
+    return jnp.where(k <= 0, jnp.asarray(jnp.inf, jnp.float32), value)

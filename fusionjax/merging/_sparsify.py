@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from fusionjax._src.base import LeafValue
 from fusionjax._src.base import Step
 from fusionjax._src.merge import chain
 from fusionjax.merging import _linear
+from fusionjax.merging._ties import _MagnitudeThreshold
 from fusionjax.merging._ties import disjoint_mean
 from fusionjax.merging._ties import elect_sign
 from fusionjax.merging._ties import num_kept
@@ -36,7 +39,30 @@ def _drop_extremes(x, *, ks, **_):
     return jnp.stack(rows)
 
 
-def drop_extremes(*, density: ArrayLike = 0.15, gamma: ArrayLike = 0.01) -> Step:
+def _prepare_drop_extremes_model(hp, info):
+    k_top = num_kept(hp["gamma"], info.model_size)
+    k_end = k_top + num_kept(hp["density"], info.model_size)
+    stack = np.stack if validation.is_concrete(k_end) else jnp.stack
+    # thresholds [T, 2] are filled in by the model-wide statistic before the leaf pass
+    return {"k": stack([k_top, k_end], axis=-1), "thresholds": np.zeros((info.num_models, 2))}
+
+
+def _drop_extremes_model(x, *, thresholds, **_):
+    thr = thresholds.astype(x.dtype)  # [T, 2]: the outlier and the end threshold
+    zero = jnp.zeros((), x.dtype)
+    rows = []
+    for t in range(x.shape[0]):
+        mag = jnp.abs(x[t])
+        rows.append(jnp.where((mag < thr[t, 0]) & (mag >= thr[t, 1]), x[t], zero))
+    return jnp.stack(rows)
+
+
+def drop_extremes(
+    *,
+    density: ArrayLike = 0.15,
+    gamma: ArrayLike = 0.01,
+    scope: Literal["leaf", "model"] = "leaf",
+) -> Step:
     r"""Model Breadcrumbs mask: drops the largest and the smallest magnitudes.
 
     Per task vector and per leaf (the paper masks layer by layer), the
@@ -49,6 +75,9 @@ def drop_extremes(*, density: ArrayLike = 0.15, gamma: ArrayLike = 0.01) -> Step
         bottom 85% per layer, i.e. ``density`` around 0.15. One value, or one per
         model (shape ``[T]``), as for ``gamma``.
       gamma: :math:`\gamma`, fraction of the largest entries dropped as outliers.
+      scope: ``"leaf"`` masks layer by layer (the paper); ``"model"`` ranks the
+        magnitudes over the whole model (a model-wide statistic, streamed: two extra
+        reads of every leaf).
 
     Returns:
       A task-vector :class:`fusionjax.Step` ``[T, ...] -> [T, ...]``.
@@ -59,7 +88,19 @@ def drop_extremes(*, density: ArrayLike = 0.15, gamma: ArrayLike = 0.01) -> Step
     """
     validation.check_hparam("density", density, lower=0.0, upper=1.0, lower_open=True)
     validation.check_hparam("gamma", gamma, lower=0.0, upper=1.0, upper_open=True)
-
+    if scope not in ("leaf", "model"):
+        raise ValueError(f"scope must be 'leaf' or 'model', got {scope!r}.")
+    if scope == "model":
+        return Step(
+            "drop_extremes(model)",
+            _drop_extremes_model,
+            reduces=False,
+            flat=True,
+            hparams={"density": density, "gamma": gamma, "thresholds": 0.0},
+            per_model=("density", "gamma"),
+            prepare=_prepare_drop_extremes_model,
+            statistic=_MagnitudeThreshold(output="thresholds"),
+        )
     return Step(
         "drop_extremes",
         _drop_extremes,
@@ -72,7 +113,11 @@ def drop_extremes(*, density: ArrayLike = 0.15, gamma: ArrayLike = 0.01) -> Step
 
 
 def breadcrumbs(
-    *, density: ArrayLike = 0.15, gamma: ArrayLike = 0.01, scaling: ArrayLike = 0.3
+    *,
+    density: ArrayLike = 0.15,
+    gamma: ArrayLike = 0.01,
+    scaling: ArrayLike = 0.3,
+    scope: Literal["leaf", "model"] = "leaf",
 ) -> Step:
     r"""Model Breadcrumbs: task arithmetic on task vectors masked by :func:`drop_extremes`.
 
@@ -82,6 +127,7 @@ def breadcrumbs(
       density: Fraction of entries kept per layer (see :func:`drop_extremes`).
       gamma: Fraction of the largest entries dropped per layer.
       scaling: :math:`\lambda`, as in task arithmetic.
+      scope: ``"leaf"`` (per layer, the paper) or ``"model"``, see :func:`drop_extremes`.
 
     Returns:
       A merger for :func:`fusionjax.merge`.
@@ -90,7 +136,11 @@ def breadcrumbs(
       Davari & Belilovsky, `Model Breadcrumbs <https://arxiv.org/abs/2312.06795>`_,
       ECCV 2024
     """
-    return chain(drop_extremes(density=density, gamma=gamma), _linear.sum(), _linear.scale(scaling))
+    return chain(
+        drop_extremes(density=density, gamma=gamma, scope=scope),
+        _linear.sum(),
+        _linear.scale(scaling),
+    )
 
 
 def _ranks01(mag: jax.Array) -> jax.Array:

@@ -71,6 +71,7 @@ class _MagnitudeThreshold(Statistic):
     """
 
     num_passes: int = len(quantile.DIGITS_F32)
+    output: str = "threshold"
 
     def init(self, hparams, infos):
         n = sum(info.size for info in infos)
@@ -86,7 +87,8 @@ class _MagnitudeThreshold(Statistic):
         return quantile.stream_end(state, pass_index)
 
     def result(self, state):
-        return {"threshold": quantile.stream_result(state)}
+        values = quantile.stream_result(state)  # [T, number of ranks]
+        return {self.output: values[:, 0] if self.output == "threshold" else values}
 
 
 def trim(*, density: ArrayLike = 0.2, scope: Scope = "leaf") -> Step:

@@ -183,3 +183,26 @@ def test_model_stock_two_orthogonal_models_from_paper_geometry():
     fts = [{"w": np.array([1.0, 0.0], np.float32)}, {"w": np.array([0.5, np.sqrt(3) / 2], np.float32)}]
     out = fj.merge(base, fts, fj.merging.model_stock())
     np.testing.assert_allclose(out["w"], (2 / 3) * np.array([0.75, np.sqrt(3) / 4]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.2, 0.0)])
+def test_breadcrumbs_model_scope_matches_numpy(density, gamma):
+    base, fts = np_models()
+    tvs = fj.task_vectors(base, fts)
+    per_model = [jax.tree.leaves(t) for t in tvs]
+    flat = np.stack(
+        [np.concatenate([np.abs(np.asarray(x, np.float64)).ravel() for x in leaves]) for leaves in per_model]
+    )
+    n = flat.shape[1]
+    k_top, k_keep = int(np.ceil(gamma * n)), int(np.ceil(density * n))
+    srt = -np.sort(-flat, axis=1)
+    top = srt[:, k_top - 1] if k_top > 0 else np.full(3, np.inf)
+    end = srt[:, min(k_top + k_keep, n) - 1]
+
+    def fn(tv):
+        shape = (-1,) + (1,) * (tv.ndim - 1)
+        mask = (np.abs(tv) < top.reshape(shape)) & (np.abs(tv) >= end.reshape(shape))
+        return 0.3 * (tv * mask).sum(0)
+
+    m = fj.merging.breadcrumbs(density=density, gamma=gamma, scaling=0.3, scope="model")
+    T.assert_trees_close(fj.merge(base, fts, m), leafwise_reference(base, fts, fn))
