@@ -111,15 +111,19 @@ def check_same_structure(
     check_same_tree(base, other, name, ref_name)
     lb = jax.tree_util.tree_flatten_with_path(base)[0]
     lo = jax.tree.leaves(other)
-    for (path, b), o in zip(lb, lo, strict=False):
-        where = f"{name} differs from {ref_name} at {keystr(path)}"
-        if _is_array(b) != _is_array(o):
-            raise ValueError(f"{where}: {_describe(o)} != {_describe(b)}")
-        if _is_array(b):
-            if tuple(b.shape) != tuple(o.shape):
-                raise ValueError(f"{where}: shape {tuple(o.shape)} != {tuple(b.shape)}")
-            if b.dtype != o.dtype:
-                raise ValueError(f"{where}: dtype {o.dtype} != {b.dtype}")
+    for (path, b), o in zip(lb, lo, strict=True):
+        _check_leaf_meta(f"{name} differs from {ref_name} at {keystr(path)}", b, o)
+
+
+def _check_leaf_meta(where: str, b: Any, o: Any) -> None:
+    """Raises ``ValueError(where: ...)`` if two leaves differ in kind, shape or dtype."""
+    if _is_array(b) != _is_array(o):
+        raise ValueError(f"{where}: {_describe(o)} != {_describe(b)}")
+    if _is_array(b):
+        if tuple(b.shape) != tuple(o.shape):
+            raise ValueError(f"{where}: shape {tuple(o.shape)} != {tuple(b.shape)}")
+        if b.dtype != o.dtype:
+            raise ValueError(f"{where}: dtype {o.dtype} != {b.dtype}")
 
 
 # Leaves up to this many entries are checked on the host (no compile); larger
@@ -255,14 +259,8 @@ def check_sources(base, finetuned: Sequence[Any], name: str = "finetuned") -> No
             continue
         for path, b, o in zip(base.paths, base.specs, ft.specs, strict=True):
             where = f"{who} differs from base at {keystr(path)}"
-            if _is_array(b) != _is_array(o):
-                raise ValueError(f"{where}: {_describe(o)} != {_describe(b)}")
-            if _is_array(b):
-                if tuple(b.shape) != tuple(o.shape):
-                    raise ValueError(f"{where}: shape {tuple(o.shape)} != {tuple(b.shape)}")
-                if b.dtype != o.dtype:
-                    raise ValueError(f"{where}: dtype {o.dtype} != {b.dtype}")
-            elif type(b) is not type(o) or not _values_equal(b, o):
+            _check_leaf_meta(where, b, o)
+            if not _is_array(b) and (type(b) is not type(o) or not _values_equal(b, o)):
                 raise ValueError(
                     f"{where}: this {type(b).__name__} leaf is not an array, so it is not "
                     f"merged and must be equal in every model (got {o!r}, base has {b!r})."

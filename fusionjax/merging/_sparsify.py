@@ -22,39 +22,39 @@ from fusionjax.merging._ties import elect_sign
 from fusionjax.merging._ties import num_kept
 
 
-def _prepare_drop_extremes(hp, info):
-    k_top = num_kept(hp["gamma"], info.size)
-    k_end = k_top + num_kept(hp["density"], info.size)
+def _band_ranks(hp, n):
+    """Ranks ``[T, 2]`` of the outlier and the end thresholds among ``n`` magnitudes."""
+    k_top = num_kept(hp["gamma"], n)
+    k_end = k_top + num_kept(hp["density"], n)
     stack = np.stack if validation.is_concrete(k_end) else jnp.stack
-    return {"ks": stack([k_top, k_end], axis=-1)}
+    return stack([k_top, k_end], axis=-1)
+
+
+def _keep_band(x, thr):
+    """Zeroes the entries of row ``t`` outside ``thr[t, 1] <= |x| < thr[t, 0]``."""
+    zero = jnp.zeros((), x.dtype)
+    rows = []
+    for t in range(x.shape[0]):
+        mag = jnp.abs(x[t])
+        rows.append(jnp.where((mag < thr[t, 0]) & (mag >= thr[t, 1]), x[t], zero))
+    return jnp.stack(rows)
+
+
+def _prepare_drop_extremes(hp, info):
+    return {"ks": _band_ranks(hp, info.size)}
 
 
 def _drop_extremes(x, *, ks, **_):
-    thr = quantile.kth_largest([x], ks)  # [T, 2]: the outlier and the end threshold
-    zero = jnp.zeros((), x.dtype)
-    rows = []
-    for t in range(x.shape[0]):
-        mag = jnp.abs(x[t])
-        rows.append(jnp.where((mag < thr[t, 0]) & (mag >= thr[t, 1]), x[t], zero))
-    return jnp.stack(rows)
+    return _keep_band(x, quantile.kth_largest([x], ks))
 
 
 def _prepare_drop_extremes_model(hp, info):
-    k_top = num_kept(hp["gamma"], info.model_size)
-    k_end = k_top + num_kept(hp["density"], info.model_size)
-    stack = np.stack if validation.is_concrete(k_end) else jnp.stack
     # thresholds [T, 2] are filled in by the model-wide statistic before the leaf pass
-    return {"k": stack([k_top, k_end], axis=-1), "thresholds": np.zeros((info.num_models, 2))}
+    return {"k": _band_ranks(hp, info.model_size), "thresholds": np.zeros((info.num_models, 2))}
 
 
 def _drop_extremes_model(x, *, thresholds, **_):
-    thr = thresholds.astype(x.dtype)  # [T, 2]: the outlier and the end threshold
-    zero = jnp.zeros((), x.dtype)
-    rows = []
-    for t in range(x.shape[0]):
-        mag = jnp.abs(x[t])
-        rows.append(jnp.where((mag < thr[t, 0]) & (mag >= thr[t, 1]), x[t], zero))
-    return jnp.stack(rows)
+    return _keep_band(x, thresholds.astype(x.dtype))
 
 
 def drop_extremes(
