@@ -41,6 +41,7 @@ import optax
 from jax import lax
 
 from fusionjax._src import pytrees as _pytree
+from fusionjax._src import training
 from fusionjax._src import validation
 from fusionjax._src.base import Params
 from fusionjax._src.base import PRNGKey
@@ -70,6 +71,14 @@ def _is_float(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
+def _midpoint(a, b):
+    """``(a + b) / 2`` computed in at least float32, cast back (the library's dtype policy)."""
+    if not _is_float(a):
+        return a
+    dt = validation.compute_dtype(a.dtype)
+    return (0.5 * (a.astype(dt) + b.astype(dt))).astype(a.dtype)
+
+
 def _make_step(ref, loss_fn: LossFn, optimizer: optax.GradientTransformation):
     def midpoint_loss(proxy, projected, batch):
         def straight_through(x, px):
@@ -78,18 +87,14 @@ def _make_step(ref, loss_fn: LossFn, optimizer: optax.GradientTransformation):
             return px + (x - lax.stop_gradient(x))
 
         ste = jax.tree.map(straight_through, proxy, projected)
-        mid = jax.tree.map(
-            lambda a, b: (0.5 * (a + b)).astype(a.dtype) if _is_float(a) else a, ref, ste
-        )
+        mid = jax.tree.map(_midpoint, ref, ste)
         return loss_fn(mid, batch)
 
     @jax.jit
     def step(proxy, opt_state, projected, batch):
         loss, grads = jax.value_and_grad(midpoint_loss)(proxy, projected, batch)
-        # optax mixes int step counts with floats; keep it working under strict promotion.
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, opt_state, proxy)
-            return optax.apply_updates(proxy, updates), opt_state, loss
+        updates, opt_state = optimizer.update(grads, opt_state, proxy)
+        return optax.apply_updates(proxy, updates), opt_state, loss
 
     return step
 
@@ -191,10 +196,11 @@ def _ste_matching(
         batches = itertools.islice(batches, int(steps))
     if optimizer is None:
         optimizer = optax.sgd(1e-2, momentum=0.9)
+    # optax mixes int step counts with floats: its own arithmetic under standard promotion.
+    optimizer = training.standard_promotion(optimizer)
     step = _make_step(ref, loss_fn, optimizer)
     proxy = ref
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = optimizer.init(proxy)
+    opt_state = optimizer.init(proxy)
     perm = None
     best_loss, best_perm = np.inf, None
     losses, changed = [], []
