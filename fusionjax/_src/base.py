@@ -29,11 +29,17 @@ A step that needs a *model-wide* statistic (whole-model magnitude trimming)
 carries a :class:`Statistic`: :func:`fusionjax.merge` first streams every leaf
 through it (``update``, additive, so leaves can come from disk one at a time),
 then hands the result to every leaf's pass.
+
+This module also holds what :func:`fusionjax.merge` and :meth:`Step.__call__` share
+(extras checks, the model-wide statistics runner, the in-memory stacked apply); the
+jitted kernels are in :mod:`fusionjax._src.kernels`. It imports no module of
+``fusionjax._src`` that imports it back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -42,6 +48,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fusionjax._src import kernels
+from fusionjax._src import keys as keys_lib
+from fusionjax._src import paths as paths_lib
+from fusionjax._src import stream
+from fusionjax._src import validation
+from fusionjax._src.keys import fold_in
+
+keystr = jax.tree_util.keystr
 
 Params = Any
 """Any pytree of arrays: a nested dict, flax ``nnx.State``, an equinox module."""
@@ -86,9 +101,7 @@ class LeafInfo:
     @property
     def name(self) -> str:
         """The path as ``"a/b/0/c"``, the form path patterns are matched against."""
-        from fusionjax._src import paths  # pylint: disable=g-import-not-at-top
-
-        return paths.path_name(self.path)
+        return paths_lib.path_name(self.path)
 
     @property
     def keystr(self) -> str:
@@ -382,9 +395,7 @@ class Step:
         Returns:
           The stacked (task-vector step) or merged (merger) task vectors.
         """
-        from fusionjax._src import merge as merge_lib  # pylint: disable=g-import-not-at-top
-
-        return merge_lib.apply_to_stacked(self, tvs, key=key, base=base, extras=extra_args)
+        return apply_to_stacked(self, tvs, key=key, base=base, extras=extra_args)
 
     # -- equality by structure and values, so equal factory calls give equal steps --
     def __eq__(self, other) -> bool:
@@ -491,13 +502,176 @@ class Chain(Step):
         return "chain(" + ", ".join(repr(p) for p in self._parts) + ")"
 
 
-def fold_in(key: PRNGKey | None, data: int) -> PRNGKey | None:
-    """``jax.random.fold_in(key, data)``, or ``None`` for no key."""
-    return None if key is None else jax.random.fold_in(key, data)
-
-
 TaskVectorFn = Step
 """A :class:`Step` with ``reduces=False``: ``[T, ...] -> [T, ...]``."""
 
 Merger = Step
 """A :class:`Step` with ``reduces=True``: ``[T, ...] -> [...]``."""
+
+
+# -- what merge and Step.__call__ share: extras, model-wide statistics ---------
+
+
+def check_extras(step: Step, extras: dict) -> None:
+    """Unknown extras are an error with a suggestion; missing required ones too."""
+    known = step.required_extras()
+    for name in extras:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            takes = f"it takes {', '.join(known)}" if known else "it takes no extras"
+            raise TypeError(f"{step.name} got an unexpected extra {name!r} ({takes}).{hint}")
+    for name in known:
+        if name not in extras:
+            raise TypeError(f"{step.name} needs the extra {name}=...; see its docstring.")
+
+
+def _statistic_positions(step: Step) -> list[int]:
+    return [j for j, p in enumerate(parts_of(step)) if p.statistic is not None]
+
+
+def num_layers(leaf_paths) -> int | None:
+    """One more than the largest layer index in the paths, or ``None`` (:class:`LeafInfo`)."""
+    idx = [paths_lib.layer_index(paths_lib.path_name(p)) for p in leaf_paths]
+    idx = [i for i in idx if i is not None]
+    return max(idx) + 1 if idx else None
+
+
+def parts_of(step: Step) -> tuple[Step, ...]:
+    """A chain's steps, or the step alone."""
+    return step.parts if isinstance(step, Chain) else (step,)
+
+
+def run_statistics(plan, step, key, read_inputs, stacked_input):
+    """Runs every model-wide statistic of ``step`` and writes its results into the plan.
+
+    ``plan`` has ``paths``, ``infos``, ``steps`` (resolved, updated in place),
+    ``leaf_extras(i)`` and ``mergeable()``; ``read_inputs(i)`` returns leaf ``i``'s
+    ``(base, finetuned)`` (or ``(base, stacked task vectors)`` when ``stacked_input``).
+    """
+    positions = _statistic_positions(step)
+    parts = parts_of(step)
+    for g in positions:
+        stat = parts[g].statistic
+        for name, v in parts[g].hparams.items():
+            if isinstance(v, LeafValue):
+                raise ValueError(
+                    f"{parts[g].name} works over the whole model: {name} takes one value, "
+                    "not a per-leaf value."
+                )
+        idx = plan.mergeable()
+        if not idx:
+            continue
+        infos = [plan.infos[i] for i in idx]
+        first = parts_of(plan.steps[idx[0]])[g]
+        state = stat.init(first.hparams, infos)
+        for p in range(stat.num_passes):
+            state = kernels.stat_begin_end(stat, state, p, False)
+            for i in idx:
+                b, fts = read_inputs(i)
+                prefix = parts_of(plan.steps[i])[:g]
+                state = kernels.stat_leaf(
+                    stat,
+                    stacked_input,
+                    prefix,
+                    state,
+                    b,
+                    fts,
+                    p,
+                    keys_lib.leaf_key(key, plan.paths[i]),
+                    plan.leaf_extras(i),
+                )
+            state = kernels.stat_begin_end(stat, state, p, True)
+        result = stat.result(state)
+        for i in idx:
+            ps = list(parts_of(plan.steps[i]))
+            ps[g] = ps[g].replace(hparams={**ps[g].hparams, **result})
+            plan.steps[i] = Chain(tuple(ps)) if isinstance(plan.steps[i], Chain) else ps[0]
+            if hasattr(plan, "structures"):
+                plan.structures[i] = jax.tree.structure(plan.steps[i])
+
+
+def apply_to_stacked(
+    step: Step, tvs: Any, *, key: PRNGKey | None = None, base: Params = None, extras=None
+) -> Any:
+    """Applies a step to in-memory stacked task vectors ``[T, ...]`` (``Step.__call__``).
+
+    Each leaf is resolved from its metadata, computed in at least float32 by the
+    kernels of :mod:`fusionjax._src.kernels` (model-wide statistics first, as in
+    :func:`fusionjax.merge`) and cast back to its dtype. Used by learned merging
+    (e.g. AdaMerging++'s TIES preprocessing) on task vectors that are already stacked.
+
+    Args:
+      step: The step (a task-vector step or a merger).
+      tvs: Stacked task vectors, a leading model axis ``T`` on every leaf; ``None``
+        leaves stay ``None``.
+      key: PRNG key for random steps (each leaf draws from a key derived from its path).
+      base: Optional base parameters, a pytree like ``tvs`` without the model axis.
+      extras: The keyword extras the step requires, e.g. ``{"fishers": ...}``.
+
+    Returns:
+      ``[T, ...]`` leaves for a task-vector step, ``[...]`` leaves for a merger.
+
+    Raises:
+      TypeError: if an extra is unknown or missing.
+      ValueError: if a key is needed and missing, a leaf lacks the model axis, or the
+        step's own checks fail (the message names the path).
+    """
+    extras = dict(extras or {})
+    check_extras(step, extras)
+    if step.needs_key:
+        keys_lib.require_key(key, step.name)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tvs)
+    leaf_paths = [p for p, _ in flat]
+    leaves = [x for _, x in flat]
+    if not leaves:
+        return tvs
+    t = int(np.shape(leaves[0])[0])
+    base_leaves = (
+        [None] * len(leaves) if base is None else paths_lib.broadcast_leaves(tvs, base, "base")
+    )
+    n_layers = num_layers(leaf_paths)
+    size = sum(math.prod(np.shape(x)[1:]) for x in leaves)
+    steps, infos = [], []
+    for path, x in flat:
+        if np.ndim(x) < 1 or np.shape(x)[0] != t:
+            raise ValueError(
+                f"{step.name}: stacked task vectors need a leading model axis of size {t} on "
+                f"every leaf; {keystr(path)} has shape {np.shape(x)}."
+            )
+        info = LeafInfo(path, tuple(np.shape(x)[1:]), x.dtype, t, n_layers, size)
+        try:
+            steps.append(step.resolve(info))
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{step.name} at {keystr(path)}: {e}") from e
+        infos.append(info)
+
+    class _StackedPlan:
+        pass
+
+    plan = _StackedPlan()
+    plan.paths, plan.infos, plan.steps = leaf_paths, infos, steps
+    template = treedef.unflatten([stream.spec_of(x) for x in leaves])
+    ex = {k: paths_lib.broadcast_leaves(template, v, k) for k, v in extras.items()}
+    plan.leaf_extras = lambda i: {k: v[i] for k, v in ex.items()}
+    plan.mergeable = lambda: list(range(len(leaves)))
+
+    def compute(i):
+        x = jnp.asarray(leaves[i])
+        x = x.astype(validation.compute_dtype(x.dtype))
+        b = base_leaves[i]
+        return (None if b is None else jnp.asarray(b, x.dtype)), x
+
+    if not step.leafwise:
+        run_statistics(plan, step, key, compute, stacked_input=True)
+    out = []
+    for i, path in enumerate(leaf_paths):
+        b, x = compute(i)
+        try:
+            y = kernels.apply_leaf(
+                plan.steps[i], x, keys_lib.leaf_key(key, path), b, plan.leaf_extras(i)
+            )
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{step.name} at {keystr(path)}: {e}") from e
+        out.append(y.astype(leaves[i].dtype))
+    return treedef.unflatten(out)

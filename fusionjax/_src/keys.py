@@ -14,7 +14,7 @@ import zlib
 import jax
 import numpy as np
 
-from fusionjax._src.base import PRNGKey
+PRNGKey = jax.Array
 
 
 def require_key(key: PRNGKey | None, who: str) -> PRNGKey:
@@ -22,6 +22,11 @@ def require_key(key: PRNGKey | None, who: str) -> PRNGKey:
     if key is None:
         raise ValueError(f"{who} is random and needs a PRNG key, e.g. key=jax.random.key(0).")
     return key
+
+
+def fold_in(key: PRNGKey | None, data: int) -> PRNGKey | None:
+    """``jax.random.fold_in(key, data)``, or ``None`` for no key."""
+    return None if key is None else jax.random.fold_in(key, data)
 
 
 def leaf_key(key: PRNGKey | None, path) -> PRNGKey | None:

@@ -17,7 +17,6 @@ What costs time, and what is done about it:
 
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionjax._src import kernels
 from fusionjax._src import keys as keys_lib
 from fusionjax._src import paths as paths_lib
 from fusionjax._src import stream
@@ -38,7 +38,9 @@ from fusionjax._src.base import LeafValue
 from fusionjax._src.base import Params
 from fusionjax._src.base import PRNGKey
 from fusionjax._src.base import Step
-from fusionjax._src.base import fold_in
+from fusionjax._src.base import check_extras
+from fusionjax._src.base import num_layers
+from fusionjax._src.base import run_statistics
 from fusionjax._src.per_leaf import Partition
 
 keystr = jax.tree_util.keystr
@@ -113,79 +115,13 @@ def _check_merger(merger: Any, *, reduces: bool = True) -> None:
         )
 
 
-def _check_extras(step: Step, extras: dict) -> None:
-    """Unknown extras are an error with a suggestion; missing required ones too."""
-    known = step.required_extras()
-    for name in extras:
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            takes = f"it takes {', '.join(known)}" if known else "it takes no extras"
-            raise TypeError(f"{step.name} got an unexpected extra {name!r} ({takes}).{hint}")
-    for name in known:
-        if name not in extras:
-            raise TypeError(f"{step.name} needs the extra {name}=...; see its docstring.")
-
-
-def _statistic_positions(step: Step) -> list[int]:
-    parts = step.parts if isinstance(step, Chain) else (step,)
-    return [j for j, p in enumerate(parts) if p.statistic is not None]
-
-
-def _num_layers(leaf_paths) -> int | None:
-    idx = [paths_lib.layer_index(paths_lib.path_name(p)) for p in leaf_paths]
-    idx = [i for i in idx if i is not None]
-    return max(idx) + 1 if idx else None
-
-
 # -- the jitted kernels -------------------------------------------------------
 
 
-def _stacked_tv(base, finetuned):
-    dt = validation.compute_dtype(base.dtype)
-    b = base.astype(dt)
-    return b, jnp.stack([f.astype(dt) - b for f in finetuned])
-
-
-def _explicit_axes(x=None) -> tuple:
-    """Mesh axes in explicit sharding mode (inside a trace), or ``()``.
-
-    With ``x``, only if ``x`` itself carries a sharding over that mesh (host
-    arrays merged inside a mesh context carry none).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return ()
-    if x is not None and jax.typeof(x).sharding.mesh.empty:
-        return ()
-    return tuple(
-        name
-        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if kind == jax.sharding.AxisType.Explicit
-    )
-
-
-def _apply_auto(step, tv, key, base, extras):
-    """``step.apply``, run with compiler-chosen shardings under an explicit mesh.
-
-    A step's internals (a radix select's flattened histogram, a per-unit sort)
-    need not keep the leaf's sharding; the merged leaf gets it back.
-    """
-    axes = _explicit_axes(tv)
-    if not axes:
-        return step.apply(tv, key=key, base=base, extras=extras)
-    fn = jax.sharding.auto_axes(
-        lambda step, tv, key, base, extras: step.apply(tv, key=key, base=base, extras=extras),
-        axes=axes,
-        out_sharding=jax.typeof(base).sharding if step.reduces else jax.typeof(tv).sharding,
-    )
-    return fn(step, tv, key, base, extras)
-
-
 def _merge_leaf_impl(step, base, finetuned, key, extras, check_finite, sharded=True):
-    b, tv = _stacked_tv(base, finetuned)
+    b, tv = kernels.stacked_tv(base, finetuned)
     if sharded:
-        merged = _apply_auto(step, tv, key, b, extras)
+        merged = kernels.apply_auto(step, tv, key, b, extras)
     else:  # a group of small host leaves: nothing to keep sharded
         merged = step.apply(tv, key=key, base=b, extras=extras)
     if merged.shape != base.shape:
@@ -226,30 +162,6 @@ def _bucket(size: int) -> int:
     return max(MIN_BUCKET, 1 << max(size - 1, 0).bit_length())
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 6))
-def _stat_leaf(statistic, stacked_input, prefix, state, base, finetuned, pass_index, key, extras):
-    if stacked_input:
-        b, tv = base, finetuned
-    else:
-        b, tv = _stacked_tv(base, finetuned)
-    for j, p in enumerate(prefix):
-        tv = _apply_auto(p, tv, fold_in(key, j), b, extras)
-    axes = _explicit_axes(tv)
-    if not axes:
-        return statistic.update(state, tv, pass_index)
-    fn = jax.sharding.auto_axes(
-        lambda s, x: statistic.update(s, x, pass_index),
-        axes=axes,
-        out_sharding=jax.tree.map(lambda a: jax.typeof(a).sharding, state),
-    )
-    return fn(state, tv)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _stat_begin_end(statistic, state, pass_index, end):
-    return statistic.end(state, pass_index) if end else statistic.begin(state, pass_index)
-
-
 @jax.jit
 def _average_leaf(finetuned):
     dt = validation.compute_dtype(finetuned[0].dtype)
@@ -257,11 +169,6 @@ def _average_leaf(finetuned):
     for f in finetuned[1:]:
         acc = acc + f.astype(dt)
     return (acc / len(finetuned)).astype(finetuned[0].dtype)
-
-
-@jax.jit
-def _apply_leaf(step, tv, key, base, extras):
-    return step.apply(tv, key=key, base=base, extras=extras)
 
 
 def _equal(a, b) -> bool:
@@ -294,7 +201,7 @@ class _Plan:
     def __init__(self, base_src, num_models, step, extras, running_stats):
         self.paths = base_src.paths
         self.kinds = base_src.kinds
-        n_layers = _num_layers(self.paths)
+        n_layers = num_layers(self.paths)
         size = sum(
             math.prod(s.shape) for s, k in zip(base_src.specs, self.kinds, strict=True)
             if k == stream.PARAM
@@ -346,54 +253,6 @@ def _path_dependent(step: Step) -> bool:
     if any(isinstance(v, LeafValue) for v in step.hparams.values()):
         return True
     return any(_path_dependent(p) for p in step.parts)
-
-
-def _run_statistics(plan, step, key, read_inputs, stacked_input):
-    """Runs every model-wide statistic of ``step`` and writes its results into the plan."""
-    positions = _statistic_positions(step)
-    parts = step.parts if isinstance(step, Chain) else (step,)
-    for g in positions:
-        stat = parts[g].statistic
-        for name, v in parts[g].hparams.items():
-            if isinstance(v, LeafValue):
-                raise ValueError(
-                    f"{parts[g].name} works over the whole model: {name} takes one value, "
-                    "not a per-leaf value."
-                )
-        idx = plan.mergeable()
-        if not idx:
-            continue
-        infos = [plan.infos[i] for i in idx]
-        first = _parts_of(plan.steps[idx[0]])[g]
-        state = stat.init(first.hparams, infos)
-        for p in range(stat.num_passes):
-            state = _stat_begin_end(stat, state, p, False)
-            for i in idx:
-                b, fts = read_inputs(i)
-                prefix = _parts_of(plan.steps[i])[:g]
-                state = _stat_leaf(
-                    stat,
-                    stacked_input,
-                    prefix,
-                    state,
-                    b,
-                    fts,
-                    p,
-                    keys_lib.leaf_key(key, plan.paths[i]),
-                    plan.leaf_extras(i),
-                )
-            state = _stat_begin_end(stat, state, p, True)
-        result = stat.result(state)
-        for i in idx:
-            ps = list(_parts_of(plan.steps[i]))
-            ps[g] = ps[g].replace(hparams={**ps[g].hparams, **result})
-            plan.steps[i] = Chain(tuple(ps)) if isinstance(plan.steps[i], Chain) else ps[0]
-            if hasattr(plan, "structures"):
-                plan.structures[i] = jax.tree.structure(plan.steps[i])
-
-
-def _parts_of(step: Step) -> tuple[Step, ...]:
-    return step.parts if isinstance(step, Chain) else (step,)
 
 
 def merge(
@@ -478,7 +337,7 @@ def merge(
     base_src = stream.as_source(base)
     ft_srcs = [stream.as_source(f) for f in finetuned]
     validation.check_sources(base_src, ft_srcs)
-    _check_extras(merger, extra_args)
+    check_extras(merger, extra_args)
     if merger.needs_key:
         keys_lib.require_key(key, merger.name)
     plan = _Plan(base_src, len(ft_srcs), merger, extra_args, running_stats)
@@ -488,7 +347,7 @@ def merge(
         return jnp.asarray(base_src.read(i)), [jnp.asarray(s.read(i)) for s in ft_srcs]
 
     if not merger.leafwise:
-        _run_statistics(plan, merger, key, read_inputs, stacked_input=False)
+        run_statistics(plan, merger, key, read_inputs, stacked_input=False)
 
     flag_paths, flags = [], []
     grouped = set()
@@ -617,67 +476,3 @@ def _is_key(x) -> bool:
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def apply_to_stacked(
-    step: Step, tvs: Any, *, key: PRNGKey | None = None, base: Params = None, extras=None
-) -> Any:
-    """Applies a step to in-memory stacked task vectors ``[T, ...]`` (see ``Step.__call__``).
-
-    ``None`` leaves stay ``None``. Used by learned merging (e.g. AdaMerging++'s
-    TIES preprocessing) on task vectors that are already stacked.
-    """
-    extras = dict(extras or {})
-    _check_extras(step, extras)
-    if step.needs_key:
-        keys_lib.require_key(key, step.name)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tvs)
-    leaf_paths = [p for p, _ in flat]
-    leaves = [x for _, x in flat]
-    if not leaves:
-        return tvs
-    t = int(np.shape(leaves[0])[0])
-    base_leaves = (
-        [None] * len(leaves) if base is None else paths_lib.broadcast_leaves(tvs, base, "base")
-    )
-    n_layers = _num_layers(leaf_paths)
-    size = sum(math.prod(np.shape(x)[1:]) for x in leaves)
-    steps, infos = [], []
-    for path, x in flat:
-        if np.ndim(x) < 1 or np.shape(x)[0] != t:
-            raise ValueError(
-                f"{step.name}: stacked task vectors need a leading model axis of size {t} on "
-                f"every leaf; {keystr(path)} has shape {np.shape(x)}."
-            )
-        info = LeafInfo(path, tuple(np.shape(x)[1:]), x.dtype, t, n_layers, size)
-        try:
-            steps.append(step.resolve(info))
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"{step.name} at {keystr(path)}: {e}") from e
-        infos.append(info)
-
-    class _StackedPlan:
-        pass
-
-    plan = _StackedPlan()
-    plan.paths, plan.infos, plan.steps = leaf_paths, infos, steps
-    template = treedef.unflatten([stream.spec_of(x) for x in leaves])
-    ex = {k: paths_lib.broadcast_leaves(template, v, k) for k, v in extras.items()}
-    plan.leaf_extras = lambda i: {k: v[i] for k, v in ex.items()}
-    plan.mergeable = lambda: list(range(len(leaves)))
-
-    def compute(i):
-        x = jnp.asarray(leaves[i])
-        x = x.astype(validation.compute_dtype(x.dtype))
-        b = base_leaves[i]
-        return (None if b is None else jnp.asarray(b, x.dtype)), x
-
-    if not step.leafwise:
-        _run_statistics(plan, step, key, compute, stacked_input=True)
-    out = []
-    for i, path in enumerate(leaf_paths):
-        b, x = compute(i)
-        try:
-            y = _apply_leaf(plan.steps[i], x, keys_lib.leaf_key(key, path), b, plan.leaf_extras(i))
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"{step.name} at {keystr(path)}: {e}") from e
-        out.append(y.astype(leaves[i].dtype))
-    return treedef.unflatten(out)

@@ -15,6 +15,7 @@ array part.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -67,17 +68,27 @@ jax.tree_util.register_static(StaticDict)
 # -- For jit: the arrays as arguments, the rest as one hashable static argument --
 
 
-def jit_partition(tree: Any) -> tuple[list, tuple]:
+def _jit_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def jit_partition(
+    tree: Any, is_array: Callable[[Any], bool] | None = None
+) -> tuple[list, tuple]:
     """Splits a pytree into its array leaves and a hashable rest (structure, other leaves).
 
     ``jit_combine(*jit_partition(tree))`` rebuilds ``tree``. As ``equinox.partition`` with
-    ``is_array``, but the rest is one hashable tuple, ready to be a static argument.
+    ``is_array``, but the rest is one hashable tuple, ready to be a static argument (it
+    is hashable when the other leaves are).
 
     Args:
       tree: Any pytree (a ``Partial``, a function, a dict of arrays and numbers).
+      is_array: Which leaves go into ``arrays`` (the jit arguments); by default
+        ``jax.Array`` and ``np.ndarray`` leaves. E.g. also ``jax.ShapeDtypeStruct``
+        for a function traced with :func:`jax.make_jaxpr`.
 
     Returns:
-      ``(arrays, static)``: the ``jax.Array`` / ``np.ndarray`` leaves in order, and
+      ``(arrays, static)``: the leaves ``is_array`` selects, in order, and
       ``(treedef, ((index, leaf), ...))`` for the other leaves.
 
     Examples:
@@ -88,9 +99,10 @@ def jit_partition(tree: Any) -> tuple[list, tuple]:
       >>> jit_combine(arrays, static)["b"]
       3
     """
+    is_array = _jit_array if is_array is None else is_array
     leaves, treedef = jax.tree.flatten(tree)
-    arrays = [x for x in leaves if isinstance(x, (jax.Array, np.ndarray))]
-    rest = tuple((i, x) for i, x in enumerate(leaves) if not isinstance(x, (jax.Array, np.ndarray)))
+    arrays = [x for x in leaves if is_array(x)]
+    rest = tuple((i, x) for i, x in enumerate(leaves) if not is_array(x))
     return arrays, (treedef, rest)
 
 

@@ -30,10 +30,18 @@ def compute_dtype(dtype) -> jnp.dtype:
     """The dtype merges are computed in: at least float32 (bf16/fp16 are upcast).
 
     The one dtype policy of the library: compute in at least float32, cast the
-    result back to the leaf's dtype.
+    result back to the leaf's dtype. float64 stays float64 when 64-bit types are
+    enabled (``jax_enable_x64``); otherwise it is float32, the dtype JAX would give
+    a NumPy float64 array anyway (so asking for it raises no truncation warning).
+
+    Args:
+      dtype: A floating-point dtype (of a leaf).
+
+    Returns:
+      ``float32`` for dtypes narrower than 32 bits, else ``dtype`` as JAX represents it.
     """
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else jnp.dtype(dtype)
 
 
 def is_concrete(x) -> bool:

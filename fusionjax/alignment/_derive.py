@@ -53,6 +53,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from fusionjax._src import pytrees
 from fusionjax._src.base import Params
 from fusionjax.alignment._derive_rules import _RULES
 from fusionjax.alignment._derive_rules import Node
@@ -186,41 +187,29 @@ class _Walker:
 class _Layout(NamedTuple):
     """Where the array leaves of ``params`` and of the inputs go; hashable (static under jit).
 
-    Non-array leaves (Python flags such as ``train=False``, the activation functions of
-    an equinox module) are kept here as ``(index, leaf)`` pairs and stay static.
+    ``params`` and ``inputs`` are the static halves of
+    :func:`fusionjax._src.pytrees.jit_partition`: non-array leaves (Python flags such as
+    ``train=False``, the activation functions of an equinox module) stay static.
     """
 
-    params_def: Any
-    params_static: tuple
-    inputs_def: Any
-    inputs_static: tuple
+    params: tuple
+    inputs: tuple
     paths: tuple[str, ...]
     returns_updates: bool = False
 
 
 def _split(params: Params, args, kwargs) -> tuple[_Layout, list, list]:
     """``(layout, param arrays, input arrays)``; raises if two param leaves share a path."""
-    p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
-    a_flat, a_def = jax.tree_util.tree_flatten((args, kwargs))
-    p_leaves = [x for _, x in p_flat]
+    p_flat = jax.tree_util.tree_flatten_with_path(params)[0]
     paths = tuple(path_str(kp) for kp, x in p_flat if _is_array(x))
     twice = sorted({p for p in paths if paths.count(p) > 1})
     if twice:
         raise ValueError(f"two leaves of params share the path {twice[0]!r}; rename a key")
-    static = lambda xs: tuple((i, x) for i, x in enumerate(xs) if not _is_array(x))  # noqa: E731
-    arrays = lambda xs: [x for x in xs if _is_array(x)]  # noqa: E731
+    p_arrays, p_static = pytrees.jit_partition(params, _is_array)
+    a_arrays, a_static = pytrees.jit_partition((args, kwargs), _is_array)
     # linen's ``apply(..., mutable=[...])`` returns ``(outputs, updated variables)``.
     updates = bool(kwargs.get("mutable", False))
-    layout = _Layout(p_def, static(p_leaves), a_def, static(a_flat), paths, updates)
-    return layout, arrays(p_leaves), arrays(a_flat)
-
-
-def _fill(treedef, static: tuple, arrays: Sequence[Any]):
-    """The tree with its static leaves back in place between ``arrays``."""
-    leaves, it, fixed = [], iter(arrays), dict(static)
-    for i in range(treedef.num_leaves):
-        leaves.append(fixed[i] if i in fixed else next(it))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return _Layout(p_static, a_static, paths, updates), p_arrays, a_arrays
 
 
 def _trace(apply_fn: Callable, layout: _Layout, p_arrays, a_arrays):
@@ -233,8 +222,8 @@ def _trace(apply_fn: Callable, layout: _Layout, p_arrays, a_arrays):
     """
 
     def flat_fn(p_arrays, a_arrays):
-        f_args, f_kwargs = _fill(layout.inputs_def, layout.inputs_static, a_arrays)
-        params = _fill(layout.params_def, layout.params_static, p_arrays)
+        f_args, f_kwargs = pytrees.jit_combine(a_arrays, layout.inputs)
+        params = pytrees.jit_combine(p_arrays, layout.params)
         return apply_fn(params, *f_args, **f_kwargs)
 
     closed, shapes = jax.make_jaxpr(flat_fn, return_shape=True)(p_arrays, a_arrays)

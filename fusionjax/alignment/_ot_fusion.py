@@ -76,6 +76,11 @@ References:
 Modules: :mod:`~fusionjax.alignment._ot_transport` (ground costs, solvers),
 :mod:`~fusionjax.alignment._ot_maps` (roles, maps, :func:`apply_transports`), this one
 (the group-by-group loop and :func:`ot_fusion`).
+
+**Dtypes** (the library's policy). Everything is computed in at least float32: bf16
+and f16 leaves are upcast, float64 leaves stay float64 when ``jax_enable_x64`` is on.
+``fused`` and ``aligned`` have the input leaves' dtypes; the couplings have the ground
+cost's dtype (float32, or float64 for float64 models).
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ from fusionjax.alignment._ot_maps import group_apply
 from fusionjax.alignment._ot_transport import Activations
 from fusionjax.alignment._ot_transport import check_activations
 from fusionjax.alignment._ot_transport import check_costs_available
+from fusionjax.alignment._ot_transport import compute_array
 from fusionjax.alignment._ot_transport import group_cost
 from fusionjax.alignment._ot_transport import solve_transport
 from fusionjax.alignment._spec import PermutationSpec
@@ -116,11 +122,13 @@ class OTFusionOutput(NamedTuple):
     it whole (and :meth:`apply` it afterwards).
 
     Attributes:
-      fused: :math:`(1-w)\,\theta_{ref} + w\,\tilde\theta_{other}`, with ``ref``'s shapes.
+      fused: :math:`(1-w)\,\theta_{ref} + w\,\tilde\theta_{other}`, with ``ref``'s shapes
+        and dtypes (computed in at least float32).
       aligned: ``other`` moved onto ``ref``'s units, :math:`\tilde\theta_{other}`
-        (``ref``'s shapes).
+        (``ref``'s shapes and dtypes).
       transports: ``{group: [m, n]}`` couplings :math:`T` (other's units x ref's units,
-        total mass 1) before the marginal correction.
+        total mass 1) before the marginal correction; float32, or float64 when the
+        group's leaves (or activations) are float64 under ``jax_enable_x64``.
       permutations: ``{group: int [n]}``: for each ref unit, the other unit sending it the
         most mass. When a coupling is a permutation (exact solver, equal widths), this is
         it, in :func:`~fusionjax.alignment.apply_permutations`' convention.
@@ -201,9 +209,10 @@ def _interpolate(ref, other, cur, weight):
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             return x, x
         path = path_str(kp)
-        yt = cur[path] if path in cur else jnp.asarray(y, jnp.float32)
-        xf = jnp.asarray(x, jnp.float32)
-        return ((1.0 - weight) * xf + weight * yt).astype(x.dtype), yt.astype(x.dtype)
+        dt = validation.compute_dtype(x.dtype)
+        yt = (cur[path] if path in cur else y).astype(dt)
+        w = weight.astype(dt)
+        return ((1 - w) * x.astype(dt) + w * yt).astype(x.dtype), yt.astype(x.dtype)
 
     treedef = jax.tree.structure(ref)
     pairs = treedef.flatten_up_to(jax.tree_util.tree_map_with_path(fuse, ref, other))
@@ -219,7 +228,7 @@ def _loop(
     sizes_o = {g: np.shape(other_leaves[p])[a] for g, ((p, a), *_) in spec.groups.items()}
     axes_all = {p: _names(spec, p, np.ndim(x)) for p, x in ref_leaves.items()}
     # ``cur`` holds other's permuted leaves, with the groups done so far mapped onto ref's units.
-    cur = {p: jnp.asarray(x, jnp.float32) for p, x in other_leaves.items()}
+    cur = {p: compute_array(x) for p, x in other_leaves.items()}
     transports, perms, tcost, conv = {}, {}, {}, {}
     done: frozenset = frozenset()
     for g in spec.names:
@@ -384,7 +393,7 @@ def ot_fusion(
     loop = _loop_jit if solver == "exact" else _loop
     cur, transports, perms, tcost, conv = loop(*args)
     (ref_arrays, rest), (other_arrays, _) = _pytree.partition(ref), _pytree.partition(other)
-    fused, aligned = _interpolate(ref_arrays, other_arrays, cur, jnp.asarray(weight, jnp.float32))
+    fused, aligned = _interpolate(ref_arrays, other_arrays, cur, jnp.asarray(weight))
     return OTFusionOutput(
         fused=_pytree.combine(fused, rest),
         aligned=_pytree.combine(aligned, rest),

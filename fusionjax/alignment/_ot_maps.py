@@ -17,6 +17,10 @@ for equal sizes both maps coincide. Limitation: an axis whose unit is written bu
 not a leaf's last axis, such as the head axis of a flax attention kernel ``[d, heads,
 head_dim]``, is taken as read; with equal head counts (the usual case) this changes
 nothing.
+
+**Dtypes.** Leaves are mapped in at least float32 (bf16/f16 upcast, float64 kept when
+``jax_enable_x64`` is on) and cast back to their own dtype; a map is cast to the dtype
+of the leaf it is applied to.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 
 from fusionjax._src.base import ArrayLike
 from fusionjax._src.base import Params
+from fusionjax.alignment._ot_transport import compute_array
 from fusionjax.alignment._spec import PermutationSpec
 from fusionjax.alignment._spec import check_spec
 from fusionjax.alignment._spec import leaf_paths
@@ -137,13 +142,14 @@ def transport_maps(
       ``(write, read)``, both ``[m, n]``: :math:`T\,\mathrm{diag}(1/\beta)` (columns sum to
       one: ref unit :math:`j` is a weighted mean of other units) and
       :math:`\mathrm{diag}(1/\alpha)\,T` (rows sum to one: an other unit's outgoing weight
-      is divided among the ref units it is sent to). A leaf axis ``a`` of ``other`` is
-      mapped by ``tensordot(x, map, axes=([a], [0]))``.
+      is divided among the ref units it is sent to), in the coupling's dtype (at least
+      float32). A leaf axis ``a`` of ``other`` is mapped by
+      ``tensordot(x, map, axes=([a], [0]))``.
 
     Raises:
       ValueError: if ``transport`` is not a matrix.
     """
-    t = jnp.asarray(transport, jnp.float32)
+    t = compute_array(transport)
     if t.ndim != 2:
         raise ValueError(f"transport must be a matrix [m, n], got shape {t.shape}.")
     m, n = t.shape
@@ -158,8 +164,8 @@ def transport_maps(
 
 
 def _map_axis(x: jax.Array, mat: jax.Array, axis: int) -> jax.Array:
-    """``x`` with axis ``axis`` (size m) mapped to size n by ``mat [m, n]``."""
-    y = jnp.tensordot(x, mat, axes=([axis], [0]), precision=_HIGHEST)
+    """``x`` with axis ``axis`` (size m) mapped to size n by ``mat [m, n]`` (cast to x's dtype)."""
+    y = jnp.tensordot(x, mat.astype(x.dtype), axes=([axis], [0]), precision=_HIGHEST)
     return jnp.moveaxis(y, -1, axis)
 
 
@@ -196,8 +202,8 @@ def apply_transports(
       marginal_correction: See :func:`transport_maps`.
 
     Returns:
-      A pytree like ``params`` with ``n`` units per group, in float32 for mapped leaves
-      cast back to their dtype.
+      A pytree like ``params`` with ``n`` units per group. Mapped leaves are computed in
+      at least float32 (float64 kept under x64) and cast back to their dtype.
 
     Raises:
       ValueError: if the spec has no groups, a group is missing or a coupling's shape
@@ -224,8 +230,8 @@ def apply_transports(
         names = axes.get(path)
         if names is None:
             return x
-        y = _map_leaf(jnp.asarray(x, jnp.float32), names, path, role_map, maps)
-        return y.astype(x.dtype)
+        y = _map_leaf(compute_array(x), names, path, role_map, maps)
+        return y.astype(jax.dtypes.canonicalize_dtype(x.dtype))
 
     return jax.tree_util.tree_map_with_path(leaf_fn, params)
 

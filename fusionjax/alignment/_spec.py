@@ -70,6 +70,20 @@ def normalize_path(path: PathLike) -> str:
 def leaf_paths(params: Params) -> dict[str, Any]:
     """``{path: leaf}`` for every leaf of ``params``, in flattening order.
 
+    A path is the leaf's keys from the root joined by ``"/"`` (dict keys, attribute
+    names, sequence indices), the form :class:`PermutationSpec` names leaves by.
+
+    Args:
+      params: Any pytree: a linen variables dict, an ``nnx.State``, an equinox module.
+
+    Returns:
+      ``{path: leaf}``, e.g. ``{"params/Dense_0/kernel": array}``, in the order of
+      :func:`jax.tree_util.tree_flatten_with_path`.
+
+    Raises:
+      ValueError: if two leaves have the same path (e.g. keys ``"a/b"`` and
+        ``("a", "b")``); the message names it.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> list(leaf_paths({"params": {"Dense_0": {"kernel": jnp.zeros((2, 3))}}}))
@@ -270,13 +284,60 @@ def check_spec(spec: Any, name: str = "spec") -> PermutationSpec:
 
 
 def identity_permutations(spec: PermutationSpec, params: Params) -> Permutations:
-    """``{group: arange(n)}``: the permutations that change nothing."""
+    r"""``{group: arange(n)}``: the permutations that change nothing.
+
+    :math:`P_g = I_{n_g}` for every group, so ``apply_permutations(spec, perms, params)``
+    returns ``params``; the starting point of weight matching.
+
+    Args:
+      spec: The permutation spec.
+      params: A model the spec describes (only shapes are read, to find each
+        group's size :math:`n_g`).
+
+    Returns:
+      ``{group: int array [n_g]}`` with ``perm[i] == i``.
+
+    Raises:
+      TypeError: if ``spec`` is not a :class:`PermutationSpec`.
+      ValueError: if the spec has no groups or does not fit ``params``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> spec = PermutationSpec({"h": [("w", 1)]})
+      >>> identity_permutations(spec, {"w": jnp.zeros((2, 3))})
+      {'h': Array([0, 1, 2], dtype=int32)}
+    """
     check_spec(spec)
     return {k: jnp.arange(n) for k, n in spec.sizes(params).items()}
 
 
 def random_permutations(spec: PermutationSpec, params: Params, key: PRNGKey) -> Permutations:
-    """One uniformly random permutation per group (independent keys per group)."""
+    r"""One uniformly random permutation per group (independent keys per group).
+
+    Each :math:`P_g` is drawn uniformly from the :math:`n_g!` permutations of
+    ``range(n_g)``, from its own key (``jax.random.split(key, len(spec))`` in the
+    spec's group order). Applying them to a model gives a functionally identical copy,
+    the test case of every alignment method.
+
+    Args:
+      spec: The permutation spec.
+      params: A model the spec describes (only shapes are read).
+      key: A PRNG key.
+
+    Returns:
+      ``{group: int array [n_g]}``, each a permutation of ``range(n_g)``.
+
+    Raises:
+      TypeError: if ``spec`` is not a :class:`PermutationSpec`.
+      ValueError: if the spec has no groups or does not fit ``params``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> spec = PermutationSpec({"h": [("w", 1)]})
+      >>> perms = random_permutations(spec, {"w": jnp.zeros((2, 5))}, jax.random.key(0))
+      >>> sorted(perms["h"].tolist())
+      [0, 1, 2, 3, 4]
+    """
     check_spec(spec)
     sizes = spec.sizes(params)
     keys = jax.random.split(key, len(sizes))
@@ -285,15 +346,48 @@ def random_permutations(spec: PermutationSpec, params: Params, key: PRNGKey) -> 
 
 
 def invert_permutation(perm: jax.Array) -> jax.Array:
-    """``inv`` with ``inv[perm[i]] == i``."""
+    r"""The inverse permutation: ``inv`` with ``inv[perm[i]] == i``.
+
+    As matrices, :math:`P^{-1} = P^\top`. In :func:`apply_permutations`' gather
+    convention, applying ``perm`` and then ``invert_permutation(perm)`` (on the same
+    axes) restores the original order. Jittable (a scatter, no sort).
+
+    Args:
+      perm: An integer permutation of ``range(n)``, shape ``[n]``.
+
+    Returns:
+      Its inverse, shape ``[n]`` and ``perm``'s dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> invert_permutation(jnp.array([2, 0, 1]))
+      Array([1, 2, 0], dtype=int32)
+    """
     perm = jnp.asarray(perm)
     return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
 
 
 def check_permutations(spec: PermutationSpec, params: Params, permutations: Permutations) -> None:
-    """Raises ``ValueError`` if ``permutations`` misses a group or has a wrong length.
+    """Checks that ``permutations`` holds one permutation of ``range(n_g)`` per group.
 
-    Concrete permutations are also checked to be permutations of ``range(n)``.
+    Keys must be exactly the spec's groups, and each value must have shape
+    ``(n_g,)``, where :math:`n_g` is the group's size in ``params``. Concrete values
+    are also checked to be integer permutations of ``range(n_g)``; traced values
+    (under :func:`jax.jit`) only by shape.
+
+    Args:
+      spec: The permutation spec.
+      params: A model the spec describes (only shapes are read).
+      permutations: ``{group: int array [n_g]}``, e.g.
+        :attr:`AlignmentOutput.permutations`.
+
+    Returns:
+      ``None``; the function only raises.
+
+    Raises:
+      ValueError: if a group is missing, an entry is not a group of the spec, a
+        permutation has the wrong shape or is not a permutation of ``range(n_g)``
+        (the message names the group), or the spec does not fit ``params``.
     """
     sizes = spec.sizes(params)
     missing = [k for k in sizes if k not in permutations]

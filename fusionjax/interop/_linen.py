@@ -13,8 +13,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from fusionjax._src import pytrees
 from fusionjax._src import validation
 from fusionjax.merging._regmean import gram_matrices
 
@@ -144,10 +144,10 @@ def dense_grams(
         A smaller last batch compiles once more.
       normalize: Average over rows (the reference implementation) rather than
         sum; see :func:`fusionjax.merging.gram_matrices`.
-      **apply_kwargs: Passed on to ``module.apply``. Values that are arrays (or
-        pytrees of arrays, such as ``rngs``) are traced; the others (flags such
-        as ``train=False``) are static. Calls with the same module and flags,
-        e.g. one per model to merge, share one compiled forward pass.
+      **apply_kwargs: Passed on to ``module.apply``. Their array leaves (arrays,
+        or the arrays of pytrees such as ``rngs``) are traced; the other leaves
+        (flags such as ``train=False``) are static. Calls with the same module and
+        flags, e.g. one per model to merge, share one compiled forward pass.
 
     Returns:
       A pytree like ``variables["params"]`` with a float32 ``[d_in, d_in]`` Gram
@@ -169,28 +169,27 @@ def dense_grams(
     """
     n, batch_size = validation.check_examples(xs, batch_size, name="xs")
 
-    # Array-valued keyword arguments (rngs, masks) are traced, the rest (flags) static;
-    # with a hashable module and flags, models of one architecture share one compile.
-    dynamic = {k: v for k, v in apply_kwargs.items() if _all_arrays(v)}
-    static = tuple(sorted((k, v) for k, v in apply_kwargs.items() if k not in dynamic))
+    # Array leaves of the keyword arguments (rngs, masks) are traced, the rest (the module,
+    # flags) static; with a hashable module and flags, models of one architecture share
+    # one compile.
+    arrays, static = pytrees.jit_partition((module, apply_kwargs))
     try:
-        hash((module, static))
-        capture = functools.partial(_capture_jit, module, static)
-    except TypeError:
-        capture = jax.jit(functools.partial(capture_dense_inputs, module, **dict(static)))
+        hash(static)
+        capture = functools.partial(_capture_jit, static)
+    except TypeError:  # an unhashable flag: compile for this call only
+        capture = jax.jit(functools.partial(_capture, static))
 
     batches = (
-        capture(variables, jax.tree.map(lambda a, s=s: a[s : s + batch_size], xs), **dynamic)
+        capture(variables, jax.tree.map(lambda a, s=s: a[s : s + batch_size], xs), arrays)
         for s in range(0, n, batch_size)
     )
     return gram_matrices(batches, normalize=normalize)
 
 
-def _all_arrays(v) -> bool:
-    leaves = jax.tree.leaves(v)
-    return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+def _capture(static, variables, x, arrays):
+    """:func:`capture_dense_inputs` with the module and keyword arguments rebuilt."""
+    module, apply_kwargs = pytrees.jit_combine(arrays, static)
+    return capture_dense_inputs(module, variables, x, **apply_kwargs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _capture_jit(module, static_kwargs, variables, x, **dynamic_kwargs):
-    return capture_dense_inputs(module, variables, x, **dict(static_kwargs), **dynamic_kwargs)
+_capture_jit = jax.jit(_capture, static_argnums=(0,))

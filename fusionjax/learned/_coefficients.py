@@ -270,7 +270,26 @@ def combine(
 
 
 def effective(coefficients: Coefficients, clamp: Clamp = None) -> Coefficients:
-    """The coefficients :func:`combine` uses: clipped to ``clamp`` if given."""
+    r"""The coefficients :func:`combine` uses: clipped to ``clamp`` if given.
+
+    With ``clamp = (a, b)`` every entry becomes :math:`\min(\max(\lambda, a), b)`, the
+    values that enter :math:`\theta_0 + \sum_t \lambda_t \odot \tau_t` in the forward
+    pass; a learned merge trains (and returns, in
+    :attr:`~fusionjax.learned.LearnedMergeOutput.coefficients`) the unclipped ones.
+
+    Args:
+      coefficients: Task-wise ``[T]``, or a pytree of layer-wise ``[T]`` / block-wise
+        ``[T, B]`` leaves (``None`` leaves stay ``None``).
+      clamp: ``(low, high)``, or ``None`` to return ``coefficients`` unchanged.
+
+    Returns:
+      Coefficients with the structure, shapes and dtypes of ``coefficients``.
+
+    Examples:
+      >>> import jax.numpy as jnp, fusionjax as fj
+      >>> fj.learned.effective(jnp.array([-0.5, 0.3, 1.5]), clamp=(0.0, 1.0))
+      Array([0. , 0.3, 1. ], dtype=float32)
+    """
     if clamp is None:
         return coefficients
     return jax.tree.map(lambda c: jnp.clip(c, clamp[0], clamp[1]), coefficients)

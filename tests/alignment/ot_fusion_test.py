@@ -15,6 +15,7 @@ from fusionjax.alignment import transformer_spec
 from fusionjax.alignment import transport_maps
 from fusionjax.alignment._spec import path_str
 from fusionjax.zoo import Transformer
+from tests._testing import BF16
 from tests._testing import assert_trees_close
 
 SPEC = PermutationSpec(
@@ -26,13 +27,13 @@ SPEC = PermutationSpec(
 EXACT = dict(rtol=0, atol=0)
 
 
-def mlp(seed, w0=8, w1=8):
+def mlp(seed, w0=8, w1=8, dtype=jnp.float32):
     """A random 5 -> w0 -> w1 -> 3 MLP as nested dicts (numpy-drawn: nothing to compile)."""
     shapes = [(5, w0), (w0,), (w0, w1), (w1,), (w1, 3), (3,)]
     flat = np.random.default_rng(seed).normal(size=sum(int(np.prod(s)) for s in shapes))
     offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
     leaves = [
-        jnp.asarray(flat[a:b].reshape(s), jnp.float32)
+        jnp.asarray(flat[a:b].reshape(s), dtype)
         for a, b, s in zip(offsets[:-1], offsets[1:], shapes, strict=True)
     ]
     return {f"Dense_{i}": {"kernel": leaves[2 * i], "bias": leaves[2 * i + 1]} for i in range(3)}
@@ -268,6 +269,43 @@ def test_apply_transports_and_roles(models):
         ot_fusion(SPEC, ref, permuted, roles={("Dense_2/bias", 0): "write"})
     with pytest.raises(ValueError, match="transports has no entry for group 'h1'"):
         apply_transports(SPEC, {"h0": out.transports["h0"]}, permuted)
+
+
+@pytest.mark.parametrize("solver,w_other", [("exact", 8), ("sinkhorn", 8), ("exact", 16)])
+def test_bf16_models_are_fused_in_float32_and_returned_in_bf16(solver, w_other):
+    """bf16 in, bf16 out: the float32 fusion of the same (upcast) values, cast to bf16."""
+    to = lambda tree, dt: jax.tree.map(lambda a: a.astype(dt), tree)  # noqa: E731
+    ref = to(mlp(0), jnp.bfloat16)
+    other = to(mlp(1, w_other, w_other), jnp.bfloat16)
+    out = ot_fusion(SPEC, ref, other, solver=solver, weight=0.3)
+    want = ot_fusion(SPEC, to(ref, jnp.float32), to(other, jnp.float32), solver=solver, weight=0.3)
+    for got, exp in ((out.fused, want.fused), (out.aligned, want.aligned)):
+        assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(got))
+        assert_trees_close(got, to(exp, jnp.bfloat16), **BF16)
+    for t, t32 in zip(out.transports.values(), want.transports.values(), strict=True):
+        assert t.dtype == jnp.float32  # couplings are computed in float32
+        np.testing.assert_allclose(t, t32, rtol=1e-5, atol=1e-6)
+    mapped = out.apply(other)
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(mapped))
+    assert_trees_close(mapped, out.aligned, **EXACT)
+
+
+def test_float64_models_stay_float64_under_x64():
+    """With x64 enabled, float64 models are fused in float64 (not through float32)."""
+    with jax.enable_x64(True):
+        ref = mlp(0, dtype=jnp.float64)
+        permuted, _ = permute(SPEC, ref, 2)
+        out = ot_fusion(SPEC, ref, permuted, weight=0.3)
+        for tree in (out.fused, out.aligned):
+            assert all(a.dtype == jnp.float64 for a in jax.tree.leaves(tree))
+        # float32 arithmetic would be off by ~1e-8 relative; float64 is exact here.
+        assert_trees_close(out.aligned, ref, rtol=1e-14, atol=1e-14)
+        assert_trees_close(out.fused, ref, rtol=1e-14, atol=1e-14)
+        assert all(t.dtype == jnp.float64 for t in out.transports.values())
+        wide = mlp(1, 16, 16, dtype=jnp.float64)
+        soft = ot_fusion(SPEC, ref, wide, solver="sinkhorn")
+        assert all(a.dtype == jnp.float64 for a in jax.tree.leaves(soft.fused))
+        assert all(t.dtype == jnp.float64 for t in soft.transports.values())
 
 
 def test_errors(models):

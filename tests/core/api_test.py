@@ -32,22 +32,7 @@ SUBPACKAGES = [
 ]
 MODULES = {name: importlib.import_module(name) for name in SUBPACKAGES}
 EXPORTS = [(m, n) for m in SUBPACKAGES for n in MODULES[m].__all__]
-
-# Public functions that take arguments and have no ``Args:`` section yet, in files this
-# test's authors do not own; strict, so each entry must go once its docstring is fixed.
-KNOWN_GAPS = {
-    ("fusionjax.alignment", "check_permutations"),
-    ("fusionjax.alignment", "identity_permutations"),
-    ("fusionjax.alignment", "invert_permutation"),
-    ("fusionjax.alignment", "leaf_paths"),
-    ("fusionjax.alignment", "random_permutations"),
-    ("fusionjax.learned", "effective"),
-}
-_KNOWN_GAP = pytest.mark.xfail(reason="no Args: section yet", strict=True)
-PARAMS = [
-    pytest.param(m, n, id=f"{m}.{n}", marks=[_KNOWN_GAP] if (m, n) in KNOWN_GAPS else [])
-    for m, n in EXPORTS
-]
+PARAMS = [pytest.param(m, n, id=f"{m}.{n}") for m, n in EXPORTS]
 
 
 def test_every_public_subpackage_is_covered():

@@ -1,5 +1,8 @@
-"""``import fusionjax`` stays light: no flax, and every subpackage is an attribute."""
+"""``import fusionjax`` stays light: no flax, every subpackage is an attribute, and the core
+(``fusionjax/_src``) is layered: no import cycles, nothing imported from above it."""
 
+import ast
+import pathlib
 import pkgutil
 import subprocess
 import sys
@@ -45,3 +48,69 @@ def test_every_subpackage_is_an_attribute_listed_in_dir_and_all():
 def test_unknown_attribute_raises_attribute_error():
     with pytest.raises(AttributeError, match="no_such_subpackage"):
         fj.no_such_subpackage  # noqa: B018
+
+
+SRC = pathlib.Path(fj.__file__).parent / "_src"
+
+
+def _src_imports() -> dict[str, set[str]]:
+    """``{module: imported names}`` for every ``fusionjax/_src/*.py``, function-level included.
+
+    Names are dotted modules (``fusionjax._src.base``, ``fusionjax.merging``, ``jax``);
+    ``from fusionjax._src import keys`` counts as importing ``fusionjax._src.keys``.
+    """
+    out = {}
+    for path in sorted(SRC.glob("*.py")):
+        here = f"fusionjax._src.{path.stem}" if path.stem != "__init__" else "fusionjax._src"
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from the package fusionjax._src
+                    parts = "fusionjax._src".split(".")[: 3 - node.level]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                else:
+                    base = node.module
+                for a in node.names:
+                    sub = f"{base}.{a.name}"
+                    is_module = sub.startswith("fusionjax.") and (
+                        (SRC.parent / (sub.split(".", 1)[1].replace(".", "/") + ".py")).exists()
+                        or (SRC.parent / sub.split(".", 1)[1].replace(".", "/")).is_dir()
+                    )
+                    names.add(sub if is_module else base)
+        out[here] = names
+    return out
+
+
+def test_src_imports_nothing_above_it():
+    for module, names in _src_imports().items():
+        above = sorted(
+            n for n in names
+            if (n == "fusionjax" or n.startswith("fusionjax."))
+            and not (n == "fusionjax._src" or n.startswith("fusionjax._src."))
+        )
+        assert not above, f"{module} imports {above}: the core may not import from above it"
+
+
+def test_src_import_graph_has_no_cycle():
+    imports = _src_imports()
+    graph = {m: sorted(n for n in names if n in imports and n != m) for m, names in imports.items()}
+    state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
+
+    def visit(m, stack):
+        state[m] = 1
+        for n in graph[m]:
+            if state.get(n) == 1:
+                cycle = stack[stack.index(n):] + [n]
+                raise AssertionError("import cycle in fusionjax._src: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n, stack + [n])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    # The layering the test protects: base imports no module that imports base.
+    assert "fusionjax._src.merge" not in imports["fusionjax._src.base"]
+

@@ -1,0 +1,91 @@
+"""The jitted kernels that run a resolved step on one stacked leaf.
+
+Shared by :func:`fusionjax.merge` (leaves streamed from sources) and
+:meth:`fusionjax.Step.__call__` (task vectors already stacked in memory). Steps and
+statistics are used through their methods only (``apply``, ``update``, ...), so
+this module sits below :mod:`fusionjax._src.base` and imports nothing that imports it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fusionjax._src import keys as keys_lib
+from fusionjax._src import validation
+
+
+def stacked_tv(base, finetuned):
+    """``(base, task vectors [T, ...])`` in the compute dtype (at least float32)."""
+    dt = validation.compute_dtype(base.dtype)
+    b = base.astype(dt)
+    return b, jnp.stack([f.astype(dt) - b for f in finetuned])
+
+
+def explicit_axes(x=None) -> tuple:
+    """Mesh axes in explicit sharding mode (inside a trace), or ``()``.
+
+    With ``x``, only if ``x`` itself carries a sharding over that mesh (host
+    arrays merged inside a mesh context carry none).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return ()
+    if x is not None and jax.typeof(x).sharding.mesh.empty:
+        return ()
+    return tuple(
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == jax.sharding.AxisType.Explicit
+    )
+
+
+def apply_auto(step, tv, key, base, extras):
+    """``step.apply``, run with compiler-chosen shardings under an explicit mesh.
+
+    A step's internals (a radix select's flattened histogram, a per-unit sort)
+    need not keep the leaf's sharding; the merged leaf gets it back.
+    """
+    axes = explicit_axes(tv)
+    if not axes:
+        return step.apply(tv, key=key, base=base, extras=extras)
+    fn = jax.sharding.auto_axes(
+        lambda step, tv, key, base, extras: step.apply(tv, key=key, base=base, extras=extras),
+        axes=axes,
+        out_sharding=jax.typeof(base).sharding if step.reduces else jax.typeof(tv).sharding,
+    )
+    return fn(step, tv, key, base, extras)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 6))
+def stat_leaf(statistic, stacked_input, prefix, state, base, finetuned, pass_index, key, extras):
+    """Adds one leaf to a model-wide statistic's state, after the chain's ``prefix`` steps."""
+    if stacked_input:
+        b, tv = base, finetuned
+    else:
+        b, tv = stacked_tv(base, finetuned)
+    for j, p in enumerate(prefix):
+        tv = apply_auto(p, tv, keys_lib.fold_in(key, j), b, extras)
+    axes = explicit_axes(tv)
+    if not axes:
+        return statistic.update(state, tv, pass_index)
+    fn = jax.sharding.auto_axes(
+        lambda s, x: statistic.update(s, x, pass_index),
+        axes=axes,
+        out_sharding=jax.tree.map(lambda a: jax.typeof(a).sharding, state),
+    )
+    return fn(state, tv)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def stat_begin_end(statistic, state, pass_index, end):
+    """``statistic.begin`` (or ``.end`` when ``end``) of pass ``pass_index``, jitted."""
+    return statistic.end(state, pass_index) if end else statistic.begin(state, pass_index)
+
+
+@jax.jit
+def apply_leaf(step, tv, key, base, extras):
+    """A resolved step on one stacked leaf, jitted (no sharding handling)."""
+    return step.apply(tv, key=key, base=base, extras=extras)
