@@ -70,6 +70,7 @@ own targets :math:`(a_t, b_t)` and chooses the smallest :math:`f_t` (not the pap
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 from typing import NamedTuple
@@ -272,6 +273,16 @@ def _check_options(solver, alpha_max, grid_step, num_iterations, targets):
 def _solve(strong_logits, expert_logits, base_logits, *, solver, alpha_max, grid_step,
            num_iterations, targets, where):
     _check_options(solver, alpha_max, grid_step, num_iterations, targets)
+    return _solve_jit(strong_logits, expert_logits, base_logits, where, solver=solver,
+                      alpha_max=float(alpha_max), grid_step=float(grid_step),
+                      num_iterations=num_iterations, targets=targets)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("solver", "alpha_max", "grid_step", "num_iterations", "targets")
+)
+def _solve_jit(strong_logits, expert_logits, base_logits, where, *, solver, alpha_max,
+               grid_step, num_iterations, targets):
     pr = _problem(strong_logits, expert_logits, base_logits, where)
     n_experts = pr.a.shape[0]
     if targets == "centroid":
@@ -401,9 +412,18 @@ def dynamic_logit_fusion(
       Fan et al., `On Giant's Shoulders: Effortless Weak to Strong by Dynamic Logits
       Fusion <https://arxiv.org/abs/2406.15480>`_, NeurIPS 2024.
     """
-    pr, index, alpha, _ = _solve(
-        strong_logits, expert_logits, base_logits, solver=solver, alpha_max=alpha_max,
-        grid_step=grid_step, num_iterations=num_iterations, targets=targets, where=where,
+    _check_options(solver, alpha_max, grid_step, num_iterations, targets)
+    return _fusion_jit(strong_logits, expert_logits, base_logits, where, solver=solver,
+                       alpha_max=float(alpha_max), grid_step=float(grid_step),
+                       num_iterations=num_iterations, targets=targets)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("solver", "alpha_max", "grid_step", "num_iterations", "targets")
+)
+def _fusion_jit(strong_logits, expert_logits, base_logits, where, **options):
+    pr, index, alpha, _ = _solve_jit.__wrapped__(
+        strong_logits, expert_logits, base_logits, where, **options
     )
     pick = lambda x: jnp.take_along_axis(x, index[None], axis=0)[0]  # noqa: E731
     log_p, d = pick(pr.log_p), pick(pr.d)
@@ -449,6 +469,11 @@ def fusion_objective(
       >>> float(fj.logits.fusion_objective(z, z, z, 1.0))
       0.0
     """
+    return _fusion_objective(strong_logits, expert_logits, base_logits, alpha)
+
+
+@jax.jit
+def _fusion_objective(strong_logits, expert_logits, base_logits, alpha):
     s = _checks.as_logits(strong_logits, "strong_logits")
     e = _checks.as_logits(expert_logits, "expert_logits")
     q = _checks.as_logits(base_logits, "base_logits")

@@ -29,17 +29,36 @@ from fusionjax.logits import _checks
 from fusionjax.logits import _vocab
 
 
-def _prepare(logits, weights, where, *, nonnegative: bool):
+def _check_nonnegative(weights) -> None:
+    """Concrete weights must be non-negative with a positive sum (traced ones are not read)."""
+    validation.check_hparam("weights", weights, lower=0.0)
+    if weights is not None and validation.is_concrete(weights) and not isinstance(
+        weights, (list, tuple)
+    ):
+        if np.any(np.sum(np.asarray(weights, np.float64), axis=0) <= 0):
+            raise ValueError("weights must have a positive sum over the model axis.")
+
+
+def _prepare(logits, weights, where):
     x = _vocab.as_stacked(logits)
     mask = _checks.vocab_mask(where, x.shape[1:])
     x = _checks.apply_mask(x, mask)
-    if nonnegative:
-        validation.check_hparam("weights", weights, lower=0.0)
-        if weights is not None and validation.is_concrete(weights):
-            if np.any(np.sum(np.asarray(weights, np.float64), axis=0) <= 0):
-                raise ValueError("weights must have a positive sum over the model axis.")
     w = _checks.model_weights(weights, x)
     return x, w
+
+
+def _jitted(kernel, *, nonnegative: bool):
+    """The public entry: host checks of concrete weights, then one compiled kernel."""
+    compiled = jax.jit(kernel)
+
+    def run(logits, weights=None, *, where=None):
+        if nonnegative:
+            _check_nonnegative(weights)
+        if isinstance(logits, (list, tuple)):
+            logits = _vocab.stack_logits(logits)  # the size check happens here, with a message
+        return compiled(logits, weights, where)
+
+    return run
 
 
 def _rows_sum(terms: jax.Array) -> jax.Array:
@@ -94,7 +113,11 @@ def mean_logits(
       <https://doi.org/10.1162/089976602760128018>`_, Neural Computation 2002 (the
       logit average is the product of the models' tempered softmaxes).
     """
-    x, w = _prepare(logits, weights, where, nonnegative=True)
+    return _mean_logits(logits, weights, where=where)
+
+
+def _mean_logits_kernel(logits, weights, where):
+    x, w = _prepare(logits, weights, where)
     w = w / jnp.sum(w, axis=0, keepdims=True)
     return _checks.log_softmax(_weighted_sum(x, w))
 
@@ -133,7 +156,11 @@ def linear_pool(
       Stone, `The opinion pool <https://doi.org/10.1214/aoms/1177704873>`_, Annals of
       Mathematical Statistics 1961.
     """
-    x, w = _prepare(logits, weights, where, nonnegative=True)
+    return _linear_pool(logits, weights, where=where)
+
+
+def _linear_pool_kernel(logits, weights, where):
+    x, w = _prepare(logits, weights, where)
     w = w / jnp.sum(w, axis=0, keepdims=True)
     logw = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf).astype(x.dtype)
     return jax.nn.logsumexp(logw + _checks.log_softmax(x), axis=0)
@@ -164,14 +191,18 @@ def log_linear_pool(
       >>> import jax.numpy as jnp
       >>> import fusionjax as fj
       >>> z = jnp.log(jnp.array([[0.5, 0.5], [0.9, 0.1]]))
-      >>> jnp.round(jnp.exp(fj.logits.log_linear_pool(z)), 4)
-      Array([0.9, 0.1], dtype=float32)
+      >>> [round(float(p), 4) for p in jnp.exp(fj.logits.log_linear_pool(z))]
+      [0.9, 0.1]
 
     References:
       Hinton, `Training products of experts by minimizing contrastive divergence
       <https://doi.org/10.1162/089976602760128018>`_, Neural Computation 2002.
     """
-    x, w = _prepare(logits, weights, where, nonnegative=False)
+    return _log_linear_pool(logits, weights, where=where)
+
+
+def _log_linear_pool_kernel(logits, weights, where):
+    x, w = _prepare(logits, weights, where)
     return _checks.log_softmax(_weighted_sum(_checks.log_softmax(x), w))
 
 
@@ -195,7 +226,11 @@ def max_logits(logits: ArrayLike, *, where: ArrayLike | None = None) -> jax.Arra
       >>> fj.logits.max_logits(z)
       Array([-0.6931472, -0.6931472], dtype=float32)
     """
-    x, _ = _prepare(logits, None, where, nonnegative=False)
+    return _max_logits(logits, None, where=where)
+
+
+def _max_logits_kernel(logits, weights, where):
+    x, _ = _prepare(logits, weights, where)
     return _checks.log_softmax(jnp.max(x, axis=0))
 
 
@@ -236,7 +271,11 @@ def majority_vote(
       Kittler et al., `On combining classifiers <https://doi.org/10.1109/34.667881>`_,
       IEEE TPAMI 1998.
     """
-    x, w = _prepare(logits, weights, where, nonnegative=True)
+    return _majority_vote(logits, weights, where=where)
+
+
+def _majority_vote_kernel(logits, weights, where):
+    x, w = _prepare(logits, weights, where)
     v = x.shape[-1]
     top = jnp.argmax(x, axis=-1)  # [M, ...]
     votes = _rows_sum(jax.nn.one_hot(top, v, dtype=x.dtype) * w)  # [..., V]
@@ -282,7 +321,11 @@ def runoff_vote(
       Hare, *Treatise on the Election of Representatives*, 1859 (the single transferable
       vote); instant-runoff is its single-winner case.
     """
-    x, w = _prepare(logits, weights, where, nonnegative=True)
+    return _runoff_vote(logits, weights, where=where)
+
+
+def _runoff_vote_kernel(logits, weights, where):
+    x, w = _prepare(logits, weights, where)
     m = x.shape[0]
     top = jnp.argmax(x, axis=-1)  # [M, ...] each model's first choice
     cand = jnp.moveaxis(top, 0, -1)  # [..., M] candidate j = model j's first choice
@@ -317,3 +360,11 @@ def runoff_vote(
     alive = jax.lax.fori_loop(0, m - 1, round_, alive0)
     winner = jnp.argmax(alive, axis=-1)
     return jnp.take_along_axis(cand, winner[..., None], axis=-1)[..., 0].astype(jnp.int32)
+
+
+_mean_logits = _jitted(_mean_logits_kernel, nonnegative=True)
+_linear_pool = _jitted(_linear_pool_kernel, nonnegative=True)
+_log_linear_pool = _jitted(_log_linear_pool_kernel, nonnegative=False)
+_max_logits = _jitted(_max_logits_kernel, nonnegative=False)
+_majority_vote = _jitted(_majority_vote_kernel, nonnegative=True)
+_runoff_vote = _jitted(_runoff_vote_kernel, nonnegative=True)

@@ -77,7 +77,11 @@ def nucleus_mask(log_probs: ArrayLike, top_p: float) -> jax.Array:
       <https://arxiv.org/abs/1904.09751>`_, ICLR 2020.
     """
     validation.check_hparam("top_p", top_p, lower=0.0, upper=1.0, lower_open=True)
-    lp = _checks.as_logits(log_probs, "log_probs")
+    return _nucleus(_checks.as_logits(log_probs, "log_probs"), top_p)
+
+
+@jax.jit
+def _nucleus(lp, top_p):
     p_sorted = jnp.exp(-jnp.sort(-lp, axis=-1))  # descending
     before = jnp.cumsum(p_sorted, axis=-1) - p_sorted
     kept = before < top_p
@@ -130,6 +134,11 @@ def proxy_tuning(
       COLM 2024. Mitchell et al., `An Emulator for Fine-Tuning Large Language Models
       using Small Language Models <https://arxiv.org/abs/2310.12962>`_, ICLR 2024.
     """
+    return _proxy_tuning(strong_logits, expert_logits, base_logits, alpha, where)
+
+
+@jax.jit
+def _proxy_tuning(strong_logits, expert_logits, base_logits, alpha, where):
     s, e, b = _inputs(
         where,
         [("strong_logits", strong_logits), ("expert_logits", expert_logits),
@@ -189,6 +198,13 @@ def dexperts(
       Liu et al., `DExperts: Decoding-Time Controlled Text Generation with Experts and
       Anti-Experts <https://arxiv.org/abs/2105.03023>`_, ACL 2021.
     """
+    if top_p is not None:
+        validation.check_hparam("top_p", top_p, lower=0.0, upper=1.0, lower_open=True)
+    return _dexperts(base_logits, expert_logits, anti_expert_logits, alpha, top_p, where)
+
+
+@jax.jit
+def _dexperts(base_logits, expert_logits, anti_expert_logits, alpha, top_p, where):
     pairs = [("base_logits", base_logits), ("expert_logits", expert_logits)]
     if anti_expert_logits is not None:
         pairs.append(("anti_expert_logits", anti_expert_logits))
@@ -198,7 +214,7 @@ def dexperts(
     a = _checks.per_example(alpha, b.shape[:-1], "alpha", b.dtype)
     out = _shifted(b, a, e, anti)
     if top_p is not None:
-        out = jnp.where(nucleus_mask(b, top_p), out, -jnp.inf)
+        out = jnp.where(_nucleus(b, top_p), out, -jnp.inf)
     return _checks.log_softmax(out)
 
 
@@ -263,6 +279,11 @@ def contrastive_decoding(
       <https://arxiv.org/abs/2309.09117>`_, 2023.
     """
     validation.check_hparam("alpha", alpha, lower=0.0, upper=1.0)
+    return _contrastive_decoding(expert_logits, amateur_logits, alpha, beta, where)
+
+
+@jax.jit
+def _contrastive_decoding(expert_logits, amateur_logits, alpha, beta, where):
     e, am = _inputs(where, [("expert_logits", expert_logits), ("amateur_logits", amateur_logits)])
     a = _checks.per_example(alpha, e.shape[:-1], "alpha", e.dtype)
     head = _plausible(e, a)
@@ -333,6 +354,11 @@ def contrastive_guidance(
       Classifier-Free Guidance <https://arxiv.org/abs/2306.17806>`_, ICML 2024.
     """
     validation.check_hparam("alpha", alpha, lower=0.0, upper=1.0)
+    return _contrastive_guidance(logits, expert_logits, base_logits, gamma, alpha, where)
+
+
+@jax.jit
+def _contrastive_guidance(logits, expert_logits, base_logits, gamma, alpha, where):
     m, e, b = _inputs(
         where, [("logits", logits), ("expert_logits", expert_logits), ("base_logits", base_logits)]
     )
