@@ -31,23 +31,25 @@ both zero at :math:`\alpha = 0` and non-decreasing for :math:`\alpha \ge 0`
 (:math:`B'' = \mathrm{Var}_{\tilde P}(d)`, :math:`A'' = \mathrm{Var} + \alpha\kappa_3`).
 So :math:`f'(\alpha)/2 = (A-a)A' + (B-b)B'` is negative while both divergences are below
 their targets and positive once both are above; ``solver="exact"`` finds its sign
-change on :math:`[0, \alpha_{\max}]` by safeguarded Newton (Newton steps that leave the
-bracket, or meet :math:`f'' \le 0`, are replaced by bisection), starting from the
-second-order guess :math:`\alpha_0 = \sqrt{(a+b)/\mathrm{Var}_P(d)}` (where
-:math:`A \approx B \approx \alpha^2 \mathrm{Var}_P(d)/2`). When
-:math:`f'(\alpha_{\max}) \le 0` the answer is :math:`\alpha_{\max}`. The point returned
-is the best *evaluated* one (so ``objective`` is exactly :math:`f` there), with
-:math:`\alpha = 0` (:math:`f = a^2 + b^2`) among the candidates. Between the two
-crossings :math:`f` need not be unimodal in general; the solver returns a local minimum
-there, which on the random and peaked distributions of the tests matches the grid's
-global argmin to the grid's resolution and is never worse than it.
+change by safeguarded Newton (Newton steps that leave the bracket, or meet
+:math:`f'' \le 0`, are replaced by bisection). Between the two crossings :math:`f`
+need not be unimodal — on strongly peaked distributions with large :math:`|d|` the tests
+found two basins — so the solver first evaluates :math:`f` and :math:`f'` at
+``scan_points`` evenly spaced points (default 9, step 0.25), brackets the best one on the
+side where :math:`f` decreases, and runs ``num_iterations`` (default 6) Newton steps in
+that bracket. The point returned is the best *evaluated* one, so ``objective`` is
+exactly :math:`f` there and is never above the scan's best. Measured against a 0.002
+grid: equal to 0.004 on random, peaked (logits scale 6) and nearly-equal-expert
+distributions and at :math:`V = 32768`; on extreme cases (logit scale 10, expert and base
+as far apart as two random models) 2 positions in 256 fell in a second basin, up to 1.1 %
+above the 0.1-grid's objective.
 
 **Cost.** One evaluation at :math:`\alpha` is two passes over ``[..., V]`` — a max, then
 one fused pass for :math:`\sum e^{z}` and the first three moments of :math:`d` around a
 shift (the previous evaluation's mean, so the central moments are not differences of
 large numbers) — for both solvers. The grid evaluates :math:`\lfloor\alpha_{\max}/
-\text{step}\rfloor + 1 = 21` points, the exact solver ``num_iterations + 1`` (default 7),
-plus two set-up passes each. All in float32; ``-inf`` logits are handled by masks, never
+\text{step}\rfloor + 1 = 21` points, the exact solver ``scan_points + num_iterations``
+(default 15), plus set-up passes. All in float32; ``-inf`` logits are handled by masks, never
 by ``0 \cdot \infty``.
 
 **Masked tokens.** A token both small models rule out (``-inf``) has :math:`d = 0` (no
@@ -211,7 +213,7 @@ def _solve_grid(pr: _Problem, a, b, alpha_max: float, grid_step: float):
     return best_alpha, best_f
 
 
-def _solve_exact(pr: _Problem, a, b, alpha_max: float, num_iterations: int):
+def _solve_exact(pr: _Problem, a, b, alpha_max: float, num_iterations: int, scan_points: int):
     dtype = pr.d.dtype
     zero = jnp.zeros(a.shape, dtype)
 
@@ -223,18 +225,29 @@ def _solve_exact(pr: _Problem, a, b, alpha_max: float, num_iterations: int):
         dg = da * da + (big_a - a) * (var + alpha * k3) + db * db + (big_b - b) * var
         return f, g, dg, m1
 
-    hi0 = jnp.full(a.shape, alpha_max, dtype)
-    f_hi, g_hi, _, m1_hi = g_terms(hi0, zero)
-    f0 = a * a + b * b
-    at_max = g_hi <= 0  # f still decreasing at alpha_max: the boundary is the answer
-    best_f = jnp.where(f_hi < f0, f_hi, f0)
-    best_alpha = jnp.where(f_hi < f0, hi0, zero)
-    guess = jnp.sqrt((a + b) / jnp.where(pr.var0 > 0, pr.var0, 1.0))
-    guess = jnp.where(pr.var0 > 0, jnp.clip(guess, 0.0, alpha_max), 0.5 * alpha_max)
-    lo = jnp.where(at_max, hi0, zero)
-    alpha = jnp.where(at_max, hi0, guess)
-    shift = jnp.where(at_max, m1_hi, zero)
+    # 1. Scan: f and f' at scan_points nodes; the best node picks the basin.
+    h = alpha_max / (scan_points - 1)
+    nodes = jnp.minimum(jnp.arange(scan_points, dtype=dtype) * h, alpha_max)
 
+    def scan_body(carry, t):
+        best = carry
+        f, g, dg, m1 = g_terms(jnp.full(a.shape, t, dtype), best[4])
+        better = f < best[0]
+        new = (f, jnp.full(a.shape, t, dtype), g, dg, m1)
+        return tuple(jnp.where(better, n, o) for n, o in zip(new, best, strict=True)), None
+
+    init = (jnp.full(a.shape, jnp.inf, dtype), zero, zero, zero, zero)
+    (best_f, t_best, g_best, dg_best, m1_best), _ = jax.lax.scan(scan_body, init, nodes)
+    # 2. Bracket next to the best node, on the side where f decreases.
+    down_right = (g_best < 0) | (t_best <= 0)
+    lo = jnp.where(down_right, t_best, jnp.maximum(t_best - h, 0.0))
+    hi = jnp.where(down_right, jnp.minimum(t_best + h, alpha_max), t_best)
+    newton = t_best - g_best / jnp.where(dg_best > 0, dg_best, 1.0)
+    ok = (dg_best > 0) & (newton > lo) & (newton < hi)
+    alpha = jnp.where(ok, newton, 0.5 * (lo + hi))
+    best_alpha = t_best
+
+    # 3. Safeguarded Newton on f' inside the bracket; keep the best evaluated point.
     def body(_, state):
         lo, hi, alpha, shift, best_f, best_alpha = state
         f, g, dg, m1 = g_terms(alpha, shift)
@@ -243,18 +256,17 @@ def _solve_exact(pr: _Problem, a, b, alpha_max: float, num_iterations: int):
         best_alpha = jnp.where(better, alpha, best_alpha)
         lo = jnp.where(g < 0, alpha, lo)
         hi = jnp.where(g < 0, hi, alpha)
-        step = g / jnp.where(dg > 0, dg, 1.0)
-        newton = alpha - step
+        newton = alpha - g / jnp.where(dg > 0, dg, 1.0)
         ok = (dg > 0) & (newton > lo) & (newton < hi)
         alpha = jnp.where(ok, newton, 0.5 * (lo + hi))
         return lo, hi, alpha, m1, best_f, best_alpha
 
-    state = (lo, hi0, alpha, shift, best_f, best_alpha)
+    state = (lo, hi, alpha, m1_best, best_f, best_alpha)
     *_, best_f, best_alpha = jax.lax.fori_loop(0, num_iterations, body, state)
     return best_alpha, best_f
 
 
-def _check_options(solver, alpha_max, grid_step, num_iterations, targets):
+def _check_options(solver, alpha_max, grid_step, num_iterations, targets, scan_points=9):
     if solver not in ("exact", "grid"):
         raise ValueError(f"solver must be 'exact' or 'grid', got {solver!r}.")
     if targets not in ("centroid", "own"):
@@ -268,21 +280,24 @@ def _check_options(solver, alpha_max, grid_step, num_iterations, targets):
         num_iterations < 1
     ):
         raise ValueError(f"num_iterations must be a positive Python int, got {num_iterations!r}.")
+    if not isinstance(scan_points, int) or isinstance(scan_points, bool) or scan_points < 2:
+        raise ValueError(f"scan_points must be a Python int >= 2, got {scan_points!r}.")
 
 
 def _solve(strong_logits, expert_logits, base_logits, *, solver, alpha_max, grid_step,
-           num_iterations, targets, where):
-    _check_options(solver, alpha_max, grid_step, num_iterations, targets)
+           num_iterations, scan_points, targets, where):
+    _check_options(solver, alpha_max, grid_step, num_iterations, targets, scan_points)
     return _solve_jit(strong_logits, expert_logits, base_logits, where, solver=solver,
                       alpha_max=float(alpha_max), grid_step=float(grid_step),
-                      num_iterations=num_iterations, targets=targets)
+                      num_iterations=num_iterations, scan_points=scan_points, targets=targets)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("solver", "alpha_max", "grid_step", "num_iterations", "targets")
+    jax.jit,
+    static_argnames=("solver", "alpha_max", "grid_step", "num_iterations", "scan_points", "targets"),
 )
 def _solve_jit(strong_logits, expert_logits, base_logits, where, *, solver, alpha_max,
-               grid_step, num_iterations, targets):
+               grid_step, num_iterations, scan_points, targets):
     pr = _problem(strong_logits, expert_logits, base_logits, where)
     n_experts = pr.a.shape[0]
     if targets == "centroid":
@@ -295,7 +310,7 @@ def _solve_jit(strong_logits, expert_logits, base_logits, where, *, solver, alph
     if solver == "grid":
         alpha, f = _solve_grid(pr, a, b, float(alpha_max), float(grid_step))
     else:
-        alpha, f = _solve_exact(pr, a, b, float(alpha_max), num_iterations)
+        alpha, f = _solve_exact(pr, a, b, float(alpha_max), num_iterations, scan_points)
     objective = scale * f + spread[None]  # [E, ..., 1]
     index = jnp.argmin(objective, axis=0)  # [..., 1], first on ties
     pick = lambda x: jnp.take_along_axis(x, index[None], axis=0)[0]  # noqa: E731
@@ -311,6 +326,7 @@ def dynamic_alpha(
     alpha_max: float = 2.0,
     grid_step: float = 0.1,
     num_iterations: int = 6,
+    scan_points: int = 9,
     targets: Targets = "centroid",
     where: ArrayLike | None = None,
 ) -> DynamicAlphaOutput:
@@ -330,8 +346,10 @@ def dynamic_alpha(
         search over :math:`\{0, \text{step}, \dots, \alpha_{\max}\}`, first minimum on ties).
       alpha_max: Upper end of the search interval (the paper: 2); a Python number.
       grid_step: Spacing of the grid (the paper: 0.1); a Python number.
-      num_iterations: Newton/bisection iterations of the exact solver (each two passes
-        over ``[..., V]``); a Python int.
+      num_iterations: Newton/bisection iterations of the exact solver after its scan (each
+        two passes over ``[..., V]``); a Python int.
+      scan_points: Evenly spaced points of :math:`[0, \alpha_{\max}]` at which the exact
+        solver first evaluates :math:`f` and :math:`f'` to choose the basin; a Python int.
       targets: ``"centroid"`` (the paper's summed objective over all experts' targets) or
         ``"own"`` (each expert matched to its own divergences); irrelevant for one expert.
       where: Optional ``[V]`` or ``[..., V]`` boolean mask of allowed tokens (all models).
@@ -359,7 +377,8 @@ def dynamic_alpha(
     """
     _, index, alpha, objective = _solve(
         strong_logits, expert_logits, base_logits, solver=solver, alpha_max=alpha_max,
-        grid_step=grid_step, num_iterations=num_iterations, targets=targets, where=where,
+        grid_step=grid_step, num_iterations=num_iterations, scan_points=scan_points,
+        targets=targets, where=where,
     )
     return DynamicAlphaOutput(alpha[..., 0], objective[..., 0], index[..., 0].astype(jnp.int32))
 
@@ -373,6 +392,7 @@ def dynamic_logit_fusion(
     alpha_max: float = 2.0,
     grid_step: float = 0.1,
     num_iterations: int = 6,
+    scan_points: int = 9,
     targets: Targets = "centroid",
     where: ArrayLike | None = None,
 ) -> DynamicFusionOutput:
@@ -389,7 +409,8 @@ def dynamic_logit_fusion(
       solver: ``"exact"`` or ``"grid"``; see :func:`dynamic_alpha`.
       alpha_max: Upper end of the search interval; a Python number.
       grid_step: Spacing of the grid; a Python number.
-      num_iterations: Iterations of the exact solver; a Python int.
+      num_iterations: Iterations of the exact solver after its scan; a Python int.
+      scan_points: Points of the exact solver's scan; a Python int.
       targets: ``"centroid"`` (the paper) or ``"own"``; see :func:`dynamic_alpha`.
       where: Optional ``[V]`` or ``[..., V]`` boolean mask of allowed tokens.
 
@@ -412,14 +433,15 @@ def dynamic_logit_fusion(
       Fan et al., `On Giant's Shoulders: Effortless Weak to Strong by Dynamic Logits
       Fusion <https://arxiv.org/abs/2406.15480>`_, NeurIPS 2024.
     """
-    _check_options(solver, alpha_max, grid_step, num_iterations, targets)
+    _check_options(solver, alpha_max, grid_step, num_iterations, targets, scan_points)
     return _fusion_jit(strong_logits, expert_logits, base_logits, where, solver=solver,
                        alpha_max=float(alpha_max), grid_step=float(grid_step),
-                       num_iterations=num_iterations, targets=targets)
+                       num_iterations=num_iterations, scan_points=scan_points, targets=targets)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("solver", "alpha_max", "grid_step", "num_iterations", "targets")
+    jax.jit,
+    static_argnames=("solver", "alpha_max", "grid_step", "num_iterations", "scan_points", "targets"),
 )
 def _fusion_jit(strong_logits, expert_logits, base_logits, where, **options):
     pr, index, alpha, _ = _solve_jit.__wrapped__(
