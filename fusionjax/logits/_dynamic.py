@@ -86,6 +86,7 @@ from fusionjax.logits import _checks
 
 Solver = Literal["exact", "grid"]
 Targets = Literal["centroid", "own"]
+_STATIC = ("solver", "alpha_max", "grid_step", "num_iterations", "scan_points", "targets")
 
 
 class DynamicAlphaOutput(NamedTuple):
@@ -294,7 +295,7 @@ def _solve(strong_logits, expert_logits, base_logits, *, solver, alpha_max, grid
 
 @functools.partial(
     jax.jit,
-    static_argnames=("solver", "alpha_max", "grid_step", "num_iterations", "scan_points", "targets"),
+    static_argnames=_STATIC,
 )
 def _solve_jit(strong_logits, expert_logits, base_logits, where, *, solver, alpha_max,
                grid_step, num_iterations, scan_points, targets):
@@ -441,7 +442,7 @@ def dynamic_logit_fusion(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("solver", "alpha_max", "grid_step", "num_iterations", "scan_points", "targets"),
+    static_argnames=_STATIC,
 )
 def _fusion_jit(strong_logits, expert_logits, base_logits, where, **options):
     pr, index, alpha, _ = _solve_jit.__wrapped__(
