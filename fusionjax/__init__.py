@@ -4,6 +4,7 @@
 helpers) and :mod:`fusionjax.merging`, which need only jax and numpy. The other
 subpackages are attributes too, imported on first use (PEP 562), because they load
 flax, optax or scikit-learn: ``fusionjax.alignment``, ``fusionjax.learned``,
+``fusionjax.logits`` (prediction-level fusion; jax only, lazy for symmetry),
 ``fusionjax.interop``, ``fusionjax.zoo``, ``fusionjax.testbed``, ``fusionjax.demo`` and
 ``fusionjax.cli``.
 """
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # the lazy subpackages, for type checkers and IDEs
     from fusionjax import demo
     from fusionjax import interop
     from fusionjax import learned
+    from fusionjax import logits
     from fusionjax import testbed
     from fusionjax import zoo
 
@@ -51,7 +53,8 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0.dev0"
 
-_LAZY_SUBPACKAGES = ("alignment", "cli", "demo", "interop", "learned", "testbed", "zoo")
+_LAZY_SUBPACKAGES = ("alignment", "cli", "demo", "interop", "learned", "logits", "testbed",
+                     "zoo")
 
 
 def __getattr__(name: str):
@@ -88,6 +91,7 @@ __all__ = [
     "gradient",
     "interop",
     "learned",
+    "logits",
     "merge",
     "merging",
     "partition",

@@ -1,17 +1,16 @@
 r"""Neural Ligand's two collaborations with per-sample weights: the ensemble and the merge.
 
 The ensemble mixes the :math:`K` models' features, :math:`h_t(\sum_k w_k(x) f_k(x))`
-(:func:`ensemble_logits`); the merge mixes their parameters, one model per input,
+(:func:`ensemble_logits`, which lives in :mod:`fusionjax.logits` with
+:func:`expert_features`; both are re-exported here); the merge mixes their
+parameters, one model per input,
 :math:`h_t(f(\theta_0 + \sum_k w_k(x)\tau_k, x))` (:func:`merged_logits`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from collections.abc import Sequence
 from typing import Any
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,80 +20,22 @@ from fusionjax._src import validation
 from fusionjax._src.base import Params
 from fusionjax._src.base import Stacked
 from fusionjax.learned import _coefficients
-from fusionjax.learned._portland import _check_features
+from fusionjax.logits._features import FeaturesFn
+from fusionjax.logits._features import HeadFn
+from fusionjax.logits._features import Level
+from fusionjax.logits._features import ensemble_logits
+from fusionjax.logits._features import expert_features
 
-FeaturesFn = Callable[[Params, Any], jax.Array]
-HeadFn = Callable[[int, jax.Array], jax.Array]
-Level = Literal["features", "logits"]
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def expert_features(finetuned: Sequence[Params], x: Any, features_fn: FeaturesFn) -> jax.Array:
-    """The features of every model on the same inputs, stacked ``[K, n, d]``.
-
-    Args:
-      finetuned: The :math:`K` collaborating models.
-      x: Inputs, ``[n, ...]`` (anything ``features_fn`` takes).
-      features_fn: ``features_fn(params, x) -> [n, d]``.
-
-    Returns:
-      ``[K, n, d]`` features (the models stay frozen: compute these once and reuse them).
-    """
-    validation.check_nonempty(finetuned)
-    feats = [jnp.asarray(features_fn(p, x)) for p in finetuned]
-    for i, f in enumerate(feats):
-        if f.ndim != 2 or f.shape != feats[0].shape:
-            raise ValueError(
-                f"features_fn(finetuned[{i}], x) must return [n, d] features like "
-                f"finetuned[0]'s {feats[0].shape}, got shape {f.shape}."
-            )
-    return jnp.stack(feats)
-
-
-def ensemble_logits(
-    weights: jax.Array,
-    features: jax.Array,
-    head_fn: HeadFn,
-    task_index: int,
-    *,
-    level: Level = "features",
-) -> jax.Array:
-    r"""The weighted ensemble of :math:`K` models, through task ``task_index``'s head.
-
-    Args:
-      weights: ``[n, K]`` per-sample weights (from :func:`portland_weights`).
-      features: ``[K, n, d]`` the models' features of the same inputs.
-      head_fn: ``head_fn(task_index, features) -> [n, C]``, the task's (fixed) head.
-      task_index: Which task's head; a Python int.
-      level: ``"features"`` (the paper): :math:`h_t(\sum_k w_k f_k)`; ``"logits"``:
-        :math:`\sum_k w_k h_t(f_k)`. They agree when the head is affine.
-
-    Returns:
-      ``[n, C]`` logits.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import fusionjax as fj
-      >>> head = lambda t, f: f @ jnp.eye(2)
-      >>> feats = jnp.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # K = 2 models, n = 1
-      >>> fj.learned.ensemble_logits(jnp.array([[0.25, 0.75]]), feats, head, 0)
-      Array([[0.25, 0.75]], dtype=float32)
-    """
-    _check_features(features)
-    k = jnp.shape(features)[0]
-    if jnp.shape(weights) != jnp.shape(features)[1:-1] + (k,):
-        raise ValueError(
-            f"weights must have shape {jnp.shape(features)[1:-1] + (k,)} for features of shape "
-            f"{jnp.shape(features)} ([K, ..., d]), got {jnp.shape(weights)}."
-        )
-    w = jnp.asarray(weights, jnp.float32)
-    if level == "features":
-        mixed = jnp.einsum("...k,k...d->...d", w, features.astype(jnp.float32), precision=_HIGHEST)
-        return head_fn(task_index, mixed)
-    if level == "logits":
-        logits = jnp.stack([head_fn(task_index, features[i]) for i in range(k)])
-        return jnp.einsum("...k,k...c->...c", w, logits.astype(jnp.float32), precision=_HIGHEST)
-    raise ValueError(f"level must be 'features' or 'logits', got {level!r}.")
+__all__ = [
+    "FeaturesFn",
+    "HeadFn",
+    "Level",
+    "ensemble_logits",
+    "expert_features",
+    "features_of",
+    "merged_features",
+    "merged_logits",
+]
 
 
 def merged_features(

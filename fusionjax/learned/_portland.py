@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src.base import PRNGKey
+from fusionjax.logits._features import check_features
 
 Portland = Any
 """Portland parameters: ``{"dense_0": {"kernel": [K*d, h], "bias": [h]}, ...}``."""
@@ -98,14 +99,7 @@ def _layers(portland: Portland) -> list[tuple[str, jax.Array, jax.Array]]:
     return out
 
 
-def _check_features(features: jax.Array, name: str = "features") -> None:
-    if jnp.ndim(features) < 2:
-        raise ValueError(
-            f"{name} must be stacked [K, ..., d] (one row of features per model), got shape "
-            f"{jnp.shape(features)}."
-        )
-    if not jnp.issubdtype(jnp.result_type(features), jnp.floating):
-        raise TypeError(f"{name} must be floating point, got {jnp.result_type(features)}.")
+_check_features = check_features
 
 
 def portland_weights(portland: Portland, features: jax.Array) -> jax.Array:

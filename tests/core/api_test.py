@@ -26,6 +26,7 @@ SUBPACKAGES = [
     "fusionjax.demo",
     "fusionjax.interop",
     "fusionjax.learned",
+    "fusionjax.logits",
     "fusionjax.merging",
     "fusionjax.testbed",
     "fusionjax.zoo",

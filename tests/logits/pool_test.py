@@ -1,0 +1,206 @@
+"""Pools and votes over stacked logits: identities, weights, masks, errors, jit and vmap."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fusionjax import logits as fl
+from tests._testing import F32
+
+POOLS = [fl.mean_logits, fl.linear_pool, fl.log_linear_pool]
+ALL_POOLS = POOLS + [lambda z, w=None, **kw: fl.max_logits(z, **kw)]
+
+
+def _logits(seed, shape):
+    return jax.random.normal(jax.random.key(seed), shape) * 2.0
+
+
+def _close(a, b, **tol):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), **(tol or F32))
+
+
+@pytest.mark.parametrize("pool", ALL_POOLS)
+def test_identical_models_give_the_model(pool, maybe_jit):
+    z = _logits(0, (5, 7))
+    stacked = jnp.stack([z, z, z])
+    if pool is fl.log_linear_pool:  # exponents must sum to one to give the model back
+        out = maybe_jit(pool)(stacked, jnp.full((3,), 1 / 3))
+    else:
+        out = maybe_jit(pool)(stacked)
+    _close(out, jax.nn.log_softmax(z), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_one_hot_weights_select_a_model(pool):
+    z = _logits(1, (3, 4, 6))
+    out = pool(z, jnp.array([0.0, 1.0, 0.0]))
+    _close(out, jax.nn.log_softmax(z[1]), rtol=1e-5, atol=2e-6)
+
+
+def test_per_example_one_hot_weights_select_per_example():
+    z = _logits(2, (2, 4, 6))
+    w = jnp.array([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])  # [M, batch]
+    out = fl.linear_pool(z, w)
+    want = jnp.where(w[0][:, None] > 0, jax.nn.log_softmax(z[0]), jax.nn.log_softmax(z[1]))
+    _close(out, want, rtol=1e-5, atol=2e-6)
+
+
+def test_product_of_a_model_with_itself_is_temperature_one_half():
+    z = _logits(3, (4, 9))
+    out = fl.log_linear_pool(jnp.stack([z, z]), jnp.array([1.0, 1.0]))
+    _close(out, jax.nn.log_softmax(z / 0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_of_a_model_with_itself_is_the_model():
+    z = _logits(4, (4, 9))
+    out = fl.linear_pool(jnp.stack([z, z]), jnp.array([0.3, 0.7]))
+    _close(out, jax.nn.log_softmax(z), rtol=1e-5, atol=2e-6)
+
+
+def test_linear_pool_is_the_mixture():
+    z = _logits(5, (3, 2, 5))
+    w = jnp.array([0.2, 0.3, 0.5])
+    want = jnp.log(jnp.einsum("m,mbv->bv", w, jax.nn.softmax(z, axis=-1)))
+    _close(fl.linear_pool(z, w), want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_per_model_shifts_change_nothing_and_outputs_are_normalised(pool):
+    z = _logits(6, (3, 4, 8))
+    shift = _logits(7, (3, 4, 1)) * 10.0
+    w = jnp.array([0.5, 1.0, 2.0])
+    a, b = pool(z, w), pool(z + shift, w)
+    _close(a, b, rtol=1e-5, atol=1e-5)
+    _close(jax.nn.logsumexp(a, axis=-1), jnp.zeros(4), atol=1e-5)
+
+
+def test_masked_tokens_make_no_nan():
+    z = _logits(8, (3, 2, 5))
+    z = z.at[0, :, 1].set(-jnp.inf).at[1, :, 2].set(-jnp.inf).at[:, :, 4].set(-jnp.inf)
+    w = jnp.array([0.0, 0.5, 0.5])  # the model masking token 1 has weight 0
+    for pool in POOLS:
+        out = pool(z, w)
+        assert not jnp.any(jnp.isnan(out)), pool.__name__
+        assert jnp.all(jnp.isfinite(out[:, 1])), pool.__name__  # weight-0 model's mask ignored
+        assert jnp.all(jnp.isneginf(out[:, 4])), pool.__name__  # everyone masks token 4
+    # A weighted model's mask rules the token out of the product, not out of the mixture.
+    assert jnp.all(jnp.isneginf(fl.log_linear_pool(z, w)[:, 2]))
+    assert jnp.all(jnp.isneginf(fl.mean_logits(z, w)[:, 2]))
+    assert jnp.all(jnp.isfinite(fl.linear_pool(z, w)[:, 2]))
+    assert not jnp.any(jnp.isnan(fl.max_logits(z)))
+
+
+def test_negative_product_weights_with_masked_tokens_make_no_nan():
+    z = _logits(9, (2, 6)).at[1, 3].set(-jnp.inf)
+    out = fl.log_linear_pool(z, jnp.array([2.0, -1.0]))
+    assert not jnp.any(jnp.isnan(out)) and jnp.isneginf(out[3])
+
+
+def test_where_restricts_every_model():
+    z = _logits(10, (3, 4, 6))
+    where = jnp.array([True, False, True, True, False, True])
+    for pool in ALL_POOLS:
+        out = pool(z, where=where)
+        assert jnp.all(jnp.isneginf(out[:, ~where])) and jnp.all(jnp.isfinite(out[:, where]))
+        _close(jax.nn.logsumexp(out, axis=-1), jnp.zeros(4), atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", POOLS + [fl.majority_vote, fl.runoff_vote])
+def test_weight_shapes_are_validated(pool):
+    z = _logits(11, (3, 4, 6))
+    for bad in (jnp.ones(4), jnp.ones((3, 1)), jnp.ones((4, 3)), jnp.ones((3, 4, 6))):
+        with pytest.raises(ValueError, match=r"weights must have shape \[M\]"):
+            pool(z, bad)
+    with pytest.raises(ValueError, match="where must have shape"):
+        pool(z, where=jnp.ones(5, bool))
+
+
+@pytest.mark.parametrize("pool", [fl.mean_logits, fl.linear_pool, fl.majority_vote])
+def test_negative_or_zero_weights_are_refused_where_they_make_no_sense(pool):
+    z = _logits(12, (2, 3, 4))
+    with pytest.raises(ValueError, match="weights"):
+        pool(z, jnp.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match="positive sum"):
+        pool(z, jnp.array([0.0, 0.0]))
+
+
+def test_lists_with_different_vocabularies_need_a_mode():
+    with pytest.raises(ValueError, match="mode='truncate'"):
+        fl.linear_pool([jnp.zeros((2, 5)), jnp.zeros((2, 6))])
+    out = fl.linear_pool([jnp.zeros((2, 5)), jnp.zeros((2, 5))])
+    assert out.shape == (2, 5)
+
+
+def test_pools_jit_and_vmap():
+    z = _logits(13, (3, 4, 6))
+    w = jnp.array([0.2, 0.3, 0.5])
+    for pool in POOLS:
+        eager = pool(z, w)
+        _close(jax.jit(pool)(z, w), eager, rtol=1e-5, atol=1e-6)
+        mapped = jax.vmap(pool, in_axes=(1, None))(z, w)  # over the batch axis
+        _close(mapped, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_majority_vote_counts_weights_and_breaks_ties_by_probability():
+    # Two models disagree with equal weight: the tie goes to the larger summed probability.
+    z = jnp.array([[[2.0, 1.9, -5.0]], [[-5.0, 3.0, 0.0]]])  # model 0 -> 0, model 1 -> 1
+    assert int(fl.majority_vote(z)[0]) == 1  # p(1) is larger summed over the two models
+    assert int(fl.majority_vote(z, jnp.array([2.0, 1.0]))[0]) == 0
+    # Exact ties everywhere fall to the lowest index.
+    assert int(fl.majority_vote(jnp.zeros((2, 1, 4)))[0]) == 0
+    # Per-example weights.
+    w = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    zz = jnp.concatenate([z, z], axis=1)
+    np.testing.assert_array_equal(fl.majority_vote(zz, w), [0, 1])
+
+
+def _irv_reference(z, w):
+    """Instant runoff in plain Python with the documented tie rules."""
+    m, v = z.shape
+    e = np.exp(z - z.max(-1, keepdims=True))
+    pooled = (w[:, None] * e / e.sum(-1, keepdims=True)).sum(0)
+    alive = {int(np.argmax(z[i])) for i in range(m)}
+    while len(alive) > 1:
+        tally = dict.fromkeys(alive, 0.0)
+        for i in range(m):
+            tally[max(alive, key=lambda t, i=i: (z[i, t], -t))] += w[i]
+        fewest = min(tally.values())
+        tied = [t for t in alive if tally[t] <= fewest]
+        alive.remove(min(tied, key=lambda t: (float(pooled[t]), -t)))
+    return alive.pop()
+
+
+def test_runoff_vote_matches_a_reference():
+    z = np.asarray(jax.random.randint(jax.random.key(14), (5, 40, 6), 0, 4), np.float32)
+    z = z + np.asarray(_logits(15, (5, 40, 6))) * 1e-3  # distinct rankings
+    w = np.array([1.0, 1.0, 2.0, 0.5, 1.0], np.float32)
+    got = np.asarray(jax.jit(fl.runoff_vote)(z, w))
+    want = [_irv_reference(z[:, i], w) for i in range(z.shape[1])]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_runoff_vote_differs_from_plurality_when_transfers_matter():
+    z = jnp.array([[3.0, 2.0, 1.0]] * 2 + [[2.0, 3.0, 1.0]] * 2 + [[1.0, 2.0, 3.0]])
+    assert int(fl.runoff_vote(z)) == 1
+    assert int(fl.majority_vote(z)) in (0, 1)
+
+
+def test_votes_respect_where_and_vmap():
+    z = _logits(16, (4, 3, 5))
+    where = jnp.array([False, True, True, True, True])
+    for vote in (fl.majority_vote, fl.runoff_vote):
+        assert jnp.all(vote(z, where=where) != 0)
+        np.testing.assert_array_equal(jax.vmap(vote, in_axes=1)(z), vote(z))
+
+
+def test_votes_with_one_model_give_its_argmax():
+    z = _logits(17, (1, 8, 5))
+    for vote in (fl.majority_vote, fl.runoff_vote):
+        np.testing.assert_array_equal(vote(z), jnp.argmax(z[0], axis=-1))
+
+
+def test_identical_voters_agree_with_argmax():
+    z = _logits(18, (4, 6))
+    for vote in (fl.majority_vote, fl.runoff_vote):
+        np.testing.assert_array_equal(vote(jnp.stack([z] * 3)), jnp.argmax(z, axis=-1))
