@@ -7,7 +7,6 @@ separately (the median of 5 runs after a warm-up), for one position batch per vo
 import time
 
 import jax
-import jax.numpy as jnp
 
 from fusionjax import logits as fl
 
