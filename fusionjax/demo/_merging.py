@@ -148,6 +148,27 @@ def _regmean(ctx: _Context):
     return _plain(ctx, _REGMEAN, "α=0.9, train inputs", grams=fj.stack(grams))
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _logits_of_every_model(logits_fn, finetuned, task_index, x):
+    # [K, n, C]: every fine-tuned encoder through task ``task_index``'s fixed head.
+    return jnp.stack([logits_fn(params, task_index, x) for params in finetuned])
+
+
+def _prediction_fusion(ctx: _Context, combine: Callable[[jax.Array], jax.Array], note: str):
+    """A prediction-level ensemble of the fine-tuned models: K forwards per input, no merge."""
+    tb = ctx.tb
+    accs = []
+    for t, task in enumerate(tb.tasks):
+        stacked = _logits_of_every_model(tb.logits, tuple(tb.finetuned), t, task.x_test)
+        labels = np.asarray(combine(stacked)).reshape(len(task.y_test), -1)[:, 0]
+        accs.append(float(np.mean(labels == task.y_test)))
+    return _learned.Scores(np.asarray(accs)), note
+
+
+def _argmax_of(pool):
+    return lambda stacked: jnp.argmax(pool(stacked), axis=-1)
+
+
 # Merger objects are built once: merge compiles one function per merger and leaf
 # shape, so reusing them across seeds and calls reuses the compiled code.
 _UNIFORM = merging.uniform_soup()
@@ -199,6 +220,12 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
         "Neural Ligand (ensemble)": _learned.ligand_ensemble,
         "Neural Ligand (merge)": _learned.ligand_merge,
         "WEMoE (distinct inputs)": _learned.wemoe_distinct_inputs,
+        "logit ensemble (mean)": lambda c: _prediction_fusion(
+            c, _argmax_of(fj.logits.mean_logits), "prediction level: one forward per model"
+        ),
+        "majority vote": lambda c: _prediction_fusion(
+            c, fj.logits.majority_vote, "prediction level: one forward per model"
+        ),
     }
 
 
