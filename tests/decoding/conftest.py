@@ -33,10 +33,12 @@ def lms():
     """``{name: (DecoderModel, module, variables)}``: a strong model, an expert and a base."""
     strong = zoo.Decoder(vocab_size=VOCAB, dim=32, depth=1, heads=4, mlp_width=64, max_length=32)
     small = zoo.Decoder(vocab_size=VOCAB, dim=16, depth=1, heads=2, mlp_width=32, max_length=32)
+    # One DecoderModel per architecture: members built from it share the compiled loop.
+    models = {strong: decoding.from_linen(strong), small: decoding.from_linen(small)}
     out = {"strong": (strong, _init(strong, 0))}
     for i, name in enumerate(["expert", "base", "expert2", "expert3"]):
         out[name] = (small, _init(small, i + 1))
-    return {k: (decoding.from_linen(m), m, v) for k, (m, v) in out.items()}
+    return {k: (models[m], m, v) for k, (m, v) in out.items()}
 
 
 def hand_greedy(module, variables, prompt, steps):

@@ -49,10 +49,13 @@ def test_from_linen_is_the_modules_decode(lms):
     model, module, variables = lms["strong"]
     tokens, positions = jnp.array([[3, 4, 5]]), jnp.array([[0, 1, 2]])
     cache = model.init_cache(1, 8)
-    a = jax.jit(model.apply)(variables, tokens, cache, positions)
-    b = jax.jit(lambda *args: module.apply(*args, method="decode"))(
-        variables, tokens, positions, cache
-    )
+
+    @jax.jit
+    def both(variables, cache):
+        a = model.apply(variables, tokens, cache, positions)
+        return a, module.apply(variables, tokens, positions, cache, method="decode")
+
+    a, b = both(variables, cache)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert model.max_length == module.max_length
 
