@@ -4,9 +4,8 @@
 helpers) and :mod:`fusionjax.merging`, which need only jax and numpy. The other
 subpackages are attributes too, imported on first use (PEP 562), because they load
 flax, optax or scikit-learn: ``fusionjax.alignment``, ``fusionjax.learned``,
-``fusionjax.logits`` (prediction-level fusion; jax only, lazy for symmetry),
-``fusionjax.interop``, ``fusionjax.zoo``, ``fusionjax.testbed``, ``fusionjax.demo`` and
-``fusionjax.cli``.
+``fusionjax.decoding``, ``fusionjax.interop``, ``fusionjax.zoo``, ``fusionjax.testbed``,
+``fusionjax.demo`` and ``fusionjax.cli``.
 """
 
 import importlib
@@ -41,6 +40,7 @@ from fusionjax._src.tree import unstack
 if TYPE_CHECKING:  # the lazy subpackages, for type checkers and IDEs
     from fusionjax import alignment
     from fusionjax import cli
+    from fusionjax import decoding
     from fusionjax import demo
     from fusionjax import interop
     from fusionjax import learned
@@ -53,8 +53,17 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0.dev0"
 
-_LAZY_SUBPACKAGES = ("alignment", "cli", "demo", "interop", "learned", "logits", "testbed",
-                     "zoo")
+_LAZY_SUBPACKAGES = (
+    "alignment",
+    "cli",
+    "decoding",
+    "demo",
+    "interop",
+    "learned",
+    "logits",
+    "testbed",
+    "zoo",
+)
 
 
 def __getattr__(name: str):
@@ -87,6 +96,7 @@ __all__ = [
     "by_path",
     "chain",
     "cli",
+    "decoding",
     "demo",
     "gradient",
     "interop",

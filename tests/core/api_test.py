@@ -23,6 +23,7 @@ SUBPACKAGES = [
     "fusionjax",
     "fusionjax.alignment",
     "fusionjax.cli",
+    "fusionjax.decoding",
     "fusionjax.demo",
     "fusionjax.interop",
     "fusionjax.learned",
