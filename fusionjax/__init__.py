@@ -4,7 +4,7 @@
 helpers) and :mod:`fusionjax.merging`, which need only jax and numpy. The other
 subpackages are attributes too, imported on first use (PEP 562), because they load
 flax, optax or scikit-learn: ``fusionjax.alignment``, ``fusionjax.learned``,
-``fusionjax.decoding``, ``fusionjax.interop``, ``fusionjax.zoo``, ``fusionjax.testbed``,
+``fusionjax.logits``, ``fusionjax.decoding``, ``fusionjax.interop``, ``fusionjax.zoo``, ``fusionjax.testbed``,
 ``fusionjax.demo`` and ``fusionjax.cli``.
 """
 
