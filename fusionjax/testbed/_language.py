@@ -45,9 +45,9 @@ Gap closed at :math:`\alpha = 1`: code 52/53/58%, docs 35/32/39%; the best fixed
 56/56/59% (code) and 41/35/40% (docs); :math:`\alpha \geq 1.75` makes the strong model
 worse than it was. The small expert's shift transfers, but not all of what the
 fine-tuned strong model learns (proxy-tuning's paper closes 60-90% of *task accuracy*
-gaps, not of perplexity). Building takes 50-80 s per seed measured on two shared cores
-(load 3.5-4 from other jobs; 200 s of CPU for the three seeds, compilation included),
-and a cached load about 0.1-0.4 s.
+gaps, not of perplexity). Building the three seeds took 137-190 s on two cores shared
+with other jobs (load 3-4; 42-80 s per seed, compilation included, about 200 s of CPU),
+and a cached load takes about 0.35 s per seed.
 
 What costs time, and what is done about it: training, above all the strong model's
 pretraining (about 60% of a build). Every run of one architecture (pretraining and
