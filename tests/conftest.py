@@ -34,6 +34,14 @@ def suite():
 
 
 @pytest.fixture(scope="session")
+def language_testbeds():
+    """``{seed: LanguageTestbed}``: the byte-level LM testbed of every seed, loaded once."""
+    from fusionjax.testbed import language
+
+    return {seed: language.load(seed=seed) for seed in SEEDS}
+
+
+@pytest.fixture(scope="session")
 def barriers():
     """``{seed: [BarrierResult per width]}`` (MLP pairs, naive / weight / activation matching)."""
     from fusionjax.demo import _alignment

@@ -45,6 +45,11 @@ CPU cores; later loads read the cache in about a second.
 from different random initialisations on the 10-class digit task (same split), the
 setting of Git Re-Basin and OTFusion.
 
+**Logit fusion.** :mod:`fusionjax.testbed.language` holds byte-level language models on
+text that ships with Python (stdlib code, pydoc documentation): a strong and a small
+model pretrained on general text, small domain experts and fine-tuned strong models, the
+setting of proxy-tuning, DExperts and Dynamic Logit Fusion.
+
 Examples:
   >>> from fusionjax import testbed
   >>> tb = testbed.load(seed=0)  # doctest: +SKIP
@@ -54,10 +59,11 @@ Examples:
 """
 
 from fusionjax.testbed import _classifiers as classifiers
+from fusionjax.testbed import _language as language
 from fusionjax.testbed._model import Encoder
 from fusionjax.testbed._tasks import Task
 from fusionjax.testbed._testbed import Testbed
 from fusionjax.testbed._testbed import load
 from fusionjax.testbed._train import Config
 
-__all__ = ["Config", "Encoder", "Task", "Testbed", "classifiers", "load"]
+__all__ = ["Config", "Encoder", "Task", "Testbed", "classifiers", "language", "load"]
