@@ -42,6 +42,26 @@ def language_testbeds():
 
 
 @pytest.fixture(scope="session")
+def language_log_probs(language_testbeds):
+    """``{seed: {corpus: {model: [N, L, V]}}}``: every model's held-out log-probabilities.
+
+    ``general``: strong and base; each domain: strong, base, every expert and that domain's
+    fine-tuned strong model. Computed once per session (a few seconds).
+    """
+    out = {}
+    for seed, tb in language_testbeds.items():
+        modules = {name: (m, p) for name, m, p in tb.models()}
+        wanted = {"general": ["strong", "base"]}
+        for d in tb.domains:
+            wanted[d] = ["strong", "base", *(f"expert[{e}]" for e in tb.domains), f"strong_ft[{d}]"]
+        out[seed] = {
+            c: {name: tb.log_probs(*modules[name], tb.heldout[c]) for name in names}
+            for c, names in wanted.items()
+        }
+    return out
+
+
+@pytest.fixture(scope="session")
 def barriers():
     """``{seed: [BarrierResult per width]}`` (MLP pairs, naive / weight / activation matching)."""
     from fusionjax.demo import _alignment

@@ -58,10 +58,11 @@ arguments. Built models are cached on disk with the held-out windows, so a cache
 neither reads the stdlib nor trains.
 
 Examples:
+  >>> import fusionjax as fj
   >>> from fusionjax.testbed import language
   >>> tb = language.load(seed=0)  # doctest: +SKIP
   >>> lp = {n: tb.log_probs(m, p, tb.heldout["code"]) for n, m, p in tb.models()}  # doctest: +SKIP
-  >>> fused = language.proxy_tune(lp["strong"], lp["expert[code]"], lp["base"])  # doctest: +SKIP
+  >>> fused = fj.logits.proxy_tuning(lp["strong"], lp["expert[code]"], lp["base"])  # doctest: +SKIP
   >>> language.perplexity(fused, tb.heldout["code"])  # doctest: +SKIP
 """
 
@@ -87,6 +88,7 @@ from jax.tree_util import Partial
 from fusionjax._src import batches
 from fusionjax._src import training
 from fusionjax._src.progress import Progress as _Progress
+from fusionjax.logits import proxy_tuning
 from fusionjax.testbed import _corpus
 from fusionjax.testbed._corpus import DOMAINS
 from fusionjax.testbed._corpus import CorpusConfig
@@ -110,7 +112,6 @@ __all__ = [
     "log_probs",
     "nll",
     "perplexity",
-    "proxy_tune",
 ]
 
 _VERSION = "1"
@@ -254,7 +255,8 @@ class LanguageTestbed:
                 cache[name] = lp
                 table.setdefault(name, {})[corpus] = perplexity(lp, windows)
             for d in self.domains:
-                lp = proxy_tune(cache["strong"], cache[f"expert[{d}]"], cache["base"], alpha)
+                expert = cache[f"expert[{d}]"]
+                lp = proxy_tuning(cache["strong"], expert, cache["base"], alpha=alpha)
                 table.setdefault(f"proxy[{d}]", {})[corpus] = perplexity(lp, windows)
         return table
 
@@ -303,28 +305,6 @@ def nll(log_probs: np.ndarray, windows: np.ndarray) -> float:
     lp = np.asarray(log_probs)[:, :-1]
     targets = np.asarray(windows)[:, 1:, None].astype(np.int64)
     return float(-np.mean(np.take_along_axis(lp, targets, axis=-1), dtype=np.float64))
-
-
-def proxy_tune(
-    strong: np.ndarray, expert: np.ndarray, base: np.ndarray, alpha: float = 1.0
-) -> np.ndarray:
-    r"""Proxy-tuning's log-probabilities ``log_softmax(strong + alpha (expert - base))``.
-
-    Args:
-      strong: ``[..., V]`` log-probabilities of the strong model.
-      expert: ``[..., V]`` log-probabilities of the small expert.
-      base: ``[..., V]`` log-probabilities of the small base.
-      alpha: Strength :math:`\alpha` of the expert's shift.
-
-    Returns:
-      ``[..., V]`` float32 log-probabilities.
-
-    References:
-      Liu et al, `Tuning Language Models by Proxy <https://arxiv.org/abs/2401.08565>`_, 2024
-    """
-    z = np.asarray(strong) + np.float32(alpha) * (np.asarray(expert) - np.asarray(base))
-    z = z - z.max(axis=-1, keepdims=True)
-    return (z - np.log(np.exp(z).sum(axis=-1, keepdims=True))).astype(np.float32)
 
 
 def log_probs(
