@@ -20,17 +20,20 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="merge fine-tuned models (default) or align independently trained ones",
+        help="merge fine-tuned models (default), align independently trained ones, or fuse "
+        "language models' logits",
         description="Merge fine-tuned models on the multi-task digits testbed (merge, the "
-        "default) or align independently trained models (align).",
+        "default), align independently trained models (align), or fuse the next-byte "
+        "predictions of language models on the byte-level text testbed (logits).",
     )
     demo.add_argument(
         "suite",
         nargs="?",
-        choices=("merge", "align"),
+        choices=("merge", "align", "logits"),
         default="merge",
         help="merge: weight merging on the multi-task testbed (default); "
-        "align: permutation alignment and OT fusion of independently trained models",
+        "align: permutation alignment and OT fusion of independently trained models; "
+        "logits: proxy-tuning, DExperts, contrastive decoding and Dynamic Logit Fusion",
     )
     demo.add_argument("--seed", type=int, default=0, help="testbed seed (default 0)")
     demo.add_argument(
@@ -66,10 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, demo = _parser()
     args = parser.parse_args(argv)
     # args.command == "demo", the only command.
-    if args.suite == "align":
+    if args.suite in ("align", "logits"):
         if args.methods is not None:
             demo.error("--methods applies to the merge suite only")
-        return _demo.run_align(args)
+        return _demo.run_align(args) if args.suite == "align" else _demo.run_logits(args)
     try:
         _demo.select_methods(args.methods, fast=args.fast)  # checked before any training
     except ValueError as e:

@@ -151,3 +151,22 @@ def test_unknown_method_is_rejected():
 
     with pytest.raises(ValueError, match="unknown methods"):
         demo.run_merging_suite(object(), methods=["nope"])
+
+
+def test_demo_logits_prints_the_perplexity_table_and_generations(capsys, language_testbeds):
+    # language_testbeds makes sure the cache holds seed 0: the demo only loads it.
+    assert cli.main(["demo", "logits"]) == 0
+    out = capsys.readouterr().out
+    for name in ("proxy-tuning", "DExperts", "contrastive", "DLF (one", "DLF (both", "strong fine-tuned"):
+        assert any(line.startswith(name) for line in out.splitlines()), name
+    strong = next(line for line in out.splitlines() if line.startswith("strong "))
+    proxy = next(line for line in out.splitlines() if line.startswith("proxy-tuning"))
+    # Proxy-tuning lowers the strong model's perplexity on both domains.
+    assert all(float(p) < float(s) for s, p in zip(strong.split()[1:3], proxy.split()[1:3], strict=True))
+    assert out.count("DLF (+ expert)") == 2 and "α per byte" in out
+
+
+def test_demo_logits_rejects_methods():
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "logits", "--methods", "ties"])
+    assert e.value.code == 2
