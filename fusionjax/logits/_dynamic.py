@@ -20,37 +20,50 @@ measured both ways. The paper searches a grid, :math:`\alpha \in \{0, 0.1, \dots
 (``solver="grid"``).
 
 **The exact solver.** :math:`\tilde P(\alpha)` is an exponential family with
-log-partition :math:`c(\alpha) = \log \sum_v P(v) e^{\alpha d(v)}`, so with
-:math:`\mu(\alpha) = \mathbb E_{\tilde P}[d] = c'(\alpha)`:
+log-partition :math:`K(\alpha) = \log \mathbb E_P[e^{\alpha d}]`; with :math:`\mu(\alpha) =
+\mathbb E_{\tilde P}[d] = K'(\alpha)`:
 
 .. math::
-  A = \alpha\mu(\alpha) - c(\alpha),\quad B = c(\alpha) - \alpha\mu(0),\quad
+  A = \alpha K'(\alpha) - K(\alpha),\quad B = K(\alpha) - \alpha K'(0),\quad
   A' = \alpha \mathrm{Var}_{\tilde P}(d),\quad B' = \mu(\alpha) - \mu(0),
 
-both zero at :math:`\alpha = 0` and non-decreasing for :math:`\alpha \ge 0`
+both zero at :math:`\alpha = 0` and increasing for :math:`\alpha \ge 0`, :math:`B` convex
 (:math:`B'' = \mathrm{Var}_{\tilde P}(d)`, :math:`A'' = \mathrm{Var} + \alpha\kappa_3`).
-So :math:`f'(\alpha)/2 = (A-a)A' + (B-b)B'` is negative while both divergences are below
-their targets and positive once both are above; ``solver="exact"`` finds its sign
-change by safeguarded Newton (Newton steps that leave the bracket, or meet
-:math:`f'' \le 0`, are replaced by bisection). Between the two crossings :math:`f`
-need not be unimodal — on strongly peaked distributions with large :math:`|d|` the tests
-found two basins — so the solver first evaluates :math:`f` and :math:`f'` at
-``crossing_iterations`` evenly spaced points (default 9, step 0.25), brackets the best one on the
-side where :math:`f` decreases, and runs ``num_iterations`` (default 6) Newton steps in
-that bracket. The point returned is the best *evaluated* one, so ``objective`` is
-exactly :math:`f` there and is never above the scan's best. Measured against a 0.002
-grid: equal to 0.004 on random, peaked (logits scale 6) and nearly-equal-expert
-distributions and at :math:`V = 32768`; on extreme cases (logit scale 10, expert and base
-as far apart as two random models) 2 positions in 256 fell in a second basin, up to 1.1 %
-above the 0.1-grid's objective.
+*Bracket.* :math:`f'/2 = (A-a)A' + (B-b)B'` is negative where :math:`A < a` and
+:math:`B < b` and positive where :math:`A > a` and :math:`B > b`, so with the crossings
+:math:`A(\alpha_A) = a`, :math:`B(\alpha_B) = b` every minimiser lies in
+:math:`[\min(\alpha_A, \alpha_B), \max(\alpha_A, \alpha_B)] \cap [0, \alpha_{\max}]`; any
+evaluated point with both divergences below (above) the targets is a lower (upper) end.
+*Algorithm.* (1) ``crossing_iterations`` (default 3) passes each evaluate two points, one
+Newton step towards each crossing (from :math:`\sqrt{2a/\mathrm{Var}_P(d)}` and
+:math:`\sqrt{2b/\mathrm{Var}_P(d)}`, since :math:`A \approx B \approx \alpha^2
+\mathrm{Var}_P(d)/2` for small :math:`\alpha`; each step kept inside its crossing's
+bracket, else bisection; :math:`B` convex makes Newton from the right monotone); the
+:math:`A`-point needs :math:`\mathrm{Var}`, the :math:`B`-point only :math:`\mu`. Every
+point narrows the bracket and records :math:`f`. (2) ``num_iterations`` (default 6)
+safeguarded Newton steps on :math:`f'` (third moment for :math:`f''`) from the best point
+so far, inside the tightest sign change of :math:`f'` around it. The point returned is the
+best *evaluated* one, so ``objective`` is exactly :math:`f` there.
+*Several basins.* The curve :math:`(A, B)(\alpha)` is monotone in both coordinates, with
+slope :math:`dB/dA = \overline{\mathrm{Var}}_{[0,\alpha]} / \mathrm{Var}(\alpha)`; where
+:math:`\mathrm{Var}_{\tilde P}(d)` jumps (peaked :math:`P`, large :math:`|d|`) it runs
+nearly parallel to one axis, then the other, and :math:`f` (the squared distance to
+:math:`(a, b)`) can have a local minimum near each crossing *inside* the bracket: no
+bracketing removes that. On a 0.001 grid, the logit-scale-6 inputs of the tests (32 rows)
+have one minimum in the bracket; at logit scale 8 (256 rows) 3 rows have two, at scale 10
+with the expert as far from its base as two random models, 23-30 rows in 256. The solver
+starts step (2) from the best crossing point, which picks the right basin on the tests'
+inputs; it ends above the 0.1 grid's objective on 1 row in 256 at scale 8 (by 0.12 %) and
+on 5 in 256 at scale 10 (by up to 28 %; 76 % with the expert 1.4 random models away).
 
-**Cost.** One evaluation at :math:`\alpha` is two passes over ``[..., V]`` — a max, then
-one fused pass for :math:`\sum e^{z}` and the first three moments of :math:`d` around a
-shift (the previous evaluation's mean, so the central moments are not differences of
-large numbers) — for both solvers. The grid evaluates :math:`\lfloor\alpha_{\max}/
-\text{step}\rfloor + 1 = 21` points, the exact solver ``crossing_iterations + num_iterations``
-(default 15), plus set-up passes. All in float32; ``-inf`` logits are handled by masks, never
-by ``0 \cdot \infty``.
+**Cost.** One evaluation is two passes over ``[..., V]``: a max, then one fused pass per
+moment (XLA:CPU recomputes the exponential in each: a pass with :math:`\mu` and
+:math:`\mathrm{Var}` costs ~1.5x one with :math:`\mu` only). The grid evaluates
+:math:`\lfloor\alpha_{\max}/\text{step}\rfloor + 1 = 21` points with the two moments
+:math:`A, B` need; the exact solver ``2 crossing_iterations + num_iterations`` points
+(default 12: 3 with the sums of orders 0-2, 3 with orders 0-1, 6 with orders 0-3), so
+its cost is close to the grid's (``benchmarks/README.md``). All in float32; ``-inf``
+logits are handled by masks, never by ``0 \cdot \infty``.
 
 **Masked tokens.** A token both small models rule out (``-inf``) has :math:`d = 0` (no
 evidence); a token exactly one of them rules out is removed from the strong model's
@@ -390,14 +403,16 @@ def dynamic_alpha(
       expert_logits: The small tuned experts' logits: ``[..., V]`` (one expert),
         ``[E, ..., V]`` stacked, or a list of ``E`` arrays ``[..., V]``.
       base_logits: ``[..., V]`` logits :math:`M` of the small base model.
-      solver: ``"exact"`` (safeguarded Newton on :math:`f'`) or ``"grid"`` (the paper's
+      solver: ``"exact"`` (bracket between the crossings, then safeguarded Newton on
+        :math:`f'`) or ``"grid"`` (the paper's
         search over :math:`\{0, \text{step}, \dots, \alpha_{\max}\}`, first minimum on ties).
       alpha_max: Upper end of the search interval (the paper: 2); a Python number.
       grid_step: Spacing of the grid (the paper: 0.1); a Python number.
-      num_iterations: Newton/bisection iterations of the exact solver after its scan (each
-        two passes over ``[..., V]``); a Python int.
-      crossing_iterations: Evenly spaced points of :math:`[0, \alpha_{\max}]` at which the exact
-        solver first evaluates :math:`f` and :math:`f'` to choose the basin; a Python int.
+      num_iterations: Safeguarded Newton steps of the exact solver on :math:`f'` after its
+        crossing searches (each two passes over ``[..., V]``, four moments); a Python int.
+      crossing_iterations: Passes of the exact solver's two Newton searches for the
+        crossings :math:`A = a`, :math:`B = b` that bracket the minimiser (each pass
+        evaluates two points); a Python int.
       targets: ``"centroid"`` (the paper's summed objective over all experts' targets) or
         ``"own"`` (each expert matched to its own divergences); irrelevant for one expert.
       where: Optional ``[V]`` or ``[..., V]`` boolean mask of allowed tokens (all models).
@@ -457,8 +472,8 @@ def dynamic_logit_fusion(
       solver: ``"exact"`` or ``"grid"``; see :func:`dynamic_alpha`.
       alpha_max: Upper end of the search interval; a Python number.
       grid_step: Spacing of the grid; a Python number.
-      num_iterations: Iterations of the exact solver after its scan; a Python int.
-      crossing_iterations: Points of the exact solver's scan; a Python int.
+      num_iterations: Newton steps of the exact solver on :math:`f'`; a Python int.
+      crossing_iterations: Passes of the exact solver's crossing searches; a Python int.
       targets: ``"centroid"`` (the paper) or ``"own"``; see :func:`dynamic_alpha`.
       where: Optional ``[V]`` or ``[..., V]`` boolean mask of allowed tokens.
 
