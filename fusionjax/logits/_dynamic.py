@@ -20,37 +20,50 @@ measured both ways. The paper searches a grid, :math:`\alpha \in \{0, 0.1, \dots
 (``solver="grid"``).
 
 **The exact solver.** :math:`\tilde P(\alpha)` is an exponential family with
-log-partition :math:`c(\alpha) = \log \sum_v P(v) e^{\alpha d(v)}`, so with
-:math:`\mu(\alpha) = \mathbb E_{\tilde P}[d] = c'(\alpha)`:
+log-partition :math:`K(\alpha) = \log \mathbb E_P[e^{\alpha d}]`; with :math:`\mu(\alpha) =
+\mathbb E_{\tilde P}[d] = K'(\alpha)`:
 
 .. math::
-  A = \alpha\mu(\alpha) - c(\alpha),\quad B = c(\alpha) - \alpha\mu(0),\quad
+  A = \alpha K'(\alpha) - K(\alpha),\quad B = K(\alpha) - \alpha K'(0),\quad
   A' = \alpha \mathrm{Var}_{\tilde P}(d),\quad B' = \mu(\alpha) - \mu(0),
 
-both zero at :math:`\alpha = 0` and non-decreasing for :math:`\alpha \ge 0`
+both zero at :math:`\alpha = 0` and increasing for :math:`\alpha \ge 0`, :math:`B` convex
 (:math:`B'' = \mathrm{Var}_{\tilde P}(d)`, :math:`A'' = \mathrm{Var} + \alpha\kappa_3`).
-So :math:`f'(\alpha)/2 = (A-a)A' + (B-b)B'` is negative while both divergences are below
-their targets and positive once both are above; ``solver="exact"`` finds its sign
-change by safeguarded Newton (Newton steps that leave the bracket, or meet
-:math:`f'' \le 0`, are replaced by bisection). Between the two crossings :math:`f`
-need not be unimodal — on strongly peaked distributions with large :math:`|d|` the tests
-found two basins — so the solver first evaluates :math:`f` and :math:`f'` at
-``scan_points`` evenly spaced points (default 9, step 0.25), brackets the best one on the
-side where :math:`f` decreases, and runs ``num_iterations`` (default 6) Newton steps in
-that bracket. The point returned is the best *evaluated* one, so ``objective`` is
-exactly :math:`f` there and is never above the scan's best. Measured against a 0.002
-grid: equal to 0.004 on random, peaked (logits scale 6) and nearly-equal-expert
-distributions and at :math:`V = 32768`; on extreme cases (logit scale 10, expert and base
-as far apart as two random models) 2 positions in 256 fell in a second basin, up to 1.1 %
-above the 0.1-grid's objective.
+*Bracket.* :math:`f'/2 = (A-a)A' + (B-b)B'` is negative where :math:`A < a` and
+:math:`B < b` and positive where :math:`A > a` and :math:`B > b`, so with the crossings
+:math:`A(\alpha_A) = a`, :math:`B(\alpha_B) = b` every minimiser lies in
+:math:`[\min(\alpha_A, \alpha_B), \max(\alpha_A, \alpha_B)] \cap [0, \alpha_{\max}]`; any
+evaluated point with both divergences below (above) the targets is a lower (upper) end.
+*Algorithm.* (1) ``crossing_iterations`` (default 3) passes each evaluate two points, one
+Newton step towards each crossing (from :math:`\sqrt{2a/\mathrm{Var}_P(d)}` and
+:math:`\sqrt{2b/\mathrm{Var}_P(d)}`, since :math:`A \approx B \approx \alpha^2
+\mathrm{Var}_P(d)/2` for small :math:`\alpha`; each step kept inside its crossing's
+bracket, else bisection; :math:`B` convex makes Newton from the right monotone); the
+:math:`A`-point needs :math:`\mathrm{Var}`, the :math:`B`-point only :math:`\mu`. Every
+point narrows the bracket and records :math:`f`. (2) ``num_iterations`` (default 6)
+safeguarded Newton steps on :math:`f'` (third moment for :math:`f''`) from the best point
+so far, inside the tightest sign change of :math:`f'` around it. The point returned is the
+best *evaluated* one, so ``objective`` is exactly :math:`f` there.
+*Several basins.* The curve :math:`(A, B)(\alpha)` is monotone in both coordinates, with
+slope :math:`dB/dA = \overline{\mathrm{Var}}_{[0,\alpha]} / \mathrm{Var}(\alpha)`; where
+:math:`\mathrm{Var}_{\tilde P}(d)` jumps (peaked :math:`P`, large :math:`|d|`) it runs
+nearly parallel to one axis, then the other, and :math:`f` (the squared distance to
+:math:`(a, b)`) can have a local minimum near each crossing *inside* the bracket: no
+bracketing removes that. On a 0.001 grid, the logit-scale-6 inputs of the tests (32 rows)
+have one minimum in the bracket; at logit scale 8 (256 rows) 3 rows have two, at scale 10
+with the expert as far from its base as two random models, 23-30 rows in 256. The solver
+starts step (2) from the best crossing point, which picks the right basin on the tests'
+inputs; it ends above the 0.1 grid's objective on 1 row in 256 at scale 8 (by 0.12 %) and
+on 5 in 256 at scale 10 (by up to 28 %; 76 % with the expert 1.4 random models away).
 
-**Cost.** One evaluation at :math:`\alpha` is two passes over ``[..., V]`` — a max, then
-one fused pass for :math:`\sum e^{z}` and the first three moments of :math:`d` around a
-shift (the previous evaluation's mean, so the central moments are not differences of
-large numbers) — for both solvers. The grid evaluates :math:`\lfloor\alpha_{\max}/
-\text{step}\rfloor + 1 = 21` points, the exact solver ``scan_points + num_iterations``
-(default 15), plus set-up passes. All in float32; ``-inf`` logits are handled by masks, never
-by ``0 \cdot \infty``.
+**Cost.** One evaluation is two passes over ``[..., V]``: a max, then one fused pass per
+moment (XLA:CPU recomputes the exponential in each: a pass with :math:`\mu` and
+:math:`\mathrm{Var}` costs ~1.5x one with :math:`\mu` only). The grid evaluates
+:math:`\lfloor\alpha_{\max}/\text{step}\rfloor + 1 = 21` points with the two moments
+:math:`A, B` need; the exact solver ``2 crossing_iterations + num_iterations`` points
+(default 12: 3 with the sums of orders 0-2, 3 with orders 0-1, 6 with orders 0-3), so
+its cost is close to the grid's (``benchmarks/README.md``). All in float32; ``-inf``
+logits are handled by masks, never by ``0 \cdot \infty``.
 
 **Masked tokens.** A token both small models rule out (``-inf``) has :math:`d = 0` (no
 evidence); a token exactly one of them rules out is removed from the strong model's
@@ -86,7 +99,7 @@ from fusionjax.logits import _checks
 
 Solver = Literal["exact", "grid"]
 Targets = Literal["centroid", "own"]
-_STATIC = ("solver", "alpha_max", "grid_step", "num_iterations", "scan_points", "targets")
+_STATIC = ("solver", "alpha_max", "grid_step", "num_iterations", "crossing_iterations", "targets")
 
 
 class DynamicAlphaOutput(NamedTuple):
@@ -170,12 +183,15 @@ def _problem(strong_logits, expert_logits, base_logits, where) -> _Problem:
     return _Problem(log_p, dc, mu0, var0, jnp.maximum(a, 0.0), jnp.maximum(b, 0.0))
 
 
-def _evaluate(log_p, d, alpha, shift):
-    r"""``(B, m1, var, k3)`` at ``alpha`` in two passes; ``d`` is centred at :math:`\mu(0)`.
+def _moments(log_p, d, alpha, shift, order: int):
+    r"""Divergence and moments of ``d`` under :math:`\tilde P(\alpha)`, in two passes.
 
-    :math:`B = \log\sum_v P e^{\alpha d} = c(\alpha) - \alpha\mu(0)`, :math:`m_1 =
-    \mu(\alpha) - \mu(0)`, and the central second and third moments under
-    :math:`\tilde P(\alpha)`, from moments around ``shift`` (near :math:`m_1`).
+    ``d`` is centred at :math:`\mu(0)`, so :math:`c(\alpha) = \log\sum_v P e^{\alpha d} =
+    B(\alpha)` and :math:`m_1 = \mathbb E_{\tilde P}[d] = \mu(\alpha) - \mu(0) = B'(\alpha)`.
+    Returns ``(c, m1)`` for ``order=1``, plus the central second moment for ``order=2`` and
+    the third for ``order=3``; the moments are taken around ``shift`` (near :math:`m_1`,
+    so central moments are not differences of large numbers). Rows are ``[N, V]`` and
+    ``alpha``, ``shift`` ``[N, 1]``: the 2-D layout is what XLA:CPU reduces fastest.
     """
     z = log_p + alpha * d
     zmax = jnp.max(z, axis=-1, keepdims=True)
@@ -183,29 +199,32 @@ def _evaluate(log_p, d, alpha, shift):
     u = d - shift
     s0 = jnp.sum(e, axis=-1, keepdims=True)
     s1 = jnp.sum(e * u, axis=-1, keepdims=True) / s0
+    c, m1 = zmax + jnp.log(s0), shift + s1
+    if order == 1:
+        return c, m1
     s2 = jnp.sum(e * u * u, axis=-1, keepdims=True) / s0
-    s3 = jnp.sum(e * u * u * u, axis=-1, keepdims=True) / s0
-    big_b = zmax + jnp.log(s0)
-    m1 = shift + s1
     var = jnp.maximum(s2 - s1 * s1, 0.0)
-    k3 = s3 - 3.0 * s1 * s2 + 2.0 * s1 * s1 * s1
-    return big_b, m1, var, k3
+    if order == 2:
+        return c, m1, var
+    s3 = jnp.sum(e * u * u * u, axis=-1, keepdims=True) / s0
+    return c, m1, var, s3 - 3.0 * s1 * s2 + 2.0 * s1 * s1 * s1
 
 
-def _objective(alpha, big_b, m1, a, b):
-    big_a = jnp.maximum(alpha * m1 - big_b, 0.0)
-    big_b = jnp.maximum(big_b, 0.0)
-    return (big_a - a) ** 2 + (big_b - b) ** 2, big_a, big_b
+def _divergences(alpha, c, m1):
+    r""":math:`(A, B)` from :math:`c` and :math:`m_1` (clipped at 0 against rounding)."""
+    return jnp.maximum(alpha * m1 - c, 0.0), jnp.maximum(c, 0.0)
 
 
-def _solve_grid(pr: _Problem, a, b, alpha_max: float, grid_step: float):
+def _solve_grid(log_p, d, a, b, alpha_max: float, grid_step: float):
+    """The paper's search: one pass with the two moments :math:`A, B` need per point."""
     n = int(round(alpha_max / grid_step)) + 1
-    grid = jnp.minimum(jnp.arange(n, dtype=pr.d.dtype) * grid_step, alpha_max)
+    grid = jnp.minimum(jnp.arange(n, dtype=d.dtype) * grid_step, alpha_max)
+    zero = jnp.zeros((), d.dtype)
 
     def body(carry, alpha):
         best_f, best_alpha = carry
-        big_b, m1, _, _ = _evaluate(pr.log_p, pr.d, alpha, jnp.zeros((), pr.d.dtype))
-        f, _, _ = _objective(alpha, big_b, m1, a, b)
+        big_a, big_b = _divergences(alpha, *_moments(log_p, d, alpha, zero, 1))
+        f = (big_a - a) ** 2 + (big_b - b) ** 2
         better = f < best_f
         return (jnp.where(better, f, best_f), jnp.where(better, alpha, best_alpha)), None
 
@@ -214,60 +233,91 @@ def _solve_grid(pr: _Problem, a, b, alpha_max: float, grid_step: float):
     return best_alpha, best_f
 
 
-def _solve_exact(pr: _Problem, a, b, alpha_max: float, num_iterations: int, scan_points: int):
-    dtype = pr.d.dtype
+def _safeguarded(x, g, slope, lo, hi, hi_open):
+    """A Newton step for ``g = 0`` kept inside ``(lo, hi)``, else bisection.
+
+    ``hi_open`` marks an upper end not evaluated yet (``alpha_max`` at the start), which a
+    Newton step past it may land on: that is how a crossing beyond ``alpha_max`` ends there.
+    """
+    step = x - g / jnp.where(slope > 0, slope, 1.0)
+    ok = slope > 0
+    inside = ok & (step > lo) & (step < hi)
+    to_end = ok & hi_open & (step >= hi)
+    return jnp.where(inside, step, jnp.where(to_end, hi, 0.5 * (lo + hi)))
+
+
+def _solve_exact(pr, a, b, alpha_max: float, crossing_iterations: int, num_iterations: int):
+    log_p, d = pr.log_p, pr.d
+    dtype = d.dtype
     zero = jnp.zeros(a.shape, dtype)
+    amax = jnp.full(a.shape, alpha_max, dtype)
+    # Small-alpha cumulants: A ~ B ~ alpha^2 Var_P(d) / 2.
+    inv_var = 1.0 / jnp.where(pr.var0 > 0, pr.var0, 1.0)
+    def guess(t):
+        return jnp.where(pr.var0 > 0, jnp.minimum(jnp.sqrt(2.0 * t * inv_var), amax), amax)
 
-    def g_terms(alpha, shift):
-        big_b, m1, var, k3 = _evaluate(pr.log_p, pr.d, alpha, shift)
-        f, big_a, big_b = _objective(alpha, big_b, m1, a, b)
-        da, db = alpha * var, m1  # A', B'
-        g = (big_a - a) * da + (big_b - b) * db
-        dg = da * da + (big_a - a) * (var + alpha * k3) + db * db + (big_b - b) * var
-        return f, g, dg, m1
-
-    # 1. Scan: f and f' at scan_points nodes; the best node picks the basin.
-    h = alpha_max / (scan_points - 1)
-    nodes = jnp.minimum(jnp.arange(scan_points, dtype=dtype) * h, alpha_max)
-
-    def scan_body(carry, t):
-        best = carry
-        f, g, dg, m1 = g_terms(jnp.full(a.shape, t, dtype), best[4])
+    def record(best, x, f):
         better = f < best[0]
-        new = (f, jnp.full(a.shape, t, dtype), g, dg, m1)
-        return tuple(jnp.where(better, n, o) for n, o in zip(new, best, strict=True)), None
+        return jnp.where(better, f, best[0]), jnp.where(better, x, best[1])
 
-    init = (jnp.full(a.shape, jnp.inf, dtype), zero, zero, zero, zero)
-    (best_f, t_best, g_best, dg_best, m1_best), _ = jax.lax.scan(scan_body, init, nodes)
-    # 2. Bracket next to the best node, on the side where f decreases.
-    down_right = (g_best < 0) | (t_best <= 0)
-    lo = jnp.where(down_right, t_best, jnp.maximum(t_best - h, 0.0))
-    hi = jnp.where(down_right, jnp.minimum(t_best + h, alpha_max), t_best)
-    newton = t_best - g_best / jnp.where(dg_best > 0, dg_best, 1.0)
-    ok = (dg_best > 0) & (newton > lo) & (newton < hi)
-    alpha = jnp.where(ok, newton, 0.5 * (lo + hi))
-    best_alpha = t_best
+    # 1. The two crossings A(alpha_A) = a, B(alpha_B) = b, one Newton search each (both
+    #    functions increase; B is convex), evaluated side by side. Every point evaluated
+    #    also narrows the bracket [lo, hi] of the global minimiser: f' < 0 where A < a and
+    #    B < b, f' > 0 where A > a and B > b.
+    def cross(i, state):
+        xa, xb, sa, sb, sides, lo, hi, best, pts = state
+        (loa, hia, opa), (lob, hib, opb) = sides
+        ca, m1a, vara = _moments(log_p, d, xa, sa, 2)  # A' = alpha Var needs Var
+        cb, m1b = _moments(log_p, d, xb, sb, 1)  # B' = m1 does not
+        aa, ab = _divergences(xa, ca, m1a)
+        ba, bb = _divergences(xb, cb, m1b)
+        for x, big_a, big_b in ((xa, aa, ab), (xb, ba, bb)):
+            best = record(best, x, (big_a - a) ** 2 + (big_b - b) ** 2)
+            lo = jnp.where((big_a <= a) & (big_b <= b), jnp.maximum(lo, x), lo)
+            hi = jnp.where((big_a >= a) & (big_b >= b), jnp.minimum(hi, x), hi)
+        below_a, below_b = aa < a, bb < b
+        loa, hia = jnp.where(below_a, xa, loa), jnp.where(below_a, hia, xa)
+        lob, hib = jnp.where(below_b, xb, lob), jnp.where(below_b, hib, xb)
+        opa, opb = opa & below_a, opb & below_b
+        xa_new = _safeguarded(xa, aa - a, xa * vara, loa, hia, opa)
+        xb_new = _safeguarded(xb, bb - b, m1b, lob, hib, opb)
+        pts = (pts[0].at[i].set(xa), pts[1].at[i].set((aa - a) * xa * vara + (ab - b) * m1a))
+        return (xa_new, xb_new, m1a, m1b, ((loa, hia, opa), (lob, hib, opb)), lo, hi, best, pts)
 
-    # 3. Safeguarded Newton on f' inside the bracket; keep the best evaluated point.
+    xa0, xb0 = guess(a), guess(b)
+    opn = jnp.ones(a.shape, bool)
+    best = (a * a + b * b, zero)  # f(0)
+    state = (xa0, xb0, xa0 * pr.var0, xb0 * pr.var0, ((zero, amax, opn), (zero, amax, opn)),
+             zero, amax, best, (jnp.zeros((crossing_iterations, *a.shape), dtype),) * 2)
+    *_, lo, hi, best, (xs, gs) = jax.lax.fori_loop(0, crossing_iterations, cross, state)
+
+    # 2. Safeguarded Newton on f' from the best point so far, inside the tightest
+    #    sign-change bracket the evaluated points give around it.
+    x0 = best[1]
+    lo = jnp.maximum(lo, jnp.max(jnp.where((xs <= x0[None]) & (gs < 0), xs, 0.0), axis=0))
+    hi = jnp.minimum(hi, jnp.min(jnp.where((xs >= x0[None]) & (gs > 0), xs, alpha_max), axis=0))
+    lo, hi = jnp.minimum(lo, x0), jnp.maximum(hi, x0)
+    x = jnp.where((x0 > lo) & (x0 < hi), x0, 0.5 * (lo + hi))
+    x = jnp.where(hi - lo > 0, x, lo)
+    shift = x * pr.var0
+
     def body(_, state):
-        lo, hi, alpha, shift, best_f, best_alpha = state
-        f, g, dg, m1 = g_terms(alpha, shift)
-        better = f < best_f
-        best_f = jnp.where(better, f, best_f)
-        best_alpha = jnp.where(better, alpha, best_alpha)
-        lo = jnp.where(g < 0, alpha, lo)
-        hi = jnp.where(g < 0, hi, alpha)
-        newton = alpha - g / jnp.where(dg > 0, dg, 1.0)
-        ok = (dg > 0) & (newton > lo) & (newton < hi)
-        alpha = jnp.where(ok, newton, 0.5 * (lo + hi))
-        return lo, hi, alpha, m1, best_f, best_alpha
+        x, shift, lo, hi, best = state
+        c, m1, var, k3 = _moments(log_p, d, x, shift, 3)
+        big_a, big_b = _divergences(x, c, m1)
+        f = (big_a - a) ** 2 + (big_b - b) ** 2
+        best = record(best, x, f)
+        da, db = x * var, m1  # A', B'
+        g = (big_a - a) * da + (big_b - b) * db
+        dg = da * da + (big_a - a) * (var + x * k3) + db * db + (big_b - b) * var
+        lo, hi = jnp.where(g < 0, x, lo), jnp.where(g < 0, hi, x)
+        return _safeguarded(x, g, dg, lo, hi, jnp.zeros_like(opn)), m1, lo, hi, best
 
-    state = (lo, hi, alpha, m1_best, best_f, best_alpha)
-    *_, best_f, best_alpha = jax.lax.fori_loop(0, num_iterations, body, state)
-    return best_alpha, best_f
+    *_, best = jax.lax.fori_loop(0, num_iterations, body, (x, shift, lo, hi, best))
+    return best[1], best[0]
 
 
-def _check_options(solver, alpha_max, grid_step, num_iterations, targets, scan_points=9):
+def _check_options(solver, alpha_max, grid_step, num_iterations, targets, crossing_iterations=3):
     if solver not in ("exact", "grid"):
         raise ValueError(f"solver must be 'exact' or 'grid', got {solver!r}.")
     if targets not in ("centroid", "own"):
@@ -281,24 +331,22 @@ def _check_options(solver, alpha_max, grid_step, num_iterations, targets, scan_p
         num_iterations < 1
     ):
         raise ValueError(f"num_iterations must be a positive Python int, got {num_iterations!r}.")
-    if not isinstance(scan_points, int) or isinstance(scan_points, bool) or scan_points < 2:
-        raise ValueError(f"scan_points must be a Python int >= 2, got {scan_points!r}.")
+    n = crossing_iterations
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"crossing_iterations must be a positive Python int, got {n!r}.")
 
 
 def _solve(strong_logits, expert_logits, base_logits, *, solver, alpha_max, grid_step,
-           num_iterations, scan_points, targets, where):
-    _check_options(solver, alpha_max, grid_step, num_iterations, targets, scan_points)
+           num_iterations, crossing_iterations, targets, where):
+    _check_options(solver, alpha_max, grid_step, num_iterations, targets, crossing_iterations)
     return _solve_jit(strong_logits, expert_logits, base_logits, where, solver=solver,
                       alpha_max=float(alpha_max), grid_step=float(grid_step),
-                      num_iterations=num_iterations, scan_points=scan_points, targets=targets)
+                      num_iterations=num_iterations,
+                      crossing_iterations=crossing_iterations, targets=targets)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=_STATIC,
-)
-def _solve_jit(strong_logits, expert_logits, base_logits, where, *, solver, alpha_max,
-               grid_step, num_iterations, scan_points, targets):
+def _solve_core(strong_logits, expert_logits, base_logits, where, *, solver, alpha_max,
+                grid_step, num_iterations, crossing_iterations, targets):
     pr = _problem(strong_logits, expert_logits, base_logits, where)
     n_experts = pr.a.shape[0]
     if targets == "centroid":
@@ -308,14 +356,26 @@ def _solve_jit(strong_logits, expert_logits, base_logits, where, *, solver, alph
         scale = float(n_experts)
     else:
         a, b, spread, scale = pr.a, pr.b, jnp.zeros(pr.a.shape[1:], pr.a.dtype), 1.0
+    # The solvers see rows: [E * N, V] and [E * N, 1] (XLA:CPU reduces 2-D arrays fastest).
+    rows = _Problem(*(x.reshape(-1, x.shape[-1]) for x in pr))
+    a2, b2 = a.reshape(-1, 1), b.reshape(-1, 1)
     if solver == "grid":
-        alpha, f = _solve_grid(pr, a, b, float(alpha_max), float(grid_step))
+        alpha, f = _solve_grid(rows.log_p, rows.d, a2, b2, alpha_max, grid_step)
     else:
-        alpha, f = _solve_exact(pr, a, b, float(alpha_max), num_iterations, scan_points)
+        alpha, f = _solve_exact(rows, a2, b2, alpha_max, crossing_iterations, num_iterations)
+    alpha, f = alpha.reshape(a.shape), f.reshape(a.shape)
     objective = scale * f + spread[None]  # [E, ..., 1]
     index = jnp.argmin(objective, axis=0)  # [..., 1], first on ties
     pick = lambda x: jnp.take_along_axis(x, index[None], axis=0)[0]  # noqa: E731
     return pr, index, pick(alpha), pick(objective)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _solve_jit(strong_logits, expert_logits, base_logits, where, **options):
+    _, index, alpha, objective = _solve_core(
+        strong_logits, expert_logits, base_logits, where, **options
+    )
+    return index, alpha, objective
 
 
 def dynamic_alpha(
@@ -327,7 +387,7 @@ def dynamic_alpha(
     alpha_max: float = 2.0,
     grid_step: float = 0.1,
     num_iterations: int = 6,
-    scan_points: int = 9,
+    crossing_iterations: int = 3,
     targets: Targets = "centroid",
     where: ArrayLike | None = None,
 ) -> DynamicAlphaOutput:
@@ -343,14 +403,16 @@ def dynamic_alpha(
       expert_logits: The small tuned experts' logits: ``[..., V]`` (one expert),
         ``[E, ..., V]`` stacked, or a list of ``E`` arrays ``[..., V]``.
       base_logits: ``[..., V]`` logits :math:`M` of the small base model.
-      solver: ``"exact"`` (safeguarded Newton on :math:`f'`) or ``"grid"`` (the paper's
+      solver: ``"exact"`` (bracket between the crossings, then safeguarded Newton on
+        :math:`f'`) or ``"grid"`` (the paper's
         search over :math:`\{0, \text{step}, \dots, \alpha_{\max}\}`, first minimum on ties).
       alpha_max: Upper end of the search interval (the paper: 2); a Python number.
       grid_step: Spacing of the grid (the paper: 0.1); a Python number.
-      num_iterations: Newton/bisection iterations of the exact solver after its scan (each
-        two passes over ``[..., V]``); a Python int.
-      scan_points: Evenly spaced points of :math:`[0, \alpha_{\max}]` at which the exact
-        solver first evaluates :math:`f` and :math:`f'` to choose the basin; a Python int.
+      num_iterations: Safeguarded Newton steps of the exact solver on :math:`f'` after its
+        crossing searches (each two passes over ``[..., V]``, four moments); a Python int.
+      crossing_iterations: Passes of the exact solver's two Newton searches for the
+        crossings :math:`A = a`, :math:`B = b` that bracket the minimiser (each pass
+        evaluates two points); a Python int.
       targets: ``"centroid"`` (the paper's summed objective over all experts' targets) or
         ``"own"`` (each expert matched to its own divergences); irrelevant for one expert.
       where: Optional ``[V]`` or ``[..., V]`` boolean mask of allowed tokens (all models).
@@ -376,9 +438,9 @@ def dynamic_alpha(
       Fan et al., `On Giant's Shoulders: Effortless Weak to Strong by Dynamic Logits
       Fusion <https://arxiv.org/abs/2406.15480>`_, NeurIPS 2024.
     """
-    _, index, alpha, objective = _solve(
+    index, alpha, objective = _solve(
         strong_logits, expert_logits, base_logits, solver=solver, alpha_max=alpha_max,
-        grid_step=grid_step, num_iterations=num_iterations, scan_points=scan_points,
+        grid_step=grid_step, num_iterations=num_iterations, crossing_iterations=crossing_iterations,
         targets=targets, where=where,
     )
     return DynamicAlphaOutput(alpha[..., 0], objective[..., 0], index[..., 0].astype(jnp.int32))
@@ -393,7 +455,7 @@ def dynamic_logit_fusion(
     alpha_max: float = 2.0,
     grid_step: float = 0.1,
     num_iterations: int = 6,
-    scan_points: int = 9,
+    crossing_iterations: int = 3,
     targets: Targets = "centroid",
     where: ArrayLike | None = None,
 ) -> DynamicFusionOutput:
@@ -410,8 +472,8 @@ def dynamic_logit_fusion(
       solver: ``"exact"`` or ``"grid"``; see :func:`dynamic_alpha`.
       alpha_max: Upper end of the search interval; a Python number.
       grid_step: Spacing of the grid; a Python number.
-      num_iterations: Iterations of the exact solver after its scan; a Python int.
-      scan_points: Points of the exact solver's scan; a Python int.
+      num_iterations: Newton steps of the exact solver on :math:`f'`; a Python int.
+      crossing_iterations: Passes of the exact solver's crossing searches; a Python int.
       targets: ``"centroid"`` (the paper) or ``"own"``; see :func:`dynamic_alpha`.
       where: Optional ``[V]`` or ``[..., V]`` boolean mask of allowed tokens.
 
@@ -434,18 +496,16 @@ def dynamic_logit_fusion(
       Fan et al., `On Giant's Shoulders: Effortless Weak to Strong by Dynamic Logits
       Fusion <https://arxiv.org/abs/2406.15480>`_, NeurIPS 2024.
     """
-    _check_options(solver, alpha_max, grid_step, num_iterations, targets, scan_points)
+    _check_options(solver, alpha_max, grid_step, num_iterations, targets, crossing_iterations)
     return _fusion_jit(strong_logits, expert_logits, base_logits, where, solver=solver,
                        alpha_max=float(alpha_max), grid_step=float(grid_step),
-                       num_iterations=num_iterations, scan_points=scan_points, targets=targets)
+                       num_iterations=num_iterations,
+                      crossing_iterations=crossing_iterations, targets=targets)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=_STATIC,
-)
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _fusion_jit(strong_logits, expert_logits, base_logits, where, **options):
-    pr, index, alpha, _ = _solve_jit.__wrapped__(
+    pr, index, alpha, _ = _solve_core(
         strong_logits, expert_logits, base_logits, where, **options
     )
     pick = lambda x: jnp.take_along_axis(x, index[None], axis=0)[0]  # noqa: E731
