@@ -23,7 +23,8 @@ call), then timed as the best of ``--repeats`` warm calls ending in ``block_unti
 (on a shared machine, contention only adds time). The last two lines give the fusion
 overhead over the forwards and the speedup of the jitted loop over the Python loop, both at
 E = 2, batch 8. To add a fusion rule, add it to ``RULES``: it gets its own ``fused`` rows
-(and may return ``(log_probs, aux)``).
+(and may return ``(log_probs, aux)``). Before the last two lines, Dynamic Logit Fusion's
+exact solver against the paper's grid at V = 32k and 128k (:mod:`logits_dlf`).
 
 Usage::
 
@@ -45,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import logits_dlf  # noqa: E402  (benchmarks/logits_dlf.py, next to this file)
 import numpy as np  # noqa: E402
 
 import fusionjax as fj  # noqa: E402
@@ -224,6 +226,8 @@ def main():
         f"at E=2, batch 8 the forwards alone take {100 * fwd / python:.0f}% of the python "
         f"loop's time, which bounds the speedup there by {python / fwd:.1f}x"
     )
+    print("\nDynamic Logit Fusion's alpha, exact solver vs the paper's grid (8 positions):")
+    logits_dlf.main(batches=(8,))
     print(f"fusion overhead over the forwards: {100 * (fused - fwd) / fwd:.0f}%")
     print(f"jitted loop vs python loop: {python / fused:.1f}x")
 
