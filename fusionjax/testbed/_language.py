@@ -70,11 +70,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 import zipfile
 from typing import Any
@@ -89,6 +87,7 @@ from fusionjax._src import batches
 from fusionjax._src import training
 from fusionjax._src.progress import Progress as _Progress
 from fusionjax.logits import proxy_tuning
+from fusionjax.testbed import _cache
 from fusionjax.testbed import _corpus
 from fusionjax.testbed._corpus import DOMAINS
 from fusionjax.testbed._corpus import CorpusConfig
@@ -428,14 +427,6 @@ def _build(config: LanguageConfig, seed: int, progress: _Progress):
     return strong, base, experts, finetuned, heldout, timings
 
 
-def _source_digest(module) -> str:
-    try:
-        with open(module.__file__, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:  # e.g. a zipped install: fall back to the version string
-        return _VERSION
-
-
 def _corpus_fingerprint(config: CorpusConfig) -> list:
     """What the corpus depends on: the Python version and the stdlib files' names and sizes."""
     import pydoc_data.topics  # noqa: PLC0415
@@ -450,16 +441,10 @@ def _corpus_fingerprint(config: CorpusConfig) -> list:
 
 def _cache_path(config: LanguageConfig, seed: int) -> str:
     spec = {
-        "version": _VERSION,
         "config": dataclasses.asdict(config),
         "corpus": _corpus_fingerprint(config.corpus),
-        "sources": [_source_digest(m) for m in _SOURCES],
     }
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    root = os.environ.get("FUSIONJAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "fusionjax"
-    )
-    return os.path.join(root, f"language-v{_VERSION}-{digest}-seed{seed}.npz")
+    return _cache.path("language", _VERSION, spec, _SOURCES, seed)
 
 
 def _roles(domains) -> list[str]:
@@ -474,16 +459,7 @@ def _save(path: str, strong, base, experts, finetuned, heldout, timings) -> None
         arrays.update({f"{role}/{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(tree))})
     arrays.update({f"heldout/{n}": w for n, w in heldout.items()})
     arrays["timings"] = np.asarray(json.dumps(timings))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _cache.save(path, arrays)
 
 
 def _restore(path: str, config: LanguageConfig):

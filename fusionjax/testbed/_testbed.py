@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import sys
-import tempfile
 import zipfile
 from typing import Any
 
@@ -18,6 +15,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from fusionjax._src.progress import Progress as _Progress
+from fusionjax.testbed import _cache
 from fusionjax.testbed import _model
 from fusionjax.testbed import _tasks
 from fusionjax.testbed import _train
@@ -190,26 +188,12 @@ def make_heads(
     return tuple(heads)
 
 
-def _source_digest(module) -> str:
-    try:
-        with open(module.__file__, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:  # e.g. a zipped install: fall back to the version string
-        return _VERSION
-
-
 def _cache_path(config: Config, seed: int) -> str:
     spec = {
-        "version": _VERSION,
         "config": dataclasses.asdict(config),
         "tasks": [s[0] for s in _tasks.TASK_SPECS],
-        "sources": [_source_digest(m) for m in _SOURCES],
     }
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    root = os.environ.get("FUSIONJAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "fusionjax"
-    )
-    return os.path.join(root, f"testbed-v{_VERSION}-{digest}-seed{seed}.npz")
+    return _cache.path("testbed", _VERSION, spec, _SOURCES, seed)
 
 
 def _save(path: str, pretrained: Params, finetuned, heads) -> None:
@@ -218,16 +202,7 @@ def _save(path: str, pretrained: Params, finetuned, heads) -> None:
         leaves = jax.tree.leaves(params)
         arrays.update({f"finetuned/{t}/{i}": np.asarray(a) for i, a in enumerate(leaves)})
     arrays.update({f"heads/{t}": np.asarray(h) for t, h in enumerate(heads)})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _cache.save(path, arrays)
 
 
 def _restore(path: str, config: Config, num_tasks: int):

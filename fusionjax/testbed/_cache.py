@@ -1,0 +1,70 @@
+"""The on-disk cache of the testbeds: file names keyed by what the models depend on, atomic writes.
+
+A testbed's file name holds a digest of its configuration, of the source of the modules
+that build it and of anything else it depends on (e.g. the corpus), so a change to any of
+them builds anew instead of reading stale models. Files are written to a temporary name
+and renamed, so a concurrent reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def root() -> str:
+    """The cache folder: ``$FUSIONJAX_CACHE``, else ``~/.cache/fusionjax``."""
+    return os.environ.get("FUSIONJAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "fusionjax"
+    )
+
+
+def _source_digest(module, fallback: str) -> str:
+    try:
+        with open(module.__file__, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:  # e.g. a zipped install: fall back to the version string
+        return fallback
+
+
+def path(prefix: str, version: str, spec: dict[str, Any], sources: Sequence[Any], seed: int) -> str:
+    """The cache file of one seed of a testbed.
+
+    Args:
+      prefix: The testbed's name in the file name (``"testbed"``, ``"language"``).
+      version: Its format version (also the digest of a module whose source is unreadable).
+      spec: JSON-serialisable description of what the models depend on.
+      sources: Modules whose source code builds the models.
+      seed: The seed.
+
+    Returns:
+      ``<root>/<prefix>-v<version>-<digest>-seed<seed>.npz``.
+    """
+    full = {"version": version, **spec, "sources": [_source_digest(m, version) for m in sources]}
+    digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(root(), f"{prefix}-v{version}-{digest}-seed{seed}.npz")
+
+
+def save(file: str, arrays: dict[str, np.ndarray]) -> None:
+    """Writes ``arrays`` to the ``.npz`` ``file`` atomically (temporary file, then rename).
+
+    Args:
+      file: Destination path; its folder is created.
+      arrays: Name to array.
+    """
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(file), suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, file)  # atomic: concurrent readers never see a partial file
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
