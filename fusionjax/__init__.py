@@ -3,9 +3,9 @@
 ``import fusionjax`` loads the core (:func:`merge`, :func:`chain`, the task-vector
 helpers) and :mod:`fusionjax.merging`, which need only jax and numpy. The other
 subpackages are attributes too, imported on first use (PEP 562), most because they load
-flax, optax or scikit-learn: ``fusionjax.alignment``, ``fusionjax.learned``,
-``fusionjax.logits``, ``fusionjax.decoding``, ``fusionjax.interop``, ``fusionjax.io``, ``fusionjax.zoo``,
-``fusionjax.testbed``, ``fusionjax.demo`` and ``fusionjax.cli``.
+flax, optax, orbax or scikit-learn: ``fusionjax.alignment``, ``fusionjax.learned``,
+``fusionjax.logits``, ``fusionjax.decoding``, ``fusionjax.interop``, ``fusionjax.io``,
+``fusionjax.zoo``, ``fusionjax.testbed``, ``fusionjax.demo`` and ``fusionjax.cli``.
 """
 
 import importlib
