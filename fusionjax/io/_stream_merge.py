@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -90,7 +91,8 @@ def _files_of(path: pathlib.Path) -> list[pathlib.Path]:
 
 def _hash_tree(h, tree: Any) -> None:
     leaves, treedef = jax.tree.flatten(tree)
-    h.update(str(treedef).encode())
+    # Static parts may print function objects: drop their (per-process) addresses.
+    h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", str(treedef)).encode())
     for x in leaves:
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.random.key_data(x)
