@@ -21,6 +21,12 @@ FORMATS = ("safetensors", "orbax")
 def detect_format(path: str | os.PathLike) -> str:
     """``"safetensors"`` or ``"orbax"`` from what is at ``path``.
 
+    Args:
+      path: A ``.safetensors`` file or a checkpoint directory.
+
+    Returns:
+      The format's name.
+
     Raises:
       FileNotFoundError: if nothing is at ``path``.
       ValueError: if it is neither format.
