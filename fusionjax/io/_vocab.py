@@ -25,8 +25,10 @@ vocabulary is an error; one with *more* rows (padding to a multiple of 64, say) 
 error naming the file and both sizes unless ``extra_rows="drop"`` says the rows beyond
 the vocabulary are padding to discard.
 
-What costs time: one gather per matrix and model (``jnp.take``) and, for fills, one
-masked sum over the models; the vocabulary bookkeeping is plain Python over the tokens.
+What costs time: one gather per matrix and model and, for fills, one masked sum over the
+models; the vocabulary bookkeeping is plain Python over the tokens. NumPy matrices (as read
+from a checkpoint) are aligned with NumPy — nothing is compiled or copied to a device; jax
+arrays go through one jitted function per leaf shape, on their device.
 """
 
 from __future__ import annotations
@@ -233,7 +235,7 @@ def align_vocabs(
     return VocabAlignmentOutput(vocab, index, [len(v) for v in tokens], sources, base)
 
 
-def _along(mask: jax.Array, ndim: int, axis: int) -> jax.Array:
+def _along(mask, ndim: int, axis: int):
     shape = [1] * ndim
     shape[axis] = mask.shape[0]
     return mask.reshape(shape)
@@ -270,7 +272,8 @@ def align_embeddings(
 
     Returns:
       An :class:`AlignedEmbeddingsOutput`; ``matrices[m]`` has ``matrices[m]``'s structure
-      with ``len(vocab)`` rows along ``axis`` and the input dtypes.
+      with ``len(vocab)`` rows along ``axis`` and the input dtypes (NumPy arrays when every
+      model's matrix is one, else jax arrays).
 
     Raises:
       ValueError: naming the vocabulary file (or ``vocabs[m]``), the matrix path and both
@@ -333,36 +336,47 @@ def align_embeddings(
                 )
     present = [i >= 0 for i in align.index]
     gather = [np.where(p, i, 0).astype(np.int32) for p, i in zip(present, align.index, strict=True)]
-    count = np.sum(present, axis=0)
+    count = np.maximum(np.sum(present, axis=0), 1).astype(np.float32)
+    need_fill = not all(p.all() for p in present)
     out_leaves: list[list] = [[] for _ in range(n_models)]
     for j in range(len(leaves[align.base])):
-        xs = [jnp.asarray(leaves[m][j][1]) for m in range(n_models)]
-        ax = axis % xs[0].ndim
-        rows = [jnp.take(x, g, axis=ax) for x, g in zip(xs, gather, strict=True)]
-        masks = [_along(jnp.asarray(p), x.ndim, ax) for p, x in zip(present, xs, strict=True)]
-        filler = None
-        if not all(p.all() for p in present):
-            total = sum(
-                jnp.where(k, r.astype(jnp.float32), jnp.float32(0))
-                for k, r in zip(masks, rows, strict=True)
+        xs = [leaves[m][j][1] for m in range(n_models)]
+        ax = axis % np.ndim(xs[0])
+        if all(isinstance(x, np.ndarray) for x in xs):
+            aligned = _align_leaf(
+                xs, gather, present, count, fill if need_fill else None, align.base, ax, np
             )
-            mean = total / _along(jnp.asarray(np.maximum(count, 1), jnp.float32), xs[0].ndim, ax)
-            if fill == "base":
-                b = align.base
-                filler = jnp.where(masks[b], rows[b].astype(jnp.float32), mean)
-            else:
-                filler = mean
+        else:
+            fill_how = fill if need_fill else None
+            aligned = _align_leaf_jit(xs, gather, present, count, fill_how, align.base, ax, jnp)
         for m in range(n_models):
-            if filler is None:
-                out_leaves[m].append(rows[m])
-            else:
-                out_leaves[m].append(jnp.where(masks[m], rows[m], filler.astype(xs[m].dtype)))
+            out_leaves[m].append(aligned[m])
     return AlignedEmbeddingsOutput(
         [treedef.unflatten(ls) for ls in out_leaves],
         align.vocab,
         [np.where(p, i, -1) for p, i in zip(present, align.index, strict=True)],
         [~p for p in present],
     )
+
+
+def _align_leaf(xs, gather, present, count, fill, base, ax, xp):
+    # One matrix per model -> the aligned matrices. `xp` is numpy (NumPy in, NumPy out,
+    # nothing compiled) or jax.numpy (under jit: one compilation per leaf shape).
+    ndim = xs[0].ndim
+    rows = [xp.take(x, g, axis=ax) for x, g in zip(xs, gather, strict=True)]
+    if fill is None:  # every model has every token
+        return rows
+    masks = [_along(xp.asarray(p), ndim, ax) for p in present]
+    total = rows[0].astype(np.float32) * 0
+    for k, r in zip(masks, rows, strict=True):
+        total = total + xp.where(k, r.astype(np.float32), np.float32(0))
+    filler = total / _along(xp.asarray(count), ndim, ax)
+    if fill == "base":
+        filler = xp.where(masks[base], rows[base].astype(np.float32), filler)
+    return [xp.where(k, r, filler.astype(x.dtype)) for k, r, x in zip(masks, rows, xs, strict=True)]
+
+
+_align_leaf_jit = jax.jit(_align_leaf, static_argnums=(4, 5, 6, 7))
 
 
 def _drop(shape: tuple, axis: int) -> tuple:
