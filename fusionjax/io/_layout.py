@@ -77,6 +77,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionjax._src import paths as paths_lib
+
 Path = tuple[str, ...]
 
 KINDS = ("linear", "gpt2_conv1d", "embedding", "norm", "conv", "qkv", "gpt2_qkv", "param")
@@ -131,8 +133,6 @@ def _nest(flat: Mapping[Path, Any]) -> dict:
 
 
 def _flatten_target(tree: Any) -> dict[Path, Any]:
-    from fusionjax._src import paths as paths_lib
-
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {tuple(paths_lib.path_name(p).split("/")): x for p, x in flat}
 
@@ -167,6 +167,20 @@ class Layout(NamedTuple):
           A nested dict with each leaf's spec, e.g. a ``target=`` for restoring.
         """
         return _nest({p: leaf.spec for p, leaf in self.leaves.items()})
+
+    def writers(self, path: Path) -> tuple[str, ...]:
+        """The checkpoint tensors written (in part) from the target leaf ``path``.
+
+        A streaming writer buffers leaves until every target of such a tensor has arrived
+        (a fused ``qkv`` needs its query, key and value), then writes ``tensor.fn(...)``.
+
+        Args:
+          path: A target leaf path (tuple of string keys).
+
+        Returns:
+          The checkpoint names whose :attr:`LayoutTensor.targets` include ``path``.
+        """
+        return tuple(n for n, t in self.tensors.items() if path in t.targets)
 
     def apply(self, flat: Mapping[str, Any]) -> dict:
         """Maps a checkpoint's tensors to the target tree.

@@ -164,9 +164,8 @@ def test_round_trip_is_bit_identical(family, dtype):
     _assert_bit_identical(lay.invert(tree), flat)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "timm_vit"])
-def test_round_trip_with_jax_arrays(family):
-    flat = CKPTS[family](np.random.default_rng(1), dtype=BF16)
+def test_round_trip_with_jax_arrays():
+    flat = CKPTS["timm_vit"](np.random.default_rng(1), dtype=BF16)
     lay = hf_layout(_specs(flat))
     tree = jax.tree.map(jnp.asarray, lay.apply({n: jnp.asarray(x) for n, x in flat.items()}))
     back = lay.invert(tree)
@@ -422,3 +421,25 @@ def test_apply_and_invert_check_names_and_shapes_first():
 
 def test_kinds_are_documented():
     assert set(_layout.KINDS) >= {kind for rules in _layout.FAMILIES.values() for _, kind in rules}
+
+
+def test_writers_name_the_fused_tensor():
+    lay = hf_layout(_specs(gpt2_ckpt(np.random.default_rng(0))))
+    assert lay.writers(("transformer", "h", "1", "attn", "value", "kernel")) == ("transformer.h.1.attn.c_attn.weight",)
+    assert lay.writers(("transformer", "ln_f", "scale")) == ("transformer.ln_f.weight",)
+
+
+@pytest.mark.parametrize("family", ["gpt2"])  # fused q/k/v, Conv1D, a bool buffer
+def test_merging_in_flax_layout_equals_merging_the_torch_tensors(family):
+    # Task arithmetic is elementwise, and a layout only moves elements: merging the mapped
+    # trees and writing back gives exactly the merge of the checkpoint's own tensors.
+    import fusionjax as fj
+
+    base = CKPTS[family](np.random.default_rng(20))
+    fts = [{n: (x + np.float32(0.1) * _rand(np.random.default_rng(21 + k), x.shape)) if x.dtype.kind == "f" else x
+            for n, x in base.items()} for k in range(2)]
+    lay = hf_layout(_specs(base))
+    merger = fj.merging.task_arithmetic(scaling=0.5)
+    merged = lay.invert(fj.merge(lay.apply(base), [lay.apply(ft) for ft in fts], merger))
+    want = fj.merge(base, fts, merger)
+    _assert_bit_identical({n: np.asarray(x) for n, x in merged.items()}, {n: np.asarray(want[n]) for n in base})
