@@ -30,7 +30,8 @@ both libraries have, plus a few fusionjax keys::
     out_dtype: bfloat16
     seed: 0                       # fusionjax: the PRNG key of random methods
     output:                       # fusionjax
-      format: safetensors         # safetensors | orbax (default: base's format)
+      format: safetensors         # safetensors | orbax (default: safetensors for an
+                                  #   OUT ending in .safetensors, else the base's)
       dtype: bfloat16             # as out_dtype
       max_shard_bytes: 5000000000 # safetensors shards
 

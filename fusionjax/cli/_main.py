@@ -90,6 +90,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "hyperparameters) and stop; reads no tensor and writes nothing",
     )
     merge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     demo.add_argument(
         "--fast",
         action="store_true",
@@ -121,7 +122,11 @@ def _run_merge(args: argparse.Namespace) -> int:
 
     try:
         return _merge.run(
-            args.config, args.out, dry_run=args.dry_run, progress=not args.no_progress
+            args.config,
+            args.out,
+            dry_run=args.dry_run,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     except _config.ConfigError as e:
         print(f"fusionjax merge: config error: {e}", file=sys.stderr)

@@ -145,6 +145,33 @@ def validate(plan: _config.MergePlan, base_src: Any, model_srcs: list) -> None:
         raise CheckpointError("", _config_names(str(e), plan)) from None
 
 
+def output_format(plan: _config.MergePlan, out: str) -> str:
+    """The output's format: ``output.format``, else from ``OUT``'s name or the base's format."""
+    if plan.output.format is not None:
+        return plan.output.format
+    if str(out).endswith(".safetensors"):
+        return "safetensors"
+    if plan.base.format is not None:
+        return plan.base.format
+    from fusionjax import io
+
+    return io.detect_format(plan.base.path)
+
+
+def check_output(out: str, *, overwrite: bool) -> None:
+    """Raises :class:`CheckpointError` (key ``OUT``) if ``out`` cannot be written.
+
+    Args:
+      out: The output path.
+      overwrite: Whether an existing output may be replaced.
+    """
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise CheckpointError("OUT", f"{out}: the directory {parent} does not exist")
+    if os.path.exists(out) and not overwrite:
+        raise CheckpointError("OUT", f"{out} exists; pass --overwrite to replace it")
+
+
 def _fmt_value(v: Any) -> str:
     arr = np.asarray(v)
     if arr.ndim == 0:
@@ -202,7 +229,7 @@ def print_plan(plan: _config.MergePlan, base_src: Any, model_srcs: list, out: st
         p(f"model: {m.path}", file=file)
     if merger.needs_key:
         p(f"seed: {0 if plan.seed is None else plan.seed}", file=file)
-    fmt = plan.output.format or "(as the base)"
+    fmt = output_format(plan, out)
     p(f"output: {out} format={fmt} dtype={plan.output.dtype or '(kept)'}", file=file)
     p("leaves:", file=file)
     read = written = 0
@@ -230,7 +257,7 @@ def print_plan(plan: _config.MergePlan, base_src: Any, model_srcs: list, out: st
 
 
 def run(config_path: str, out: str, *, dry_run: bool = False, progress: bool = True,
-        file: TextIO | None = None) -> int:
+        overwrite: bool = False, file: TextIO | None = None) -> int:
     """``fusionjax merge CONFIG OUT``: validate, then print the plan or merge.
 
     Args:
@@ -238,6 +265,7 @@ def run(config_path: str, out: str, *, dry_run: bool = False, progress: bool = T
       out: The output checkpoint path.
       dry_run: Print the plan and stop (no tensor is read, nothing is written).
       progress: Show a progress bar while merging.
+      overwrite: Replace an existing output.
       file: Where to print (default stdout).
 
     Returns:
@@ -251,6 +279,8 @@ def run(config_path: str, out: str, *, dry_run: bool = False, progress: bool = T
     plan = _config.load_config(config_path)
     base_src, model_srcs = open_sources(plan)
     validate(plan, base_src, model_srcs)
+    check_output(out, overwrite=overwrite)
+    fmt = output_format(plan, out)
     if dry_run:
         print_plan(plan, base_src, model_srcs, out, file)
         return 0
@@ -265,13 +295,15 @@ def run(config_path: str, out: str, *, dry_run: bool = False, progress: bool = T
             model_srcs,
             plan.merger,
             out,
-            format=plan.output.format,
+            format=fmt,
             dtype=plan.output.dtype,
             key=merge_key(plan),
             progress=progress,
+            overwrite=overwrite,
             **kwargs,
         )
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         raise CheckpointError("", _config_names(str(e), plan)) from None
-    print(f"merged {len(model_srcs)} model(s) with {plan.method} into {out}", file=file)
+    print(f"merged {len(model_srcs)} model(s) with {plan.method} into {out} ({fmt})",
+          file=file)
     return 0
