@@ -27,8 +27,11 @@ def _scale(x, *, scaling, **_):
     return x * scaling.astype(x.dtype)
 
 
-def _sum(x, **_):
-    return sum_rows(x)
+def _sum(x, *, weights=None, uniform=True, **_):
+    if uniform:
+        return sum_rows(x)
+    w = weights.astype(x.dtype)
+    return functools.reduce(operator.add, [w[t] * x[t] for t in range(x.shape[0])])
 
 
 def _mean(x, *, weights, uniform, **_):
@@ -58,13 +61,30 @@ def scale(scaling: ArrayLike) -> Step:
     )
 
 
-def sum() -> Step:  # pylint: disable=redefined-builtin
-    r"""Merger :math:`\tau = \sum_t \tau_t`.
+def sum(weights: ArrayLike | None = None) -> Step:  # pylint: disable=redefined-builtin
+    r"""Merger :math:`\tau = \sum_t w_t\tau_t` (:math:`w_t = 1` without weights).
+
+    Unnormalised: mergekit's ``task_arithmetic`` / ``dare_linear`` / ``breadcrumbs``
+    with ``normalize: false`` are ``chain(..., sum(weights), scale(lambda))``.
+
+    Args:
+      weights: Optional per-model weights ``[T]`` (any sign).
 
     Returns:
       A leafwise :class:`fusionjax.Step` that reduces ``[T, ...] -> [...]``.
     """
-    return Step("sum", _sum, reduces=True, flat=True)
+    validation.check_hparam("weights", weights)
+    if weights is None:
+        return Step("sum", _sum, reduces=True, flat=True)
+    return Step(
+        "sum",
+        _sum,
+        reduces=True,
+        flat=True,
+        hparams={"weights": weights},
+        options={"uniform": False},
+        per_model=("weights",),
+    )
 
 
 def mean(weights: ArrayLike | None = None) -> Step:
