@@ -193,8 +193,8 @@ def _multislerp(x, *, base, weights, space, normalize, eps, **_):
     mean_norm = _norm(mean)
     degenerate = mean_norm < eps
     mean = mean / jnp.where(degenerate, 1.0, mean_norm)
-    dots = jnp.sum(units * mean, axis=-1, keepdims=True)
-    tangent = jnp.sum((units - dots * mean) * w[:, None], axis=0)
+    dots = jnp.sum(units * mean[None], axis=-1, keepdims=True)
+    tangent = jnp.sum((units - dots * mean[None]) * w[:, None], axis=0)
     tn = _norm(tangent) + eps
     res = mean * jnp.cos(tn) + tangent * (jnp.sin(tn) / tn)
     res = res * jnp.sum(norms[:, 0] * w)
