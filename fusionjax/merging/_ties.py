@@ -259,7 +259,7 @@ def trim(
     )
 
 
-def _elect_sign(x, *, method, zero, weights, uniform, majority=None, **_):
+def _elect_sign(x, *, method, zero="drop", weights=None, uniform=True, majority=None, **_):
     # Row by row (same values as the stacked form), so that XLA fuses the
     # chain instead of materialising [T, ...] intermediates.
     rows = [x[t] for t in range(x.shape[0])]
@@ -340,7 +340,7 @@ def elect_sign(
     validation.check_hparam("weights", weights)
     if zero == "majority" and weights is not None:
         raise ValueError("elect_sign: zero='majority' (FusionBench) takes no weights.")
-    hparams = {"weights": 1.0 if weights is None else weights}
+    hparams = {} if weights is None else {"weights": weights}
     statistic = None
     if zero == "majority":
         hparams["majority"] = 0.0
@@ -351,14 +351,16 @@ def elect_sign(
         _elect_sign,
         reduces=False,
         hparams=hparams,
-        options={"method": method, "zero": zero, "uniform": weights is None},
+        options={"method": method, "zero": zero, "uniform": weights is None}
+        if (zero != "drop" or weights is not None)
+        else {"method": method},
         per_model=("weights",),
         flat=True,
         statistic=statistic,
     )
 
 
-def _disjoint_mean(x, *, weights, uniform, **_):
+def _disjoint_mean(x, *, weights=None, uniform=True, **_):
     # Row by row, so that XLA fuses it with the steps before it.
     n = x.shape[0]
     if uniform:
@@ -386,13 +388,15 @@ def disjoint_mean(weights: ArrayLike | None = None) -> Step:
       A leafwise merger :class:`fusionjax.Step` ``[T, ...] -> [...]``.
     """
     validation.check_hparam("weights", weights)
+    if weights is None:
+        return Step("disjoint_mean", _disjoint_mean, reduces=True, flat=True)
     return Step(
         "disjoint_mean",
         _disjoint_mean,
         reduces=True,
         flat=True,
-        hparams={"weights": 1.0 if weights is None else weights},
-        options={"uniform": weights is None},
+        hparams={"weights": weights},
+        options={"uniform": False},
         per_model=("weights",),
     )
 
