@@ -54,8 +54,13 @@ TIES ``merge_func``         mean, sum                        FusionBench ``"max"
                                                              ``merge="max"``
 ==========================  ===============================  ====================================
 
-mergekit computes in the checkpoint's dtype (bf16); fusionjax always computes in at
-least float32 and rounds the merged leaf once (see :func:`fusionjax.merge`).
+"Ties by index": mergekit sorts with torch's unstable ``argsort``, which breaks
+ties in no fixed order, so on data with tied magnitudes (common in bf16) no
+implementation reproduces its kept set; on tie-free data the options above give
+mergekit's result to float32 rounding. mergekit computes in the checkpoint's dtype
+(bf16); fusionjax computes in at least float32 and rounds the merged leaf once (see
+:func:`fusionjax.merge`); ``chain(round_to("bfloat16"), ...)`` starts from
+mergekit's rounded task vectors, but its later bf16 roundings are not reproduced.
 Methods mergekit runs without a base model work on the weights
 (``space="weights"``): the ``base`` argument of :func:`fusionjax.merge` then
 only carries the structure (see :func:`karcher`).
@@ -68,6 +73,7 @@ from fusionjax.merging._dare import drop_and_rescale
 from fusionjax.merging._fisher import fisher_diagonal
 from fusionjax.merging._fisher import fisher_merging
 from fusionjax.merging._linear import mean
+from fusionjax.merging._linear import round_to
 from fusionjax.merging._linear import scale
 from fusionjax.merging._linear import sum  # pylint: disable=redefined-builtin
 from fusionjax.merging._linear import task_arithmetic
@@ -127,6 +133,7 @@ __all__ = [
     "nearswap",
     "nuslerp",
     "regmean",
+    "round_to",
     "scale",
     "sce",
     "slerp",

@@ -174,13 +174,15 @@ def breadcrumbs(
     scaling: ArrayLike = 0.3,
     scope: Literal["leaf", "model"] = "leaf",
     weights: ArrayLike | None = None,
+    normalize: bool = False,
     count: Literal["ceil", "mergekit"] | None = None,
     rescale: Literal["none", "l1"] = "none",
     convention: Literal["fusionjax", "mergekit"] = "fusionjax",
 ) -> Step:
     r"""Model Breadcrumbs: task arithmetic on task vectors masked by :func:`drop_extremes`.
 
-    :math:`\theta = \theta_0 + \lambda\sum_t w_t\, m_t\odot\tau_t`.
+    :math:`\theta = \theta_0 + \lambda\sum_t w_t\, m_t\odot\tau_t` (divided by
+    :math:`\sum_t w_t` when ``normalize``).
 
     Args:
       density: Fraction of entries kept per layer (see :func:`drop_extremes`).
@@ -188,6 +190,8 @@ def breadcrumbs(
       scaling: :math:`\lambda`, as in task arithmetic (mergekit's ``lambda``).
       scope: ``"leaf"`` (per layer, the paper) or ``"model"``, see :func:`drop_extremes`.
       weights: Optional per-model weights (mergekit's ``weight``).
+      normalize: Divide by :math:`\sum_t w_t` (mergekit's ``normalize``, default
+        false; weights then non-negative).
       count: See :func:`drop_extremes`; default ``"ceil"``, mergekit ``"mergekit"``.
       rescale: See :func:`drop_extremes`.
       convention: ``"fusionjax"`` or ``"mergekit"``: the default of ``count``.
@@ -202,7 +206,7 @@ def breadcrumbs(
     count = convention_default(convention, count, fusionjax="ceil", mergekit="mergekit")
     return chain(
         drop_extremes(density=density, gamma=gamma, scope=scope, count=count, rescale=rescale),
-        _linear.sum(weights),
+        _linear.mean(weights) if normalize else _linear.sum(weights),
         _linear.scale(scaling),
     )
 

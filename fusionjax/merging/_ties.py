@@ -207,7 +207,10 @@ def trim(
         tied with the threshold; ``"mergekit"`` keeps exactly
         :math:`k=\max(1, \lfloor\rho n\rfloor)` entries (all when
         :math:`\rho\ge1`), ties broken by index (the lower flat index is kept),
-        as mergekit's ``magnitude`` sparsification. Leaf scope only.
+        as mergekit's ``magnitude`` sparsification. (mergekit sorts with torch's
+        unstable ``argsort``, which breaks ties in no fixed order; on tie-free
+        data, e.g. float32 task vectors, the kept set is mergekit's exactly.)
+        Leaf scope only.
       rescale: ``"none"``, or ``"l1"`` (mergekit's ``rescale: true``): each trimmed
         task vector is scaled back to its L1 norm before trimming (see
         :func:`l1_rescale`). Needs ``count="mergekit"``.

@@ -471,3 +471,16 @@ def test_model_count_errors_name_the_method():
         fj.merge(base, fts, M.nearswap(t=0.1))
     with pytest.raises(ValueError, match="arcee_fusion merges one model"):
         fj.merge(base, fts, M.arcee_fusion())
+
+
+def test_round_to_rounds_task_vectors_like_a_bf16_subtraction():
+    base = {"w": np.array([1.0, 3.0, -2.0, 0.5], np.float32)}
+    ft = {"w": np.array([1.0078125, 2.9, -1.7, 0.51], np.float32)}
+    b16, f16 = (jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), t) for t in (base, ft))
+    out = fj.merge(b16, [f16], fj.chain(M.round_to("bfloat16"), M.sum()))
+    want = (f16["w"] - b16["w"]).astype(jnp.bfloat16)  # bf16 task vector
+    np.testing.assert_array_equal(
+        np.asarray(out["w"], np.float32), np.asarray((b16["w"] + want).astype(jnp.float32))
+    )
+    with pytest.raises(TypeError, match="dtype"):
+        M.round_to("int8")
