@@ -20,39 +20,39 @@ it; defaults are unchanged. ``convention="mergekit"`` on :func:`ties`,
 value at once (an option passed explicitly wins); the steps take the options
 individually.
 
-==========================  ===============================  ====================================
-difference                  default (papers / fusionjax)     mergekit: option
-==========================  ===============================  ====================================
-DARE/DELLA rescale          :math:`1/q` per entry            ``rescale="l1"``: each tensor scaled
-                                                             to its L1 norm before masking
-                                                             (``"none"``: mergekit
-                                                             ``rescale: false``)
-kept count (TIES)           :math:`\lceil\rho n\rceil`,     ``count="mergekit"``:
-                            ties with the threshold kept     :math:`\max(1,\lfloor\rho n\rfloor)`,
-                                                             exactly :math:`k`, ties by index
-kept band (Breadcrumbs)     :math:`\lceil\gamma n\rceil`,   ``count="mergekit"``: ``int()`` of
-                            :math:`\lceil\rho n\rceil`       both, keep all when
-                                                             :math:`\rho\ge1`
-elected sign 0              entry zeroed (``"drop"``)        ``zero_sign="positive"`` (+1);
-                                                             FusionBench: ``"majority"``
-                                                             (model-wide majority sign)
-dare_ties merge             disjoint mean                    ``merge="sum"`` (normalize false)
-per-model weights           --                               ``weights=`` (election and merge on
-                                                             :math:`w_t\tau_t`)
-unnormalised sums           --                               :func:`sum` ``(weights)``,
-                                                             :func:`dare_linear`,
-                                                             :func:`della_linear`
-model stock                 one :math:`t` per leaf,          ``filter_wise=True, axis=``;
-                            cos clipped at 0                 ``convention="mergekit"`` (no clip)
-DELLA ranking groups        per output unit of a flax        ``rank_axis=1`` on torch-layout
-                            kernel ``[..., out]``            leaves (``None`` already matches a
-                                                             transposed ``Dense`` kernel)
-SLERP of a zero tensor      lerp                             ``zero_norm="right_angle"``
-                                                             (:math:`\Omega=\pi/2`)
-DELLA epsilon default       0.1                              0.15
-TIES ``merge_func``         mean, sum                        FusionBench ``"max"``:
-                                                             ``merge="max"``
-==========================  ===============================  ====================================
+=======================  =============================  =====================================
+difference               default (papers / fusionjax)   mergekit: option
+=======================  =============================  =====================================
+DARE/DELLA rescale       :math:`1/q` per entry          ``rescale="l1"``: each tensor scaled
+                                                        to its L1 norm before masking
+                                                        (``"none"``: mergekit
+                                                        ``rescale: false``)
+kept count (TIES)        :math:`\lceil\rho n\rceil`,    ``count="mergekit"``:
+                         ties with the threshold kept   :math:`\max(1,\lfloor\rho n\rfloor)`,
+                                                        exactly :math:`k`, ties by index
+kept band (Breadcrumbs)  :math:`\lceil\gamma n\rceil`,  ``count="mergekit"``: ``int()`` of
+                         :math:`\lceil\rho n\rceil`     both, keep all when
+                                                        :math:`\rho\ge1`
+elected sign 0           entry zeroed (``"drop"``)      ``zero_sign="positive"`` (+1);
+                                                        FusionBench: ``"majority"``
+                                                        (model-wide majority sign)
+dare_ties merge          disjoint mean                  ``merge="sum"`` (normalize false)
+per-model weights        --                             ``weights=`` (election and merge on
+                                                        :math:`w_t\tau_t`)
+unnormalised sums        --                             :func:`sum` ``(weights)``,
+                                                        :func:`dare_linear`,
+                                                        :func:`della_linear`
+model stock              one :math:`t` per leaf,        ``filter_wise=True, axis=``;
+                         cos clipped at 0               ``convention="mergekit"`` (no clip)
+DELLA ranking groups     per output unit of a flax      ``rank_axis=1`` on torch-layout
+                         kernel ``[..., out]``          leaves (``None`` already matches a
+                                                        transposed ``Dense`` kernel)
+SLERP of a zero tensor   lerp                           ``zero_norm="right_angle"``
+                                                        (:math:`\Omega=\pi/2`)
+DELLA epsilon default    0.1                            0.15
+TIES ``merge_func``      mean, sum                      FusionBench ``"max"``:
+                                                        ``merge="max"``
+=======================  =============================  =====================================
 
 "Ties by index": mergekit sorts with torch's unstable ``argsort``, which breaks
 ties in no fixed order, so on data with tied magnitudes (common in bf16) no
