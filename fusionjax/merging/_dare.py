@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,18 +13,29 @@ from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike
 from fusionjax._src.base import Step
 from fusionjax._src.merge import chain
+from fusionjax.merging import _linear
 from fusionjax.merging._linear import scale
 from fusionjax.merging._linear import task_arithmetic
-from fusionjax.merging._ties import disjoint_mean
+from fusionjax.merging._ties import _merger
+from fusionjax.merging._ties import check_choice
+from fusionjax.merging._ties import convention_default
 from fusionjax.merging._ties import elect_sign
+from fusionjax.merging._ties import l1_rescale
 
 
 def _prepare_dare(hp, info):
     return {**hp, "n": np.int32(info.size)}
 
 
-def _drop_and_rescale(x, *, key, drop_rate, n, **_):
+def _drop_and_rescale(x, *, key, drop_rate, n, rescale="inverse", **_):
     keys_lib.require_key(key, "drop_and_rescale")
+    if rescale != "inverse":
+        # The same mask, kept entries unscaled; then mergekit's L1 rescale or none.
+        zero = jnp.zeros((), x.dtype)
+        keep = 1.0 - drop_rate.astype(x.dtype)
+        masked = jnp.where(_drop_and_rescale(x, key=key, drop_rate=drop_rate, n=n) != 0, x, zero)
+        masked = jnp.where((keep >= 1.0).reshape((-1,) + (1,) * (x.ndim - 1)), x, masked)
+        return l1_rescale(x, masked) if rescale == "l1" else masked
     keep = 1.0 - drop_rate.astype(x.dtype)  # [T], one rate per model
     zero = jnp.zeros((), x.dtype)
     # The mask is exactly ``jax.random.bernoulli(key, keep, x.shape)``, drawn
@@ -75,7 +88,9 @@ def _drop_and_rescale(x, *, key, drop_rate, n, **_):
     )
 
 
-def drop_and_rescale(*, drop_rate: ArrayLike = 0.9) -> Step:
+def drop_and_rescale(
+    *, drop_rate: ArrayLike = 0.9, rescale: Literal["inverse", "l1", "none"] = "inverse"
+) -> Step:
     r"""DARE: drops each task-vector entry with probability :math:`p`, rescales the rest.
 
     :math:`\hat\tau_t = m_t \odot \tau_t / (1 - p)` with
@@ -88,6 +103,13 @@ def drop_and_rescale(*, drop_rate: ArrayLike = 0.9) -> Step:
         or one per model (shape ``[T]``). The paper
         drops 90% (and up to 99%) of the delta parameters of large language
         models; small models tolerate less.
+      rescale: ``"inverse"`` (the paper): kept entries times :math:`1/(1-p)`;
+        ``"l1"`` (mergekit's ``rescale: true``, its default for ``dare_ties`` and
+        ``dare_linear``): the masked task vector scaled to the L1 norm of the
+        unmasked one, :math:`\hat\tau_t = m_t\odot\tau_t\,\|\tau_t\|_1 /
+        \|m_t\odot\tau_t\|_1` (unscaled if a norm is below 1e-7); ``"none"``
+        (mergekit's ``rescale: false``): the kept entries unscaled. The mask is
+        the same in all three. mergekit's ``density`` is :math:`1-p`.
 
     Returns:
       A random task-vector :class:`fusionjax.Step` ``[T, ...] -> [T, ...]``.
@@ -98,13 +120,14 @@ def drop_and_rescale(*, drop_rate: ArrayLike = 0.9) -> Step:
       ICML 2024
     """
     validation.check_hparam("drop_rate", drop_rate, lower=0.0, upper=1.0, upper_open=True)
-
+    check_choice("rescale", rescale, ("inverse", "l1", "none"))
     return Step(
         "drop_and_rescale",
         _drop_and_rescale,
         flat=True,
         reduces=False,
         hparams={"drop_rate": drop_rate},
+        options={} if rescale == "inverse" else {"rescale": rescale},
         per_model=("drop_rate",),
         needs_key=True,
         prepare=_prepare_dare,
@@ -142,15 +165,39 @@ def dare(
     return chain(drop_and_rescale(drop_rate=drop_rate), merger or task_arithmetic())
 
 
-def dare_ties(*, drop_rate: ArrayLike = 0.9, scaling: ArrayLike = 1.0) -> Step:
-    r"""DARE sparsification with TIES sign election and disjoint mean.
+def dare_ties(
+    *,
+    drop_rate: ArrayLike = 0.9,
+    scaling: ArrayLike = 1.0,
+    weights: ArrayLike | None = None,
+    merge: Literal["mean", "sum"] | None = None,
+    rescale: Literal["inverse", "l1", "none"] | None = None,
+    zero_sign: Literal["drop", "positive"] | None = None,
+    convention: Literal["fusionjax", "mergekit"] = "fusionjax",
+) -> Step:
+    r"""DARE sparsification with TIES sign election and a disjoint merge.
 
-    ``chain(drop_and_rescale(p), elect_sign(), disjoint_mean(), scale(λ))``: DARE
-    replaces TIES' magnitude trimming (mergekit's ``dare_ties``).
+    ``chain(drop_and_rescale(p, rescale), elect_sign(zero_sign, weights),
+    merger, scale(λ))``: DARE replaces TIES' magnitude trimming.
+
+    Defaults by ``convention``:
+
+    ===============  ==================  ==========================
+    option           ``"fusionjax"``     ``"mergekit"`` (dare_ties)
+    ===============  ==================  ==========================
+    ``merge``        ``"mean"``          ``"sum"`` (normalize false)
+    ``rescale``      ``"inverse"`` 1/q   ``"l1"`` (rescale true)
+    ``zero_sign``    ``"drop"``          ``"positive"``
+    ===============  ==================  ==========================
 
     Args:
-      drop_rate: :math:`p`, see :func:`drop_and_rescale`.
-      scaling: :math:`\lambda`.
+      drop_rate: :math:`p`, see :func:`drop_and_rescale` (mergekit's ``1 - density``).
+      scaling: :math:`\lambda` (mergekit's ``lambda``).
+      weights: Optional per-model weights (mergekit's ``weight``), see :func:`ties`.
+      merge: ``"mean"`` (:func:`disjoint_mean`) or ``"sum"``.
+      rescale: See :func:`drop_and_rescale`.
+      zero_sign: See :func:`elect_sign`.
+      convention: ``"fusionjax"`` or ``"mergekit"``, the defaults above.
 
     Returns:
       A random merger for :func:`fusionjax.merge` (pass ``key=``).
@@ -159,6 +206,43 @@ def dare_ties(*, drop_rate: ArrayLike = 0.9, scaling: ArrayLike = 1.0) -> Step:
       Yu et al, `Language Models are Super Mario
       <https://arxiv.org/abs/2311.03099>`_, ICML 2024
     """
+    merge = convention_default(convention, merge, fusionjax="mean", mergekit="sum")
+    rescale = convention_default(convention, rescale, fusionjax="inverse", mergekit="l1")
+    zero_sign = convention_default(convention, zero_sign, fusionjax="drop", mergekit="positive")
+    check_choice("merge", merge, ("mean", "sum"))
     return chain(
-        drop_and_rescale(drop_rate=drop_rate), elect_sign(), disjoint_mean(), scale(scaling)
+        drop_and_rescale(drop_rate=drop_rate, rescale=rescale),
+        elect_sign(zero=zero_sign, weights=weights),
+        _merger(merge, weights),
+        scale(scaling),
     )
+
+
+def dare_linear(
+    *,
+    drop_rate: ArrayLike = 0.9,
+    scaling: ArrayLike = 1.0,
+    weights: ArrayLike | None = None,
+    normalize: bool = False,
+    rescale: Literal["inverse", "l1", "none"] = "l1",
+) -> Step:
+    r"""DARE then a weighted sum, no sign election: mergekit's ``dare_linear``.
+
+    DARE, then a weighted sum, no sign election.
+
+    :math:`\tau = \lambda\sum_t w_t\hat\tau_t` (divided by :math:`\sum_t w_t`
+    when ``normalize``), :math:`\hat\tau_t` from :func:`drop_and_rescale`.
+
+    Args:
+      drop_rate: :math:`p` (mergekit's ``1 - density``).
+      scaling: :math:`\lambda` (mergekit's ``lambda``).
+      weights: Per-model weights (mergekit's ``weight``); default all 1.
+      normalize: Divide by :math:`\sum_t w_t` (mergekit's ``normalize``, default false;
+        weights must then be non-negative).
+      rescale: See :func:`drop_and_rescale`; default ``"l1"`` as mergekit.
+
+    Returns:
+      A random merger for :func:`fusionjax.merge` (pass ``key=``).
+    """
+    merger = _linear.mean(weights) if normalize else _linear.sum(weights)
+    return chain(drop_and_rescale(drop_rate=drop_rate, rescale=rescale), merger, scale(scaling))

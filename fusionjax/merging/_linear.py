@@ -27,8 +27,11 @@ def _scale(x, *, scaling, **_):
     return x * scaling.astype(x.dtype)
 
 
-def _sum(x, **_):
-    return sum_rows(x)
+def _sum(x, *, weights=None, uniform=True, **_):
+    if uniform:
+        return sum_rows(x)
+    w = weights.astype(x.dtype)
+    return functools.reduce(operator.add, [w[t] * x[t] for t in range(x.shape[0])])
 
 
 def _mean(x, *, weights, uniform, **_):
@@ -58,13 +61,64 @@ def scale(scaling: ArrayLike) -> Step:
     )
 
 
-def sum() -> Step:  # pylint: disable=redefined-builtin
-    r"""Merger :math:`\tau = \sum_t \tau_t`.
+def _round_to(x, *, dtype, **_):
+    return x.astype(dtype).astype(x.dtype)
+
+
+def round_to(dtype) -> Step:
+    r"""Rounds task vectors (stacked or merged) to ``dtype`` and back: :math:`\mathrm{rd}(\tau)`.
+
+    Merges compute in at least float32. mergekit computes in the checkpoint's
+    dtype: its task vectors are :math:`\mathrm{rd}_{bf16}(\theta_t - \theta_0)`, and
+    magnitude ranks (with many ties in bf16) are taken on those.
+    ``chain(round_to("bfloat16"), ties(..., convention="mergekit"))`` starts from
+    the same task vectors as mergekit on a bf16 checkpoint. Elementwise.
+
+    Args:
+      dtype: A floating dtype (name or dtype), e.g. ``"bfloat16"``.
+
+    Returns:
+      An elementwise task-vector :class:`fusionjax.Step`.
+
+    Raises:
+      TypeError: if ``dtype`` is not a floating-point dtype.
+    """
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}.") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}.")
+    return Step(
+        "round_to", _round_to, reduces=False, options={"dtype": dt.name}, elementwise=True,
+        flat=True,
+    )
+
+
+def sum(weights: ArrayLike | None = None) -> Step:  # pylint: disable=redefined-builtin
+    r"""Merger :math:`\tau = \sum_t w_t\tau_t` (:math:`w_t = 1` without weights).
+
+    Unnormalised: mergekit's ``task_arithmetic`` / ``dare_linear`` / ``breadcrumbs``
+    with ``normalize: false`` are ``chain(..., sum(weights), scale(lambda))``.
+
+    Args:
+      weights: Optional per-model weights ``[T]`` (any sign).
 
     Returns:
       A leafwise :class:`fusionjax.Step` that reduces ``[T, ...] -> [...]``.
     """
-    return Step("sum", _sum, reduces=True, flat=True)
+    validation.check_hparam("weights", weights)
+    if weights is None:
+        return Step("sum", _sum, reduces=True, flat=True)
+    return Step(
+        "sum",
+        _sum,
+        reduces=True,
+        flat=True,
+        hparams={"weights": weights},
+        options={"uniform": False},
+        per_model=("weights",),
+    )
 
 
 def mean(weights: ArrayLike | None = None) -> Step:
