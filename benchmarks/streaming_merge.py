@@ -8,9 +8,28 @@ safetensors bf16 and Orbax f32 — then runs each merge in its own subprocess
 (per-tensor and model-wide) with :func:`fusionjax.io.merge_checkpoints`, and a
 plain NumPy streaming merge (safe_open, one tensor at a time, safetensors
 output) as the baseline; ``mergekit-yaml`` on the safetensors files if it is
-installed. Throughput is the bytes read and written per second over the bytes
-NumPy's ``copyto`` reads and writes per second in this process. The last two
-lines are ``peak RSS: N.NN GB`` (the largest over the merges) and
+installed.
+
+Definitions (printed with the figures):
+
+* *moved*: the bytes of the input files read (twice for model-wide TIES) plus
+  the bytes of the output written; *throughput* = moved / wall time of the merge
+  (imports excluded). The inputs were just written, so the page cache is
+  **warm** for reads (if they fit in free RAM); writes go through the page
+  cache and are fsync'ed at the commit, so they are bound by the disk.
+* *copy bandwidth*: bytes read + written per second by ``np.copyto`` of 256 MB
+  (best of 5) in this process. ``throughput: N% of copy bandwidth`` compares
+  the two — a memory-speed yardstick no disk-bound merge can reach.
+* *disk write ceiling*: the moved bytes per second a merge would reach if it
+  took exactly as long as writing (``pwrite`` + ``fsync``) its output once,
+  measured here on a file of the output's size: the honest upper bound on
+  this machine.
+* *peak RSS*: ``ru_maxrss`` of the merge's process (it counts mapped file
+  pages touched), and ``RssAnon`` (anonymous memory only) at its end; the
+  *floor* is the peak RSS of a process that only imports jax, fusionjax.io
+  and runs one tiny jit.
+
+The last two lines are ``peak RSS: N.NN GB`` (the largest over the merges) and
 ``throughput: N% of copy bandwidth`` (task arithmetic, safetensors).
 """
 
@@ -106,6 +125,14 @@ def run_one(name: str, d: pathlib.Path) -> None:
     import fusionjax as fj
     from fusionjax import io
 
+    if name == "floor":
+        import jax
+        import jax.numpy as jnp
+
+        jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(4)))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({"name": name, "wall": 0.0, "rss": rss, "anon": _rss_anon()}))
+        return
     t0 = time.perf_counter()
     out = d / f"out_{name}"
     if name == "numpy_st":
@@ -130,7 +157,35 @@ def run_one(name: str, d: pathlib.Path) -> None:
         )
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"name": name, "wall": wall, "rss": rss}))
+    print(json.dumps({"name": name, "wall": wall, "rss": rss, "anon": _rss_anon()}))
+
+
+def _rss_anon() -> int:
+    """Anonymous resident memory of this process now (bytes; 0 if unknown)."""
+    try:
+        for line in open("/proc/self/status"):  # noqa: SIM115
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def disk_write_bandwidth(d: pathlib.Path, nbytes: int) -> float:
+    """Bytes per second of pwrite + fsync of ``nbytes`` into a new file in ``d``."""
+    chunk = np.ones(32 << 20, np.uint8)
+    path = d / "disk_probe.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.ftruncate(fd, nbytes)
+        t = time.perf_counter()
+        for pos in range(0, nbytes, chunk.size):
+            os.pwrite(fd, memoryview(chunk)[: min(chunk.size, nbytes - pos)], pos)
+        os.fsync(fd)
+        return nbytes / (time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        path.unlink()
 
 
 def copy_bandwidth(nbytes: int = 256 << 20) -> float:
@@ -167,7 +222,18 @@ def main() -> None:
         print(f"wrote the checkpoints in {time.perf_counter() - t:.1f} s")
         bw = copy_bandwidth()
         print(f"NumPy copy bandwidth: {bw / 1e9:.2f} GB/s (read + write)")
+        disk = disk_write_bandwidth(d, dir_bytes(d / "st0"))
+        print(f"disk write bandwidth (pwrite + fsync): {disk / 1e9:.2f} GB/s")
+        print("page cache: warm for reads (inputs just written); outputs fsync'ed at the commit")
         results = {}
+        fl = subprocess.run(
+            [sys.executable, __file__, "--run", "floor", "--dir", str(d)],
+            capture_output=True, text=True, env=os.environ,
+        )
+        if fl.returncode:
+            raise SystemExit(f"floor failed:\n{fl.stderr[-4000:]}")
+        floor = json.loads(fl.stdout.strip().splitlines()[-1])
+        print(f"RSS floor (import jax + fusionjax.io, one tiny jit): {floor['rss'] / 1e9:.2f} GB")
         for name in RUNS:
             cmd = [sys.executable, __file__, "--run", name, "--dir", str(d)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
@@ -179,10 +245,14 @@ def main() -> None:
             passes = 2 if name == "ties_model_st" else 1
             moved = moved * passes + dir_bytes(d / f"out_{name}")
             r["share"] = moved / r["wall"] / bw
+            out_bytes = dir_bytes(d / f"out_{name}")
+            r["ceiling"] = moved / (out_bytes / disk)
             results[name] = r
             print(
                 f"{name:>14}: {r['wall']:7.2f} s  {moved / r['wall'] / 1e9:6.2f} GB/s moved  "
-                f"{100 * r['share']:5.1f}% of copy  peak RSS {r['rss'] / 2**30:.2f} GB"
+                f"{100 * r['share']:5.1f}% of copy  "
+                f"{100 * moved / r['wall'] / r['ceiling']:5.1f}% of the disk write ceiling  "
+                f"peak RSS {r['rss'] / 1e9:.2f} GB (RssAnon at end {r['anon'] / 1e9:.2f} GB)"
             )
         mk = shutil.which("mergekit-yaml")
         if mk:
@@ -198,7 +268,7 @@ def main() -> None:
         else:
             print("mergekit-yaml: not installed")
         peak = max(r["rss"] for n, r in results.items() if n != "numpy_st")
-        print(f"peak RSS: {peak / 1e9:.2f} GB")
+        print(f"peak RSS: {peak / 1e9:.2f} GB (floor {floor['rss'] / 1e9:.2f} GB)")
         print(f"throughput: {100 * results['ta_st']['share']:.0f}% of copy bandwidth")
     finally:
         if args.dir is None:

@@ -17,6 +17,7 @@ The only subpackage that imports ``orbax.checkpoint`` and ``safetensors``.
   models with different vocabularies permuted into one vocabulary.
 """
 
+from fusionjax.io._checkpoint import LayoutSink
 from fusionjax.io._checkpoint import LayoutSource
 from fusionjax.io._checkpoint import detect_format
 from fusionjax.io._checkpoint import open_checkpoint
@@ -56,6 +57,7 @@ __all__ = [
     "CheckpointSink",
     "Layout",
     "LayoutLeaf",
+    "LayoutSink",
     "LayoutSource",
     "LayoutTensor",
     "MergeCheckpointsOutput",

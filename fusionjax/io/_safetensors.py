@@ -10,16 +10,21 @@ and no index is a one-shard checkpoint.
 
 What costs time, and what is done about it: metadata (names, shapes, dtypes) is
 read from the JSON headers alone, so opening a 70B checkpoint reads a few MB.
-Tensors are read one at a time with ``safetensors.safe_open(framework="numpy")``,
-which memory-maps the file. Writing computes every tensor's offset from the
-specs first, writes the header, and then each tensor at its offset as it
-arrives (in any order): the writer never holds more than the tensor in hand.
+Tensors are read one at a time as NumPy views of a memory map of each file at
+the offsets the header gives (no copy; the previous leaf's pages are released
+with ``madvise`` so resident memory stays near one leaf). Writing computes
+every tensor's offset from the specs first, writes the header, and then each
+tensor at its offset with ``pwrite`` as it arrives (in any order), on one
+background thread so that writing a leaf overlaps merging the next; at most
+``SafetensorsSink.MAX_PENDING`` leaves wait to be written.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
+import mmap
 import os
 import pathlib
 import struct
@@ -97,6 +102,7 @@ class Header:
         except (UnicodeDecodeError, ValueError) as e:
             raise ValueError(f"{path} has a corrupt safetensors header: {e}.") from None
         self.metadata = obj.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
         data_size = size - 8 - n
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, e in obj.items():
@@ -150,10 +156,17 @@ def _checkpoint_files(path: pathlib.Path) -> tuple[dict[str, pathlib.Path], list
 
 
 def read_specs(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, pathlib.Path], dict]:
-    """Every tensor's spec and file, from the headers alone.
+    """Every tensor's spec and file, from the headers alone (see :func:`read_index`)."""
+    specs, where, metadata, _ = read_index(path)
+    return specs, where, metadata
+
+
+def read_index(path: str | os.PathLike):
+    """Every tensor's spec, file and byte range, from the headers alone.
 
     Returns:
-      ``({name: ShapeDtypeStruct}, {name: file}, metadata)`` (metadata of the first file).
+      ``({name: ShapeDtypeStruct}, {name: file}, metadata, {name: (begin, end)})``:
+      metadata of the first file; ``begin``/``end`` are absolute file offsets.
 
     Raises:
       FileNotFoundError: if the checkpoint or a shard is missing.
@@ -164,22 +177,24 @@ def read_specs(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, pathl
     weight_map, files = _checkpoint_files(path)
     specs: dict[str, Any] = {}
     where: dict[str, pathlib.Path] = {}
+    ranges: dict[str, tuple[int, int]] = {}
     metadata: dict = {}
     for f in files:
         h = Header(f)
         metadata = metadata or h.metadata
-        for name, (dt, shape, _, _) in h.entries.items():
+        for name, (dt, shape, begin, end) in h.entries.items():
             if weight_map and weight_map.get(name) != f:
                 continue  # the index is authoritative: a stray copy elsewhere is ignored
             if name in where:
                 raise ValueError(f"the tensor {name!r} is in both {where[name]} and {f}.")
             specs[name] = jax.ShapeDtypeStruct(shape, dt)
             where[name] = f
+            ranges[name] = (h.data_start + begin, h.data_start + end)
     for name, f in weight_map.items():
         if name not in where:
             raise ValueError(f"the index maps {name!r} to {f}, but that file has no such tensor.")
     # Tensors in header order per file; the pytree order is decided by nesting.
-    return specs, where, metadata
+    return specs, where, metadata, ranges
 
 
 # -- the source ---------------------------------------------------------------
@@ -201,29 +216,53 @@ class SafetensorsSource:
 
     def __init__(self, path: str | os.PathLike, *, target: Any = None):
         self.path = pathlib.Path(path)
-        specs, self._files, self.metadata = read_specs(self.path)
+        specs, self._files, self.metadata, self._ranges = read_index(self.path)
         tree, self.treedef, self.paths, self.names = _structure(specs, target, str(self.path))
         self.specs = [specs[n] for n in self.names]
         self._shardings = _target_shardings(target, len(self.names))
         self.kinds = stream.leaf_kinds(tree, self.paths, self.specs)
-        self._handles: dict[pathlib.Path, Any] = {}
+        self._maps: dict[pathlib.Path, mmap.mmap] = {}
+        self._last: tuple[mmap.mmap, int, int] | None = None
+
+    def _map(self, f: pathlib.Path) -> mmap.mmap:
+        m = self._maps.get(f)
+        if m is None:
+            with open(f, "rb") as fh:
+                m = self._maps[f] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return m
 
     def read(self, index: int) -> Any:
-        """Leaf ``index`` as a NumPy array (or a jax.Array on the target's sharding)."""
-        from safetensors import safe_open
+        """Leaf ``index``: a read-only NumPy view of the memory-mapped file (no copy).
 
+        On the target's sharding (a jax.Array) when the source has a ``target``
+        with shardings. The pages of the previously read leaf are released from
+        this process (``madvise(MADV_DONTNEED)``; they stay in the page cache and
+        a view still held re-reads them on access), so resident memory does not
+        grow with the checkpoint.
+        """
         name = self.names[index]
-        f = self._files[name]
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = safe_open(str(f), framework="numpy")
-        x = h.get_tensor(name)
+        spec = self.specs[index]
+        m = self._map(self._files[name])
+        begin, end = self._ranges[name]
+        self._release()
+        x = np.frombuffer(m, np.uint8, end - begin, begin).view(spec.dtype).reshape(spec.shape)
+        self._last = (m, begin, end)
         s = self._shardings[index]
         return x if s is None else jax.device_put(x, s)
 
+    def _release(self) -> None:
+        if self._last is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        m, begin, end = self._last
+        self._last = None
+        start = begin - begin % mmap.PAGESIZE
+        if end > start and not m.closed:
+            m.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
-        """Releases the memory maps."""
-        self._handles.clear()
+        """Releases the memory maps (views still held keep their map alive)."""
+        self._release()
+        self._maps.clear()
 
 
 def _target_shardings(target: Any, n: int) -> list:
@@ -292,8 +331,12 @@ def load_safetensors(path: str | os.PathLike, *, target: Any = None) -> Any:
       {'a': {'w': array([1., 1.], dtype=float32)}}
     """
     src = SafetensorsSource(path, target=target)
+
+    def own(x):  # a copy the caller owns, not a view of the file
+        return np.array(x) if isinstance(x, np.ndarray) else x
+
     try:
-        return src.treedef.unflatten([src.read(i) for i in range(len(src.names))])
+        return src.treedef.unflatten([own(src.read(i)) for i in range(len(src.names))])
     finally:
         src.close()
 
@@ -412,6 +455,8 @@ class SafetensorsSink(CheckpointSink):
         self._single, shards = _layout(self.path, self.names, self.specs, max_shard_bytes, metadata)
         self._shards = shards
         self._leaf_file: dict[int, _FileWriter] = {}
+        self._pool = None
+        self._pending: list = []
         self._writers = []
         root = self.tmp / "out"
         for fname, idx in shards:
@@ -432,11 +477,40 @@ class SafetensorsSink(CheckpointSink):
         for w in self._writers:
             w.create()
 
+    # Writes go to one background thread (pwrite releases the GIL), so writing
+    # leaf i overlaps merging leaf i + 1; at most MAX_PENDING leaves wait.
+    MAX_PENDING = 2
+
     def _write(self, index: int, value: Any) -> list[int]:
-        self._leaf_file[index].write(self.names[index], value)
-        return [index]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "fusionjax-safetensors")
+        w = self._leaf_file[index]
+        self._pending.append((index, self._pool.submit(w.write, self.names[index], value)))
+        return self._drain(len(self._pending) - self.MAX_PENDING)
+
+    def _drain(self, wait_for: int | None = None) -> list[int]:
+        """Indices whose writes completed, after waiting for the oldest ``wait_for`` (if > 0)."""
+        done = []
+        while self._pending and (
+            self._pending[0][1].done() or (wait_for is not None and wait_for > 0)
+        ):
+            i, fut = self._pending.pop(0)
+            fut.result()  # re-raises a failed write here
+            done.append(i)
+            if wait_for is not None:
+                wait_for -= 1
+        return done
+
+    def _flush(self) -> None:
+        done = self._drain(len(self._pending))
+        if done:
+            self._record(done)
 
     def _finish(self, tmp: pathlib.Path) -> pathlib.Path:
+        self._flush()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self._single:
             return tmp / self._shards[0][0]
         if len(self._writers) > 1:
@@ -447,6 +521,18 @@ class SafetensorsSink(CheckpointSink):
             }
             (tmp / "out" / INDEX_FILE).write_text(json.dumps(index, indent=2))
         return tmp / "out"
+
+
+    def abort(self) -> None:
+        """Waits for the writes in flight, then closes as :meth:`CheckpointSink.abort`."""
+        try:
+            if self._started:
+                self._flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+            super().abort()
 
 
 def save_safetensors(

@@ -12,6 +12,14 @@ for the writer; safetensors: none), independent of the model's size. Leaves
 are read whole (no chunking of a large leaf). Model-wide methods (e.g. TIES with
 ``scope="model"``) read every leaf once more per statistic pass.
 
+**Layouts.** Hugging Face checkpoints opened with a layout (``layout="hf"``)
+are merged as flax leaves and, by default (``out_layout="checkpoint"``),
+written back in the checkpoint's own names and torch layout through
+:class:`fusionjax.io.LayoutSink`: merging Hugging Face checkpoints gives a
+Hugging Face checkpoint. A fused tensor (GPT-2's ``c_attn``) is written when
+its query, key and value leaves have all been merged; until then only those
+parts are held.
+
 **Atomic output.** The output is staged in a hidden directory next to ``out``
 and renamed into place after the last leaf is merged and the NaN/Inf check
 passed: an interrupted merge (even by ``SIGKILL``) leaves nothing at ``out``.
@@ -72,10 +80,10 @@ class MergeCheckpointsOutput(NamedTuple):
     seconds: float
 
 
-def _as_source(x: Any, what: str) -> Any:
+def _as_source(x: Any, what: str, layout: Any = None) -> Any:
     if isinstance(x, (str, os.PathLike)):
         try:
-            return _checkpoint.open_checkpoint(x)
+            return _checkpoint.open_checkpoint(x, layout=layout)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{what}: {e}") from None
     if isinstance(x, stream.LeafSource) and not isinstance(x, dict):
@@ -160,6 +168,8 @@ def merge_checkpoints(
     resume: bool = True,
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
+    layout: Any = None,
+    out_layout: str = "checkpoint",
     **extras: Any,
 ) -> MergeCheckpointsOutput:
     r"""Merges checkpoints on disk into a checkpoint on disk, one leaf at a time.
@@ -189,6 +199,20 @@ def merge_checkpoints(
       overwrite: Replace an existing ``out`` (else ``FileExistsError`` before
         anything is read).
       max_shard_bytes: safetensors directory output: the largest shard.
+      layout: How checkpoints given as paths are opened: ``None`` (tensors as
+        stored), or a layout for :func:`fusionjax.io.open_checkpoint` (``"hf"``,
+        a family name, a ``Layout`` or a callable): the merge then sees flax
+        leaves (``q_proj/kernel [in, out]``, fused ``c_attn`` split into
+        query/key/value), so per-leaf methods and ``fj.by_path`` patterns work
+        on those.
+      out_layout: ``"checkpoint"`` (the default): when the base has a layout
+        (opened with ``layout=`` here, or a :class:`fusionjax.io.LayoutSource`),
+        the output is written back through it — the checkpoint's own tensor
+        names, shapes and torch layout, fused tensors re-fused — so merging
+        Hugging Face checkpoints gives a Hugging Face checkpoint.
+        ``"target"``: the merged target leaves are written as they are, named
+        by their target paths (``model.layers.0.self_attn.q_proj.kernel``).
+        Without a layout both are the same.
       **extras: Per-parameter inputs some mergers need (``fishers=``, ...), as
         for :func:`fusionjax.merge`.
 
@@ -219,8 +243,10 @@ def merge_checkpoints(
     """
     t0 = time.perf_counter()
     validation.check_nonempty(finetuned)
-    base_src = _as_source(base, "base")
-    ft_srcs = [_as_source(f, f"finetuned[{j}]") for j, f in enumerate(finetuned)]
+    if out_layout not in ("checkpoint", "target"):
+        raise ValueError(f"out_layout must be 'checkpoint' or 'target', got {out_layout!r}.")
+    base_src = _as_source(base, "base", layout)
+    ft_srcs = [_as_source(f, f"finetuned[{j}]", layout) for j, f in enumerate(finetuned)]
     fmt = _checkpoint.output_format(out, format)
     out_path = pathlib.Path(out).absolute()
     for j, s in enumerate([base_src, *ft_srcs]):
@@ -229,7 +255,13 @@ def merge_checkpoints(
             who = "base" if j == 0 else f"finetuned[{j - 1}]"
             raise ValueError(f"the output {out_path} is also the input {who}.")
     validation.check_sources(base_src, ft_srcs)
-    settings = {"format": fmt, "dtype": str(dtype), "max_shard_bytes": max_shard_bytes}
+    write_layout = getattr(base_src, "layout", None) if out_layout == "checkpoint" else None
+    settings = {
+        "format": fmt,
+        "dtype": str(dtype),
+        "max_shard_bytes": max_shard_bytes,
+        "out_layout": out_layout if write_layout is not None else "target",
+    }
     resume_key = (
         fingerprint([base_src, *ft_srcs], merger, key, settings, extras) if resume else None
     )
@@ -242,6 +274,7 @@ def merge_checkpoints(
         resume_key=resume_key,
         progress=progress,
         overwrite=overwrite,
+        layout=write_layout,
     )
     done = set(sink.done)
     srcs = [base_src, *ft_srcs]
@@ -252,6 +285,8 @@ def merge_checkpoints(
     except BaseException:
         sink.abort()
         raise
+    if write_layout is not None:
+        sink = sink.inner
     return MergeCheckpointsOutput(
         path=path,
         format=fmt,
