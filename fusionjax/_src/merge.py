@@ -337,6 +337,13 @@ def merge(
     base_src = stream.as_source(base)
     ft_srcs = [stream.as_source(f) for f in finetuned]
     validation.check_sources(base_src, ft_srcs)
+    mesh = _explicit_mesh([base_src, *ft_srcs])
+    if mesh is not None:  # arrays on an explicit mesh, no jax.set_mesh: set it for them
+        with jax.set_mesh(mesh):
+            return merge(
+                base_src, ft_srcs, merger, key=key, running_stats=running_stats,
+                check_finite=check_finite, sink=sink, **extra_args,
+            )
     check_extras(merger, extra_args)
     if merger.needs_key:
         keys_lib.require_key(key, merger.name)
@@ -410,6 +417,25 @@ def merge(
     return out_sink.finish()
 
 
+def _explicit_mesh(sources):
+    """The mesh of the first leaf sharded over explicit mesh axes, if no mesh is set."""
+    if not jax.sharding.get_abstract_mesh().empty:
+        return None
+    explicit = jax.sharding.AxisType.Explicit
+    for src in sources:
+        for spec in src.specs:
+            if isinstance(spec, jax.core.Tracer) or not isinstance(
+                spec, (jax.Array, jax.ShapeDtypeStruct)
+            ):
+                continue
+            sharding = spec.sharding
+            if isinstance(sharding, jax.sharding.NamedSharding) and explicit in (
+                sharding.mesh.axis_types
+            ):
+                return sharding.mesh
+    return None
+
+
 def _groups(plan, base_src):
     """Chunks of leaf indices to merge together (same method structure, dtype, bucket)."""
     by_key: dict = {}
@@ -420,6 +446,7 @@ def _groups(plan, base_src):
             not step.flat
             or plan.infos[i].size > SMALL_LEAF
             or (sharding is not None and len(sharding.device_set) > 1)
+            or isinstance(sharding, jax.sharding.NamedSharding)  # keep a 1-device mesh's
         ):
             continue
         k = (plan.structures[i], jnp.dtype(spec.dtype), _bucket(plan.infos[i].size))

@@ -1,0 +1,88 @@
+"""The small model, mesh rules and methods shared by the sharded and multi-process tests.
+
+Imported by the tests and by the worker processes they start (which put this
+folder on ``sys.path``), so both sides build the same models and methods.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+import fusionjax as fj
+from fusionjax._src import paths as paths_lib
+
+# Leaves no rule names get fusionjax.io._sharded.default_spec: rows over "r", columns over "c".
+RULES = {"embed": P(("r", "c"), None), "mlp/kernel": P(None, "c")}
+MESH_SHAPE = (2, 2)
+AXES = ("r", "c")
+KEY = 0
+
+
+def host_model(seed, *, of=None):
+    """A two-layer model of NumPy arrays; ``of``: a base to fine-tune (base + small noise)."""
+    r = np.random.default_rng(seed)
+
+    def f(*shape):
+        return r.normal(size=shape).astype(np.float32)
+
+    model = {
+        "embed": f(16, 16),
+        "layers": [
+            {"attn": {"kernel": f(16, 16)}, "mlp": {"kernel": f(16, 16), "bias": f(16)}, "norm": f(16)}
+            for _ in range(2)
+        ],
+        "batch_stats": {"mean": f(16)},
+        "step": np.array(5, np.int32),
+    }
+    if of is None:
+        return model
+    return jax.tree.map(
+        lambda b, x: b + np.float32(0.1) * x if b.dtype == np.float32 else b, of, model
+    )
+
+
+def models(num_finetuned=3):
+    """``(base, [finetuned...])`` as NumPy pytrees."""
+    base = host_model(0)
+    return base, [host_model(i, of=base) for i in range(1, num_finetuned + 1)]
+
+
+def methods(names=None):
+    """``{name: merger}``: leafwise and model-wide methods."""
+    out = {
+        "task_arithmetic": fj.merging.task_arithmetic(scaling=0.4),
+        "ties": fj.merging.ties(density=0.3),
+        "ties_model": fj.merging.ties(density=0.3, scope="model"),
+        "dare": fj.merging.dare(drop_rate=0.5),
+    }
+    return out if names is None else {n: out[n] for n in names}
+
+
+def flat(tree):
+    """``{path name: NumPy array}`` of a pytree (for .npz references)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {paths_lib.path_name(p): np.asarray(x) for p, x in leaves}
+
+
+def check_shards(out, like, ref):
+    """Asserts ``out`` has ``like``'s sharding and each local shard equals ``ref``'s slice.
+
+    ``out``/``like``: pytrees of jax.Arrays; ``ref``: ``{path name: NumPy array}``.
+    Returns the number of shards checked.
+    """
+    n = 0
+    lo = jax.tree_util.tree_flatten_with_path(out)[0]
+    li = jax.tree.leaves(like)
+    for (path, x), y in zip(lo, li, strict=True):
+        name = paths_lib.path_name(path)
+        assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (name, x.sharding, y.sharding)
+        assert x.sharding == y.sharding or x.sharding.spec == y.sharding.spec, name
+        placed = {s.device: s.index for s in y.addressable_shards}
+        for s in x.addressable_shards:
+            assert placed[s.device] == s.index, (name, s.device, s.index, placed[s.device])
+            assert s.data.shape == x.sharding.shard_shape(x.shape), name
+            np.testing.assert_allclose(
+                np.asarray(s.data), ref[name][s.index], rtol=1e-6, atol=1e-6, err_msg=name
+            )
+            n += 1
+    return n
