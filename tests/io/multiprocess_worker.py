@@ -37,22 +37,23 @@ def main(process_id: int, port: str, work: str) -> None:
         print(json.dumps({"process": process_id, **row}), flush=True)
 
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
-    # A mesh built from jax.devices(): auto axes (make_mesh's explicit axes are
-    # covered by the one-process test); each process holds one row of it.
-    mesh = Mesh(np.array(jax.devices()).reshape(mm.MESH_SHAPE), mm.AXES)
-    t = time.perf_counter()
-    # The default shardings (rows over "r", columns over "c"; vectors replicated).
-    models = [sh.load_sharded(f"{work}/in/{i}", mesh) for i in range(4)]
-    restore_s = time.perf_counter() - t
-    base, fts = models[0], models[1:]
-    w = base["layers"][0]["attn"]["kernel"]
-    assert not w.is_fully_addressable and len(w.addressable_shards) == 2
-    assert {s.data.shape for s in w.addressable_shards} == {(8, 8)}
-    report(step="setup", init_s=init_s, restore_s=restore_s)
-
-    # Leafwise (no communication but the finite check) and model-wide (the
-    # threshold statistic is reduced across the processes).
-    for name in ("task_arithmetic", "ties_model"):
+    # Model-wide TIES on a mesh of explicit axes (jax.make_mesh's default), TA on
+    # one of auto axes (jax.sharding.Mesh); each process holds one mesh row.
+    meshes = {
+        "ties_model": jax.make_mesh(mm.MESH_SHAPE, mm.AXES),
+        "task_arithmetic": Mesh(np.array(jax.devices()).reshape(mm.MESH_SHAPE), mm.AXES),
+    }
+    for name, mesh in meshes.items():
+        t = time.perf_counter()
+        # The default shardings (rows over "r", columns over "c"; vectors replicated).
+        models = [sh.load_sharded(f"{work}/in/{i}", mesh) for i in range(4)]
+        restore_s = time.perf_counter() - t
+        base, fts = models[0], models[1:]
+        w = base["layers"][0]["attn"]["kernel"]
+        assert not w.is_fully_addressable and len(w.addressable_shards) == 2
+        assert {s.data.shape for s in w.addressable_shards} == {(8, 8)}
+        # Leafwise (no communication but the finite check) and model-wide (the
+        # threshold statistic is reduced across the processes).
         merger = mm.methods([name])[name]
         t = time.perf_counter()
         with jax.transfer_guard_device_to_host("disallow"):
@@ -60,12 +61,15 @@ def main(process_id: int, port: str, work: str) -> None:
             jax.block_until_ready(out)
         merge_s = time.perf_counter() - t
         ref = mm.load_reference(f"{work}/ref_{name}.npz")
-        shards = mm.check_shards(out, base, ref, strict=False)
+        explicit = jax.sharding.AxisType.Explicit in mesh.axis_types
+        shards = mm.check_shards(out, base, ref, strict=explicit)
         t = time.perf_counter()
         sh.save_sharded(out, f"{work}/out/{name}")
-        report(step=name, merge_s=merge_s, save_s=time.perf_counter() - t, shards=shards)
+        report(step=name, init_s=init_s, restore_s=restore_s, merge_s=merge_s,
+               save_s=time.perf_counter() - t, shards=shards)
 
-    # A NaN in a shard that only process 1 holds is found by both processes.
+    # A NaN in a shard that only process 1 holds is found by both processes
+    # (on the auto mesh: TA is compiled for it).
     host = jax.tree.map(np.copy, mm.models()[1][0])
     host["layers"][1]["attn"]["kernel"][12, 12] = np.nan  # rows 8.., cols 8..: device (1, 1)
     owner = mesh.devices[1, 1]
