@@ -446,7 +446,6 @@ def _groups(plan, base_src):
             not step.flat
             or plan.infos[i].size > SMALL_LEAF
             or (sharding is not None and len(sharding.device_set) > 1)
-            or isinstance(sharding, jax.sharding.NamedSharding)  # keep a 1-device mesh's
         ):
             continue
         k = (plan.structures[i], jnp.dtype(spec.dtype), _bucket(plan.infos[i].size))
@@ -494,7 +493,15 @@ def _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink):
     out, finite = _merge_group(stacked, pack(bases), [pack(f) for f in fts], keys, check_finite)
     out = np.asarray(out)
     leaves = [out[j, : plan.infos[i].size].reshape(plan.infos[i].shape) for j, i in enumerate(idx)]
-    for i, leaf in zip(idx, jax.device_put(leaves), strict=True):
+    # Leaves on a 1-device mesh get their NamedSharding back.
+    shardings = [getattr(base_src.specs[i], "sharding", None) for i in idx]
+    named = [isinstance(s, jax.sharding.NamedSharding) for s in shardings]
+    if any(named):
+        placed = [jax.device_put(x, s) if n else jax.device_put(x)
+                  for x, s, n in zip(leaves, shardings, named, strict=True)]
+    else:
+        placed = jax.device_put(leaves)
+    for i, leaf in zip(idx, placed, strict=True):
         out_sink.write(i, leaf)
     return None if finite is None else np.asarray(finite)[: len(idx)]
 

@@ -172,6 +172,10 @@ def test_merge_sharded_checks_everything_before_reading(tmp_path):
     # In-memory models are placed with shard_like and merged like checkpoints.
     merged = sh.merge_sharded(base, fts, ta, mesh=mesh, rules=mm.RULES)
     assert merged["embed"].sharding.spec == jax.P(("r", "c"), None)
+    # Small leaves are merged in groups on a 1-device mesh; they get their sharding back.
+    target = sh.sharded_target(base, mesh, rules=mm.RULES)
+    for x, t in zip(jax.tree.leaves(merged), jax.tree.leaves(target), strict=True):
+        assert x.sharding == t.sharding, (x.sharding, t.sharding)
     want = fj.merge(base, fts, ta)
     for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
