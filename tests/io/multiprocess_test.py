@@ -74,6 +74,8 @@ def test_two_process_merge_equals_the_one_process_merge(tmp_path):
         assert steps == [*METHODS, "nan", "done"], steps
         # Each process checked its own shards: 11 leaves x 2 local devices.
         assert all(r["shards"] == 22 for r in rows if r["process"] == pid and "shards" in r)
+        # No process can fetch a leaf that spans both to its host (so the merge did not).
+        assert all("non-addressable" in r["fetch_error"] for r in rows if "fetch_error" in r), rows
 
     for name in METHODS:
         path = tmp_path / "out" / name
