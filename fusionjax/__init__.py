@@ -3,9 +3,9 @@
 ``import fusionjax`` loads the core (:func:`merge`, :func:`chain`, the task-vector
 helpers) and :mod:`fusionjax.merging`, which need only jax and numpy. The other
 subpackages are attributes too, imported on first use (PEP 562), most because they load
-flax, optax or scikit-learn: ``fusionjax.alignment``, ``fusionjax.learned``,
-``fusionjax.logits``, ``fusionjax.decoding``, ``fusionjax.interop``, ``fusionjax.zoo``,
-``fusionjax.testbed``, ``fusionjax.demo`` and ``fusionjax.cli``.
+flax, optax, orbax or scikit-learn: ``fusionjax.alignment``, ``fusionjax.learned``,
+``fusionjax.logits``, ``fusionjax.decoding``, ``fusionjax.interop``, ``fusionjax.io``,
+``fusionjax.zoo``, ``fusionjax.testbed``, ``fusionjax.demo`` and ``fusionjax.cli``.
 """
 
 import importlib
@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # the lazy subpackages, for type checkers and IDEs
     from fusionjax import decoding
     from fusionjax import demo
     from fusionjax import interop
+    from fusionjax import io
     from fusionjax import learned
     from fusionjax import logits
     from fusionjax import testbed
@@ -59,6 +60,7 @@ _LAZY_SUBPACKAGES = (
     "decoding",
     "demo",
     "interop",
+    "io",
     "learned",
     "logits",
     "testbed",
@@ -100,6 +102,7 @@ __all__ = [
     "demo",
     "gradient",
     "interop",
+    "io",
     "learned",
     "logits",
     "merge",

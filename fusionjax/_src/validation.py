@@ -367,5 +367,11 @@ def check_examples(inputs: Any, batch_size: int | None, name: str = "inputs") ->
 def check_weights(weights: Any, name: str = "weights") -> None:
     """Raises unless concrete per-model weights are non-negative and not all zero."""
     check_hparam(name, weights, lower=0.0)
-    if weights is not None and is_concrete(weights) and float(np.sum(np.asarray(weights))) <= 0:
+    if weights is None or not is_concrete(weights):
+        return
+    if hasattr(weights, "values") and callable(weights.values) and not isinstance(weights, dict):
+        for w in weights.values():  # a per-leaf value (by_path, gradient): check each
+            check_weights(w, name)
+        return
+    if float(np.sum(np.asarray(weights))) <= 0:
         raise ValueError(f"{name} must not all be zero.")

@@ -1,4 +1,4 @@
-"""The ``fusionjax`` command line (``fusionjax demo``, ``fusionjax --version``).
+"""The ``fusionjax`` command line (``fusionjax demo``, ``fusionjax merge``, ``--version``).
 
 It sits above the library: it imports :mod:`fusionjax.demo` and
 :mod:`fusionjax.testbed`, and nothing in the library imports it.

@@ -26,6 +26,7 @@ SUBPACKAGES = [
     "fusionjax.decoding",
     "fusionjax.demo",
     "fusionjax.interop",
+    "fusionjax.io",
     "fusionjax.learned",
     "fusionjax.logits",
     "fusionjax.merging",

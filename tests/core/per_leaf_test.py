@@ -97,3 +97,14 @@ def test_random_partition_draws_what_the_branch_draws():
     a = fj.merge(base, fts, both, key=K(4))
     b = fj.merge(base, fts, dare, key=K(4))
     np.testing.assert_array_equal(a["layers_1"]["attn"], b["layers_1"]["attn"])
+
+
+def test_per_model_weights_per_leaf_in_weighted_mean():
+    base, _ = layered(2)
+    fts = [jax.tree.map(lambda x: x + 1.0, base), jax.tree.map(lambda x: x + 4.0, base)]
+    weights = fj.by_path({"attn": jnp.array([1.0, 2.0])}, default=jnp.array([1.0, 1.0]))
+    out = fj.merge(base, fts, fj.merging.mean(weights=weights))
+    assert float(out["layers_1"]["attn"][0]) == pytest.approx(3.0)  # (1*1 + 2*4) / 3
+    assert float(out["layers_1"]["mlp"][0]) == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="weights must not all be zero"):
+        fj.merging.mean(weights=fj.by_path({"attn": jnp.zeros(2)}, default=jnp.ones(2)))
