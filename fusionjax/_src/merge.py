@@ -466,7 +466,9 @@ def _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink):
     fts = [[s.read(i) for i in idx] for s in ft_srcs]
     for x in [*bases, *(f for row in fts for f in row)]:
         if isinstance(x, jax.core.Tracer) or (
-            isinstance(x, jax.Array) and not x.is_fully_addressable
+            # spread over devices (a source whose specs do not say so): merge it where it is
+            isinstance(x, jax.Array)
+            and (not x.is_fully_addressable or len(x.sharding.device_set) > 1)
         ):
             return False
     info0 = plan.infos[idx[0]]
@@ -494,7 +496,7 @@ def _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink):
     out = np.asarray(out)
     leaves = [out[j, : plan.infos[i].size].reshape(plan.infos[i].shape) for j, i in enumerate(idx)]
     # Leaves on a 1-device mesh get their NamedSharding back.
-    shardings = [getattr(base_src.specs[i], "sharding", None) for i in idx]
+    shardings = [getattr(x, "sharding", None) for x in bases]
     named = [isinstance(s, jax.sharding.NamedSharding) for s in shardings]
     if any(named):
         placed = [jax.device_put(x, s) if n else jax.device_put(x)

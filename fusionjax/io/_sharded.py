@@ -44,6 +44,7 @@ from fusionjax._src import merge as merge_lib
 from fusionjax._src import paths as paths_lib
 from fusionjax._src import stream
 from fusionjax._src import validation
+from fusionjax.io import _orbax
 
 keystr = jax.tree_util.keystr
 
@@ -223,7 +224,7 @@ def shard_like(tree: Any, shardings: Any) -> Any:
     return treedef.unflatten(out)
 
 
-# -- Orbax (kept small; fusionjax.io.save_orbax / load_orbax are the general API) --
+# -- Orbax: restores through fusionjax.io.load_orbax; saves from every process --
 
 
 def _ocp():
@@ -248,16 +249,11 @@ def checkpoint_specs(path: str | os.PathLike) -> Any:
       A pytree of :class:`jax.ShapeDtypeStruct` (no shardings).
 
     Raises:
-      FileNotFoundError: if ``path`` does not exist.
+      FileNotFoundError: if ``path`` is not an Orbax checkpoint.
     """
-    path = _abs(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no Orbax checkpoint at {path}")
-    meta = _ocp().StandardCheckpointer().metadata(path).item_metadata
-    tree = getattr(meta, "tree", meta)
     return jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
-        tree,
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)),
+        _orbax.metadata_tree(path),
         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
     )
 
@@ -315,7 +311,7 @@ def load_sharded(
       The restored pytree of sharded :class:`jax.Array` s.
 
     Raises:
-      FileNotFoundError: if ``path`` does not exist.
+      FileNotFoundError: if ``path`` is not an Orbax checkpoint.
       ValueError: if neither ``mesh`` nor ``target`` is given, or a rule does not
         fit a leaf.
 
@@ -331,9 +327,7 @@ def load_sharded(
         if mesh is None:
             raise ValueError("load_sharded needs a mesh (or a target that carries shardings).")
         target = sharded_target(path, mesh, rules=rules)
-    elif not os.path.isdir(_abs(path)):
-        raise FileNotFoundError(f"no Orbax checkpoint at {_abs(path)}")
-    return _ocp().StandardCheckpointer().restore(_abs(path), target)
+    return _orbax.load_orbax(path, target)
 
 
 def save_sharded(tree: Any, path: str | os.PathLike) -> None:
@@ -341,7 +335,11 @@ def save_sharded(tree: Any, path: str | os.PathLike) -> None:
 
     Every process of a multi-process run calls it: each writes the shards its
     devices hold (replicated shards once), and Orbax commits the directory
-    after all of them finished. Returns when the checkpoint is complete.
+    after all of them finished (its own temporary directory, created and
+    renamed by the primary process between barriers). Returns when the
+    checkpoint is complete. (:func:`fusionjax.io.save_orbax` commits through a
+    temporary directory of its own, which every process would create and
+    rename; this calls Orbax directly instead.)
 
     Args:
       tree: The pytree to save.

@@ -100,23 +100,26 @@ def one_device_target(path):
 
 
 def check_shards(out, like, ref, *, strict=True):
-    """Asserts ``out`` has ``like``'s sharding and each local shard equals ``ref``'s slice.
+    """Asserts ``out`` has ``like``'s shardings and each local shard equals ``ref``'s slice.
 
-    ``out``/``like``: pytrees of jax.Arrays; ``ref``: ``{path name: NumPy array}``.
+    ``out``: a pytree of jax.Arrays; ``like``: arrays or specs with the
+    shardings expected, matched by path name (so nested dicts of string keys
+    from a checkpoint source match lists); ``ref``: ``{path name: NumPy array}``.
     ``strict``: the shardings compare equal (explicit mesh axes); otherwise they
     are equivalent (same device for every index: with auto axes XLA writes
     ``P(('r', 'c'), None)`` back as ``P(('r', 'c'),)``). Returns the number of
     shards checked.
     """
+    expected = {k: x.sharding for k, x in flat_specs(like).items()}
+    got = flat_specs(out)
+    assert sorted(got) == sorted(expected) == sorted(ref), (sorted(got), sorted(ref))
     n = 0
-    lo = jax.tree_util.tree_flatten_with_path(out)[0]
-    li = jax.tree.leaves(like)
-    for (path, x), y in zip(lo, li, strict=True):
-        name = paths_lib.path_name(path)
-        assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (name, x.sharding, y.sharding)
+    for name, x in got.items():
+        want = expected[name]
+        assert x.sharding.is_equivalent_to(want, x.ndim), (name, x.sharding, want)
         if strict:
-            assert x.sharding == y.sharding, (name, x.sharding, y.sharding)
-        placed = {s.device: s.index for s in y.addressable_shards}
+            assert x.sharding == want, (name, x.sharding, want)
+        placed = want.devices_indices_map(x.shape)
         for s in x.addressable_shards:
             assert placed[s.device] == s.index, (name, s.device, s.index, placed[s.device])
             assert s.data.shape == x.sharding.shard_shape(x.shape), name
@@ -125,3 +128,9 @@ def check_shards(out, like, ref, *, strict=True):
             )
             n += 1
     return n
+
+
+def flat_specs(tree):
+    """``{path name: leaf}`` without touching values."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {paths_lib.path_name(p): x for p, x in leaves}

@@ -71,7 +71,7 @@ def test_two_process_merge_equals_the_one_process_merge(tmp_path):
     print("\n".join(map(json.dumps, rows)))
     for pid in (0, 1):
         steps = [r["step"] for r in rows if r["process"] == pid]
-        assert steps == [*METHODS, "nan", "done"], steps
+        assert steps == [*METHODS, "stream", "nan", "done"], steps
         # Each process checked its own shards: 11 leaves x 2 local devices.
         assert all(r["shards"] == 22 for r in rows if r["process"] == pid and "shards" in r)
         # No process can fetch a leaf that spans both to its host (so the merge did not).

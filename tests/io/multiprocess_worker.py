@@ -73,6 +73,20 @@ def main(process_id: int, port: str, work: str) -> None:
         report(step=name, init_s=init_s, restore_s=restore_s, merge_s=merge_s,
                save_s=time.perf_counter() - t, shards=shards, fetch_error=fetch_error)
 
+    # Streamed: fusionjax.io.OrbaxSource restores leaves onto the global mesh,
+    # each process its shards (TA on the auto mesh again: compiled already).
+    from fusionjax import io
+
+    target = sh.sharded_target(f"{work}/in/0", mesh)
+    t = time.perf_counter()
+    srcs = [io.OrbaxSource(f"{work}/in/{i}", target=target) for i in range(4)]
+    out = fj.merge(srcs[0], srcs[1:], mm.methods(["task_arithmetic"])["task_arithmetic"])
+    jax.block_until_ready(out)
+    shards = mm.check_shards(
+        out, target, mm.load_reference(f"{work}/ref_task_arithmetic.npz"), strict=False
+    )
+    report(step="stream", merge_s=time.perf_counter() - t, shards=shards)
+
     # A NaN in a shard that only process 1 holds is found by both processes
     # (on the auto mesh: TA is compiled for it).
     host = jax.tree.map(np.copy, mm.models()[1][0])
