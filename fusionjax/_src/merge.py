@@ -337,6 +337,13 @@ def merge(
     base_src = stream.as_source(base)
     ft_srcs = [stream.as_source(f) for f in finetuned]
     validation.check_sources(base_src, ft_srcs)
+    mesh = _explicit_mesh([base_src, *ft_srcs])
+    if mesh is not None:  # arrays on an explicit mesh, no jax.set_mesh: set it for them
+        with jax.set_mesh(mesh):
+            return merge(
+                base_src, ft_srcs, merger, key=key, running_stats=running_stats,
+                check_finite=check_finite, sink=sink, **extra_args,
+            )
     check_extras(merger, extra_args)
     if merger.needs_key:
         keys_lib.require_key(key, merger.name)
@@ -410,6 +417,25 @@ def merge(
     return out_sink.finish()
 
 
+def _explicit_mesh(sources):
+    """The mesh of the first leaf sharded over explicit mesh axes, if no mesh is set."""
+    if not jax.sharding.get_abstract_mesh().empty:
+        return None
+    explicit = jax.sharding.AxisType.Explicit
+    for src in sources:
+        for spec in src.specs:
+            if isinstance(spec, jax.core.Tracer) or not isinstance(
+                spec, (jax.Array, jax.ShapeDtypeStruct)
+            ):
+                continue
+            sharding = spec.sharding
+            if isinstance(sharding, jax.sharding.NamedSharding) and explicit in (
+                sharding.mesh.axis_types
+            ):
+                return sharding.mesh
+    return None
+
+
 def _groups(plan, base_src):
     """Chunks of leaf indices to merge together (same method structure, dtype, bucket)."""
     by_key: dict = {}
@@ -440,7 +466,9 @@ def _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink):
     fts = [[s.read(i) for i in idx] for s in ft_srcs]
     for x in [*bases, *(f for row in fts for f in row)]:
         if isinstance(x, jax.core.Tracer) or (
-            isinstance(x, jax.Array) and not x.is_fully_addressable
+            # spread over devices (a source whose specs do not say so): merge it where it is
+            isinstance(x, jax.Array)
+            and (not x.is_fully_addressable or len(x.sharding.device_set) > 1)
         ):
             return False
     info0 = plan.infos[idx[0]]
@@ -467,7 +495,15 @@ def _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink):
     out, finite = _merge_group(stacked, pack(bases), [pack(f) for f in fts], keys, check_finite)
     out = np.asarray(out)
     leaves = [out[j, : plan.infos[i].size].reshape(plan.infos[i].shape) for j, i in enumerate(idx)]
-    for i, leaf in zip(idx, jax.device_put(leaves), strict=True):
+    # Leaves on a 1-device mesh get their NamedSharding back.
+    shardings = [getattr(x, "sharding", None) for x in bases]
+    named = [isinstance(s, jax.sharding.NamedSharding) for s in shardings]
+    if any(named):
+        placed = [jax.device_put(x, s) if n else jax.device_put(x)
+                  for x, s, n in zip(leaves, shardings, named, strict=True)]
+    else:
+        placed = jax.device_put(leaves)
+    for i, leaf in zip(idx, placed, strict=True):
         out_sink.write(i, leaf)
     return None if finite is None else np.asarray(finite)[: len(idx)]
 
