@@ -11,6 +11,9 @@ The only subpackage that imports ``orbax.checkpoint`` and ``safetensors``.
   :class:`fusionjax.LeafSink` that commits atomically.
 * :func:`merge_checkpoints`: :func:`fusionjax.merge` from checkpoints to a
   checkpoint, one leaf at a time, atomic and resumable.
+* :func:`shardings_for` / :func:`load_sharded` / :func:`merge_sharded`: parameters
+  sharded over a mesh (one process or several) restored, merged and saved where
+  they are.
 * :func:`hf_layout` / :func:`layout_for`: PyTorch / Hugging Face names and array
   layouts (Llama, GPT-2, ViT, timm ViT) mapped to flax-style leaves and back.
 * :func:`align_vocabs` / :func:`align_embeddings`: embedding and output rows of
@@ -41,6 +44,14 @@ from fusionjax.io._safetensors import SafetensorsSink
 from fusionjax.io._safetensors import SafetensorsSource
 from fusionjax.io._safetensors import load_safetensors
 from fusionjax.io._safetensors import save_safetensors
+from fusionjax.io._sharded import checkpoint_specs
+from fusionjax.io._sharded import default_spec
+from fusionjax.io._sharded import load_sharded
+from fusionjax.io._sharded import merge_sharded
+from fusionjax.io._sharded import save_sharded
+from fusionjax.io._sharded import shard_like
+from fusionjax.io._sharded import sharded_target
+from fusionjax.io._sharded import shardings_for
 from fusionjax.io._sink import CheckpointSink
 from fusionjax.io._stream_merge import MergeCheckpointsOutput
 from fusionjax.io._stream_merge import merge_checkpoints
@@ -51,6 +62,14 @@ from fusionjax.io._vocab import align_vocabs
 from fusionjax.io._vocab import read_vocab
 
 __all__ = [
+    "checkpoint_specs",
+    "default_spec",
+    "load_sharded",
+    "merge_sharded",
+    "save_sharded",
+    "shard_like",
+    "sharded_target",
+    "shardings_for",
     "FAMILIES",
     "KINDS",
     "AlignedEmbeddingsOutput",

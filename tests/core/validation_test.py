@@ -118,8 +118,8 @@ def test_integer_leaf_must_match(models):
         (lambda: fj.merging.weighted_average(jnp.array([1.0, -1.0])), "weights must lie"),
         (lambda: fj.merging.weighted_average(jnp.zeros(2)), "weights must not all be zero"),
         (lambda: fj.merging.ties(merge="median"), "merge must be one of 'mean', 'sum', 'max'"),
-        (lambda: fj.merging.trim(scope="layer"), "scope must be 'leaf' or 'model'"),
-        (lambda: fj.merging.elect_sign(method="vote"), "method must be 'mass' or 'count'"),
+        (lambda: fj.merging.trim(scope="layer"), "scope must be one of 'leaf', 'model'"),
+        (lambda: fj.merging.elect_sign(method="vote"), "method must be one of 'mass', 'count'"),
         (lambda: fj.merging.slerp(space="angles"), "space must be"),
     ],
 )
