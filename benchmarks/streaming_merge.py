@@ -4,7 +4,7 @@ Usage: python benchmarks/streaming_merge.py [GB_PER_CHECKPOINT] [--dir DIR] [--l
 
 Writes three checkpoints (a base and two fine-tuned models) of ~GB each twice —
 safetensors bf16 and Orbax f32 — then runs each merge in its own subprocess
-(peak RSS from that process's ``ru_maxrss``): task arithmetic and TIES
+(peak RSS from that process's ``VmHWM``): task arithmetic and TIES
 (per-tensor and model-wide) with :func:`fusionjax.io.merge_checkpoints`, and a
 plain NumPy streaming merge (safe_open, one tensor at a time, safetensors
 output) as the baseline; ``mergekit-yaml`` on the safetensors files if it is
@@ -24,8 +24,10 @@ Definitions (printed with the figures):
   took exactly as long as writing (``pwrite`` + ``fsync``) its output once,
   measured here on a file of the output's size: the honest upper bound on
   this machine.
-* *peak RSS*: ``ru_maxrss`` of the merge's process (it counts mapped file
-  pages touched), and ``RssAnon`` (anonymous memory only) at its end; the
+* *peak RSS*: ``VmHWM`` of the merge's process (``/proc/self/status``; it
+  counts mapped file pages touched; not ``ru_maxrss``, which on Linux keeps the
+  high-water mark of the parent the process was forked from), and
+  ``RssAnon`` (anonymous memory only) at its end; the
   *floor* is the peak RSS of a process that only imports jax, fusionjax.io
   and runs one tiny jit.
 
@@ -130,7 +132,7 @@ def run_one(name: str, d: pathlib.Path) -> None:
         import jax.numpy as jnp
 
         jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(4)))
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = _peak_rss()
         print(json.dumps({"name": name, "wall": 0.0, "rss": rss, "anon": _rss_anon()}))
         return
     t0 = time.perf_counter()
@@ -156,8 +158,21 @@ def run_one(name: str, d: pathlib.Path) -> None:
             max_shard_bytes=(1 << 30) if fmt == "safetensors" else None,
         )
     wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = _peak_rss()
     print(json.dumps({"name": name, "wall": wall, "rss": rss, "anon": _rss_anon()}))
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory (``VmHWM``, bytes).
+
+    ``ru_maxrss`` is not used: a child started from a large parent inherits the
+    parent's high-water mark across fork + exec, so every merge would report at
+    least the parent's peak (the checkpoint writer's).
+    """
+    for line in open("/proc/self/status"):  # noqa: SIM115
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _rss_anon() -> int:
