@@ -49,10 +49,18 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
-def output_format(path: str | os.PathLike, format: str | None) -> str:
-    """The output format: ``format``, or ``.safetensors`` paths safetensors, else orbax."""
+def output_format(path: str | os.PathLike, format: str | None, like: Any = None) -> str:
+    """The output format.
+
+    ``format`` if given; else safetensors for a ``.safetensors`` path; else the
+    format of the source ``like`` (the base), so merging safetensors shards into
+    a directory gives safetensors shards; else Orbax.
+    """
     if format is None:
-        return "safetensors" if str(path).endswith(".safetensors") else "orbax"
+        if str(path).endswith(".safetensors"):
+            return "safetensors"
+        raw = getattr(like, "raw", like)  # a LayoutSource reads through its raw source
+        return "safetensors" if isinstance(raw, _safetensors.SafetensorsSource) else "orbax"
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
     return format

@@ -188,7 +188,7 @@ def merge_checkpoints(
       out: The output path: a ``.safetensors`` file, a directory of safetensors
         shards, or an Orbax checkpoint directory.
       format: ``"safetensors"`` or ``"orbax"``; ``None``: ``.safetensors`` paths
-        are safetensors, anything else Orbax.
+        and outputs of a safetensors base are safetensors, anything else Orbax.
       dtype: Cast floating-point output leaves to this dtype (e.g.
         ``jnp.bfloat16``); ``None`` keeps the inputs' dtypes.
       key: PRNG key for random methods (DARE, DELLA).
@@ -247,7 +247,7 @@ def merge_checkpoints(
         raise ValueError(f"out_layout must be 'checkpoint' or 'target', got {out_layout!r}.")
     base_src = _as_source(base, "base", layout)
     ft_srcs = [_as_source(f, f"finetuned[{j}]", layout) for j, f in enumerate(finetuned)]
-    fmt = _checkpoint.output_format(out, format)
+    fmt = _checkpoint.output_format(out, format, like=base_src)
     out_path = pathlib.Path(out).absolute()
     for j, s in enumerate([base_src, *ft_srcs]):
         p = getattr(s, "path", None)
