@@ -110,9 +110,19 @@ def test_streaming_merge_equals_in_memory_merge_orbax_and_mixed(method, combo, c
         b = ckpts["safetensors"][0]
         fts = [ckpts["safetensors"][1], ckpts["orbax"][2], ckpts["safetensors"][3]]
         out = tmp_path / "out_orbax"
-    r = io.merge_checkpoints(b, fts[:n], make(), out, key=KEY, progress=False)
+    r = io.merge_checkpoints(b, fts[:n], make(), out, format="orbax", key=KEY, progress=False)
     assert r.format == "orbax"
     _bits_equal(io.load_orbax(r.path), expected)
+
+
+def test_output_format_defaults_to_the_extension_then_the_bases_format(ckpts, tmp_path):
+    ta = fj.merging.task_arithmetic(scaling=0.4)
+    st, orb = ckpts["safetensors"], ckpts["orbax"]
+    assert io.merge_checkpoints(st[0], st[1:2], ta, tmp_path / "a", progress=False).format == "safetensors"
+    assert io.merge_checkpoints(orb[0], st[1:2], ta, tmp_path / "b", progress=False).format == "orbax"
+    r = io.merge_checkpoints(orb[0], orb[1:2], ta, tmp_path / "c.safetensors", progress=False)
+    assert r.format == "safetensors"
+    _bits_equal(io.load_safetensors(tmp_path / "a"), io.load_orbax(tmp_path / "b"))
 
 
 def test_dtype_casts_the_output_and_progress_counts_bytes(ckpts, tmp_path):
