@@ -17,7 +17,14 @@ import jax
 keystr = jax.tree_util.keystr
 
 
-def _key_name(k) -> str:
+def key_name(k: Any, *, strict: bool = False) -> str:
+    """The string one key path entry contributes to a leaf's name.
+
+    Args:
+      k: A key path entry (``DictKey``, ``SequenceKey``, ``GetAttrKey``,
+        ``FlattenedIndexKey``).
+      strict: Raise ``TypeError`` for any other entry instead of using ``str(k)``.
+    """
     if isinstance(k, jax.tree_util.DictKey):
         return str(k.key)
     if isinstance(k, jax.tree_util.GetAttrKey):
@@ -26,12 +33,14 @@ def _key_name(k) -> str:
         return str(k.idx)
     if isinstance(k, jax.tree_util.FlattenedIndexKey):
         return str(k.key)
+    if strict:
+        raise TypeError(f"cannot name a key path entry of type {type(k).__name__}: {k!r}")
     return str(k)
 
 
 def path_name(path: tuple) -> str:
     """A key path as ``"a/b/0/c"`` (flax nnx ``.value`` attributes left out)."""
-    names = [_key_name(k) for k in path]
+    names = [key_name(k) for k in path]
     if names and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
         names = names[:-1]
     return "/".join(names)

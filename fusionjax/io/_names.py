@@ -16,21 +16,15 @@ from typing import Any
 
 import jax
 
+from fusionjax._src import paths as paths_lib
+
 keystr = jax.tree_util.keystr
 SEP = "."
 
 
 def key_name(k: Any) -> str:
-    """The string a key path entry contributes to a flat name."""
-    if isinstance(k, jax.tree_util.DictKey):
-        return str(k.key)
-    if isinstance(k, jax.tree_util.SequenceKey):
-        return str(k.idx)
-    if isinstance(k, jax.tree_util.GetAttrKey):
-        return k.name
-    if isinstance(k, jax.tree_util.FlattenedIndexKey):
-        return str(k.key)
-    raise TypeError(f"cannot name a key path entry of type {type(k).__name__}: {k!r}")
+    """The string a key path entry contributes to a flat name (``TypeError`` if none)."""
+    return paths_lib.key_name(k, strict=True)
 
 
 def flat_name(path: Sequence[Any]) -> str:
