@@ -80,9 +80,18 @@ def test_two_process_merge_equals_the_one_process_merge(tmp_path):
     # One checkpoint each, equal to the one-process merge: fusionjax.merge saved by
     # sharded.save_sharded (both processes), the streamed merge saved by io.save_orbax
     # (both), and io.merge_checkpoints on the mesh (both, one output).
+    # io.merge_checkpoints without a mesh to safetensors: process 0 wrote it.
+    from fusionjax import io
+
     outs = {name: name for name in METHODS} | {"save_orbax": "task_arithmetic",
                                                "mc": "task_arithmetic"}
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(outs)
+    host = tmp_path / "out" / "host.safetensors"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*outs, host.name])
+    got = mm.flat(io.load_safetensors(host))
+    want = mm.flat(refs["task_arithmetic"])
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
     for out, name in outs.items():
         path = tmp_path / "out" / out
         got = sh.load_sharded(path, target=mm.one_device_target(path))
