@@ -20,6 +20,14 @@ Hugging Face checkpoint. A fused tensor (GPT-2's ``c_attn``) is written when
 its query, key and value leaves have all been merged; until then only those
 parts are held.
 
+**Sharded and multi-process.** With ``mesh=`` (or a ``target=`` whose leaves
+carry shardings) every input leaf is read straight onto its sharding, the
+sources' specs say so (the merge plans sharded leaves from metadata and reads
+each leaf once), and an Orbax output is written by every process from its own
+shards; process 0 alone stages and commits (:mod:`fusionjax.io._atomic`).
+Every process of a ``jax.distributed`` run calls :func:`merge_checkpoints`
+with the same arguments.
+
 **Atomic output.** The output is staged in a hidden directory next to ``out``
 and renamed into place after the last leaf is merged and the NaN/Inf check
 passed: an interrupted merge (even by ``SIGKILL``) leaves nothing at ``out``.
