@@ -5,6 +5,14 @@ A checkpoint is written into a hidden directory next to its final path
 atomic) and moved into place only when complete. An interrupted write leaves the
 hidden directory, never something at ``NAME``; a later write of the same output
 finds it (and may resume from it, see :mod:`fusionjax.io._stream_merge`).
+
+**Several processes** (``jax.distributed``) write one output together: only
+process 0 (:func:`is_primary`) removes a stale staging directory, creates it
+and renames the finished output into place, between barriers
+(:func:`barrier`, ``jax.experimental.multihost_utils.sync_global_devices``) that
+every process passes: :func:`fresh_dir` before anyone writes into the staging
+directory, :func:`commit_shared` after everyone finished writing. Every process
+must call them in the same order. In a one-process run the barriers are no-ops.
 """
 
 from __future__ import annotations
@@ -14,6 +22,52 @@ import pathlib
 import shutil
 
 TMP_SUFFIX = ".fusionjax-tmp"
+
+
+def is_primary() -> bool:
+    """Whether this process creates, removes and commits shared outputs (process 0)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reached ``barrier(name)`` (no-op with one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"fusionjax:{name}")
+
+
+def fresh_dir(tmp: pathlib.Path, *, keep: bool = False) -> None:
+    """An empty staging directory ``tmp`` (kept as it is when ``keep``), seen by every process.
+
+    Process 0 removes what is there and creates it; the others wait at a
+    barrier until it exists.
+    """
+    barrier("stage-begin")  # everyone looked at the old staging directory (a resume)
+    if is_primary() and not keep:
+        remove(tmp)
+        tmp.mkdir()
+    barrier("stage-end")
+
+
+def commit_shared(
+    staged: pathlib.Path, out: pathlib.Path, *, overwrite: bool = True, cleanup=None
+) -> None:
+    """:func:`commit` by process 0 once every process finished writing ``staged``.
+
+    Removes ``cleanup`` (the staging directory) afterwards; returns when the
+    output is in place for every process.
+    """
+    barrier("commit-begin")
+    if is_primary():
+        commit(staged, out, overwrite=overwrite)
+        if cleanup is not None:
+            remove(cleanup)
+    barrier("commit-end")
 
 
 def tmp_dir_for(out: str | os.PathLike) -> pathlib.Path:

@@ -87,6 +87,13 @@ def _spec(m: Any, name: str, where: pathlib.Path) -> Any:
     return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
 
 
+def with_sharding(spec: Any, sharding: Any) -> Any:
+    """``spec`` carrying ``sharding`` (so a merge plans the leaf as sharded before reading it)."""
+    if sharding is None:
+        return spec
+    return jax.ShapeDtypeStruct(tuple(spec.shape), spec.dtype, sharding=sharding)
+
+
 def _default_sharding():
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -94,8 +101,15 @@ def _default_sharding():
 def save_orbax(tree: Any, path: str | os.PathLike, *, overwrite: bool = True) -> pathlib.Path:
     """Saves a pytree with ``orbax.checkpoint.StandardCheckpointer``, atomically.
 
+    In a multi-process run (``jax.distributed``) every process calls it with
+    the same (global) tree: each writes the shards its devices hold (replicated
+    shards once), process 0 alone creates the staging directory next to
+    ``path`` and renames the finished checkpoint into place, between barriers;
+    it returns on every process once the checkpoint is at ``path``.
+
     Args:
-      tree: A pytree of arrays (jax or NumPy, sharded arrays included) and scalars.
+      tree: A pytree of arrays (jax or NumPy, sharded arrays included, also
+        arrays spanning several processes) and scalars.
       path: The checkpoint directory to create.
       overwrite: Replace an existing ``path`` (else ``FileExistsError``).
 
@@ -117,13 +131,11 @@ def save_orbax(tree: Any, path: str | os.PathLike, *, overwrite: bool = True) ->
     if not overwrite and out.exists():
         raise FileExistsError(f"the output {out} exists.")
     tmp = _atomic.tmp_dir_for(out)
-    _atomic.remove(tmp)
-    tmp.mkdir()
+    _atomic.fresh_dir(tmp)
     with _ocp().StandardCheckpointer() as ck:
         ck.save(tmp / "ckpt", tree)
         ck.wait_until_finished()
-    _atomic.commit(tmp / "ckpt", out, overwrite=overwrite)
-    _atomic.remove(tmp)
+    _atomic.commit_shared(tmp / "ckpt", out, overwrite=overwrite, cleanup=tmp)
     return out
 
 
@@ -207,8 +219,10 @@ class OrbaxSource:
         from fusionjax.io._safetensors import _target_shardings
 
         tree, self.treedef, self.paths, self.names = _structure(specs, target, str(self.path))
-        self.specs = [specs[n] for n in self.names]
         self._shardings = _target_shardings(target, len(self.names))
+        self.specs = [
+            with_sharding(specs[n], s) for n, s in zip(self.names, self._shardings, strict=True)
+        ]
         self.kinds = stream.leaf_kinds(tree, self.paths, self.specs)
         self.batch_bytes = batch_bytes
         self._cache: dict[int, Any] = {}
@@ -265,7 +279,13 @@ class OrbaxSink(CheckpointSink):
     by Orbax's partial save; :meth:`finish` finalizes it and renames it into
     place (see the module docstring for the trade-off). The checkpoint's tree is
     nested dicts of string keys named like ``like``'s leaves.
+
+    Merged leaves stay jax.Arrays on their devices: in a multi-process run
+    every process writes its own shards of each batch (Orbax's partial save
+    and finalize synchronize the processes) and process 0 commits.
     """
+
+    keeps_arrays = True
 
     def __init__(
         self,

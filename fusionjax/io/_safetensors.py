@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusionjax._src import stream
+from fusionjax.io import _atomic
 from fusionjax.io import _names
 from fusionjax.io._sink import CheckpointSink
 
@@ -218,8 +219,11 @@ class SafetensorsSource:
         self.path = pathlib.Path(path)
         specs, self._files, self.metadata, self._ranges = read_index(self.path)
         tree, self.treedef, self.paths, self.names = _structure(specs, target, str(self.path))
-        self.specs = [specs[n] for n in self.names]
         self._shardings = _target_shardings(target, len(self.names))
+        self.specs = [
+            jax.ShapeDtypeStruct(specs[n].shape, specs[n].dtype, sharding=s) if s else specs[n]
+            for n, s in zip(self.names, self._shardings, strict=True)
+        ]
         self.kinds = stream.leaf_kinds(tree, self.paths, self.specs)
         self._maps: dict[pathlib.Path, mmap.mmap] = {}
         self._last: tuple[mmap.mmap, int, int] | None = None
@@ -248,7 +252,10 @@ class SafetensorsSource:
         x = np.frombuffer(m, np.uint8, end - begin, begin).view(spec.dtype).reshape(spec.shape)
         self._last = (m, begin, end)
         s = self._shardings[index]
-        return x if s is None else jax.device_put(x, s)
+        if s is None:
+            return x
+        # Each device copies only its slice of the map (also across processes).
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
 
     def _release(self) -> None:
         if self._last is None or not hasattr(mmap, "MADV_DONTNEED"):
@@ -439,6 +446,13 @@ class SafetensorsSink(CheckpointSink):
     (one shard: ``model.safetensors``, no index). Every file's header is computed
     from the specs up front and each leaf is written at its offset as it
     arrives, so memory holds one leaf. Committed by rename in :meth:`finish`.
+
+    Several processes (``jax.distributed``): process 0 alone writes the files;
+    every leaf must be whole on it (NumPy, or jax.Arrays on its own devices).
+    Leaves sharded over several processes are refused, when ``like``'s specs
+    say so up front and otherwise at their ``write``: gathering a huge leaf
+    onto one host is what a sharded merge avoids, so write those to Orbax,
+    where each process writes its own shards.
     """
 
     def __init__(
@@ -452,6 +466,15 @@ class SafetensorsSink(CheckpointSink):
         **kwargs: Any,
     ):
         super().__init__(path, like=like, dtype=dtype, **kwargs)
+        for name, spec in zip(self.names, self.specs, strict=True):
+            sharding = getattr(spec, "sharding", None)
+            if isinstance(sharding, jax.sharding.Sharding) and not sharding.is_fully_addressable:
+                raise ValueError(
+                    f"cannot write {self.path} as safetensors: the leaf {name!r} is sharded over "
+                    "several processes (one process would have to gather it); write an Orbax "
+                    "checkpoint instead (format='orbax')."
+                )
+        self._primary = _atomic.is_primary()
         self._single, shards = _layout(self.path, self.names, self.specs, max_shard_bytes, metadata)
         self._shards = shards
         self._leaf_file: dict[int, _FileWriter] = {}
@@ -470,7 +493,7 @@ class SafetensorsSink(CheckpointSink):
                 self._leaf_file[i] = w
 
     def _start(self, tmp: pathlib.Path) -> None:
-        if self.done:
+        if self.done or not self._primary:
             return  # resumed: the files exist with their headers
         if not self._single:
             (tmp / "out").mkdir()
@@ -482,6 +505,8 @@ class SafetensorsSink(CheckpointSink):
     MAX_PENDING = 2
 
     def _write(self, index: int, value: Any) -> list[int]:
+        if not self._primary:
+            return []
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, "fusionjax-safetensors")
         w = self._leaf_file[index]
@@ -513,7 +538,7 @@ class SafetensorsSink(CheckpointSink):
             self._pool = None
         if self._single:
             return tmp / self._shards[0][0]
-        if len(self._writers) > 1:
+        if len(self._writers) > 1 and self._primary:
             total = sum(w.total - w.data_start for w in self._writers)
             index = {
                 "metadata": {"total_size": total},

@@ -227,12 +227,6 @@ def shard_like(tree: Any, shardings: Any) -> Any:
 # -- Orbax: restores through fusionjax.io.load_orbax; saves from every process --
 
 
-def _ocp():
-    import orbax.checkpoint as ocp
-
-    return ocp
-
-
 def _abs(path: str | os.PathLike) -> str:
     return os.path.abspath(os.fspath(path))
 
@@ -334,16 +328,15 @@ def save_sharded(tree: Any, path: str | os.PathLike) -> None:
     """Writes a pytree of (possibly sharded, multi-process) arrays as one Orbax checkpoint.
 
     Every process of a multi-process run calls it: each writes the shards its
-    devices hold (replicated shards once), and Orbax commits the directory
-    after all of them finished (its own temporary directory, created and
-    renamed by the primary process between barriers). Returns when the
-    checkpoint is complete. (:func:`fusionjax.io.save_orbax` commits through a
-    temporary directory of its own, which every process would create and
-    rename; this calls Orbax directly instead.)
+    devices hold (replicated shards once), and process 0 commits the checkpoint
+    once all of them finished (through :func:`fusionjax.io.save_orbax`, which
+    stages it next to ``path`` and renames it into place between barriers).
+    Returns when the checkpoint is complete.
 
     Args:
       tree: The pytree to save.
-      path: The checkpoint directory; it must not exist.
+      path: The checkpoint directory; it must not exist (missing parent
+        directories are created).
 
     Raises:
       FileExistsError: if ``path`` exists (checked before anything is written).
@@ -351,9 +344,8 @@ def save_sharded(tree: Any, path: str | os.PathLike) -> None:
     path = _abs(path)
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; not overwriting it.")
-    ckptr = _ocp().StandardCheckpointer()
-    ckptr.save(path, tree)
-    ckptr.wait_until_finished()
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # as Orbax does
+    _orbax.save_orbax(tree, path, overwrite=False)
 
 
 def merge_sharded(

@@ -14,6 +14,12 @@ the same output and the same key finds the journal and reports those leaves in
 none) discards the staging directory. The journal is flushed after every
 entry, which survives the process being killed; after a power loss, discard the
 staging directory by passing ``resume=False``.
+
+Several processes (``jax.distributed``): every process runs the same merge and
+writes through its own sink; process 0 alone creates (or discards) the staging
+directory, keeps the journal and commits, between barriers that all processes
+pass (:mod:`fusionjax.io._atomic`). Every process reads the journal before
+process 0 may touch it, so all resume the same leaves.
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ def out_spec(spec: Any, dtype: Any) -> Any:
     if dtype is None or not stream.is_array_like(spec):
         return spec
     if jnp.issubdtype(spec.dtype, jnp.floating):
-        return jax.ShapeDtypeStruct(tuple(spec.shape), jnp.dtype(dtype))
+        sharding = getattr(spec, "sharding", None)
+        if not isinstance(sharding, jax.sharding.Sharding):
+            sharding = None
+        return jax.ShapeDtypeStruct(tuple(spec.shape), jnp.dtype(dtype), sharding=sharding)
     return spec
 
 
@@ -57,6 +66,8 @@ class CheckpointSink:
 
     Subclasses implement ``_start(tmp)``, ``_write(i, array)`` (returning the
     leaf indices made durable by this call) and ``_finish(tmp) -> staged path``.
+    A subclass with ``keeps_arrays = True`` gets the merged jax.Arrays as they
+    are (sharded, possibly over several processes); otherwise NumPy arrays.
 
     Attributes:
       path: The final output path.
@@ -64,6 +75,8 @@ class CheckpointSink:
       specs: The spec every leaf is written with (after ``dtype``).
       done: Leaf indices already written by an interrupted earlier run (resumed).
     """
+
+    keeps_arrays = False
 
     def __init__(
         self,
@@ -129,19 +142,21 @@ class CheckpointSink:
     def _ensure_started(self) -> None:
         if self._started:
             return
-        if not self.done:
-            _atomic.remove(self.tmp)
-            self.tmp.mkdir()
-            if self.resume_key is not None:
-                (self.tmp / FINGERPRINT_FILE).write_text(self.resume_key)
+        _atomic.fresh_dir(self.tmp, keep=bool(self.done))
+        primary = _atomic.is_primary()
+        if primary and not self.done and self.resume_key is not None:
+            (self.tmp / FINGERPRINT_FILE).write_text(self.resume_key)
         self._start(self.tmp)
-        self._journal = open(self.tmp / JOURNAL_FILE, "a")  # noqa: SIM115
+        if primary:
+            self._journal = open(self.tmp / JOURNAL_FILE, "a")  # noqa: SIM115
         self._started = True
         self._bar = _make_bar(self._progress_arg, sum(nbytes(s) for s in self.specs))
         if self._bar is not None and self.done:
             self._bar.update(sum(nbytes(self.specs[i]) for i in self.done))
 
     def _record(self, indices) -> None:
+        if self._journal is None:  # not process 0
+            return
         for i in indices:
             self._journal.write(json.dumps({"i": i, "n": self.names[i]}) + "\n")
         self._journal.flush()
@@ -155,10 +170,16 @@ class CheckpointSink:
         self._ensure_started()
         spec = self.specs[index]
         if stream.is_array_like(spec):
-            value = np.asarray(jax.device_get(value))
+            if not (self.keeps_arrays and isinstance(value, jax.Array)):
+                if isinstance(value, jax.Array) and not value.is_fully_addressable:
+                    raise ValueError(
+                        f"the leaf {self.names[index]!r} is sharded over several processes; "
+                        f"{type(self).__name__} cannot write it (write an Orbax checkpoint)."
+                    )
+                value = np.asarray(jax.device_get(value))
             if value.dtype != spec.dtype:
                 value = value.astype(spec.dtype)
-            if value.shape != tuple(spec.shape):
+            if tuple(value.shape) != tuple(spec.shape):
                 raise ValueError(
                     f"the leaf {self.names[index]!r} has shape {value.shape}, the output "
                     f"expects {tuple(spec.shape)}."
@@ -187,11 +208,11 @@ class CheckpointSink:
             raise ValueError(f"cannot finish {self.path}: leaf {missing[0]!r} was never written.")
         self._ensure_started()
         staged = self._finish(self.tmp)
-        self._journal.close()
+        if self._journal is not None:
+            self._journal.close()
         if self._bar is not None:
             self._bar.close()
-        _atomic.commit(staged, self.path, overwrite=self.overwrite)
-        _atomic.remove(self.tmp)
+        _atomic.commit_shared(staged, self.path, overwrite=self.overwrite, cleanup=self.tmp)
         return self.path
 
     def abort(self) -> None:

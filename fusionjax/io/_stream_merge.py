@@ -20,6 +20,14 @@ Hugging Face checkpoint. A fused tensor (GPT-2's ``c_attn``) is written when
 its query, key and value leaves have all been merged; until then only those
 parts are held.
 
+**Sharded and multi-process.** With ``mesh=`` (or a ``target=`` whose leaves
+carry shardings) every input leaf is read straight onto its sharding, the
+sources' specs say so (the merge plans sharded leaves from metadata and reads
+each leaf once), and an Orbax output is written by every process from its own
+shards; process 0 alone stages and commits (:mod:`fusionjax.io._atomic`).
+Every process of a ``jax.distributed`` run calls :func:`merge_checkpoints`
+with the same arguments.
+
 **Atomic output.** The output is staged in a hidden directory next to ``out``
 and renamed into place after the last leaf is merged and the NaN/Inf check
 passed: an interrupted merge (even by ``SIGKILL``) leaves nothing at ``out``.
@@ -80,10 +88,10 @@ class MergeCheckpointsOutput(NamedTuple):
     seconds: float
 
 
-def _as_source(x: Any, what: str, layout: Any = None) -> Any:
+def _as_source(x: Any, what: str, layout: Any = None, target: Any = None) -> Any:
     if isinstance(x, (str, os.PathLike)):
         try:
-            return _checkpoint.open_checkpoint(x, layout=layout)
+            return _checkpoint.open_checkpoint(x, layout=layout, target=target)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"{what}: {e}") from None
     if isinstance(x, stream.LeafSource) and not isinstance(x, dict):
@@ -155,6 +163,27 @@ class _SkipDone:
         return self._src.read(index)
 
 
+def _read_target(base: Any, mesh: Any, rules: Any, target: Any, layout: Any) -> Any:
+    """The sharded target the inputs are read onto (``None``: read to the host)."""
+    if mesh is None and target is None:
+        if rules is not None:
+            raise ValueError("rules= needs a mesh= to split the leaves over.")
+        return None
+    if mesh is not None and target is not None:
+        raise ValueError("pass mesh= (with rules=) or target=, not both.")
+    if layout is not None:
+        raise ValueError(
+            "a sharded merge (mesh= or target=) reads the tensors as stored; it cannot be "
+            "combined with layout=."
+        )
+    if target is not None:
+        return target
+    from fusionjax.io import _sharded
+
+    src = _as_source(base, "base")
+    return _sharded.sharded_target(src.treedef.unflatten(src.specs), mesh, rules=rules)
+
+
 def merge_checkpoints(
     base: Any,
     finetuned: Sequence[Any],
@@ -170,6 +199,9 @@ def merge_checkpoints(
     max_shard_bytes: int | None = None,
     layout: Any = None,
     out_layout: str = "checkpoint",
+    mesh: Any = None,
+    rules: Any = None,
+    target: Any = None,
     **extras: Any,
 ) -> MergeCheckpointsOutput:
     r"""Merges checkpoints on disk into a checkpoint on disk, one leaf at a time.
@@ -213,6 +245,20 @@ def merge_checkpoints(
         ``"target"``: the merged target leaves are written as they are, named
         by their target paths (``model.layers.0.self_attn.q_proj.kernel``).
         Without a layout both are the same.
+      mesh: A :class:`jax.sharding.Mesh` to merge on: every leaf of the
+        checkpoints given as paths is read straight onto its sharding (from
+        :func:`fusionjax.io._sharded.shardings_for` with ``rules``), each
+        process reading only the slices its devices hold, merged there, and
+        written from there (Orbax output: every process writes its own shards
+        and process 0 commits one checkpoint). In a multi-process run
+        (``jax.distributed``) every process calls this with the same
+        arguments. Without ``mesh`` or ``target`` every process would read
+        and merge everything.
+      rules: How ``mesh`` splits each leaf (``{regex: PartitionSpec}`` or a
+        callable), as for :func:`fusionjax.io._sharded.shardings_for`.
+      target: Instead of ``mesh``: a pytree like the checkpoints' leaves whose
+        leaves carry the shardings to read onto (``ShapeDtypeStruct(...,
+        sharding=)``).
       **extras: Per-parameter inputs some mergers need (``fishers=``, ...), as
         for :func:`fusionjax.merge`.
 
@@ -227,6 +273,11 @@ def merge_checkpoints(
         dtype, an input with NaN/Inf, or bad hyperparameters. All but the NaN/Inf
         check happen before any tensor is read; nothing is written at ``out``.
       TypeError: as :func:`fusionjax.merge`.
+
+    Multi-process output: Orbax (each process writes its shards) or, for leaves
+    that are whole on process 0, safetensors written by process 0; safetensors
+    output of leaves sharded over several processes is refused before anything
+    is read (see :class:`fusionjax.io.SafetensorsSink`).
 
     Examples:
       >>> import numpy as np, tempfile, os, fusionjax as fj
@@ -245,8 +296,9 @@ def merge_checkpoints(
     validation.check_nonempty(finetuned)
     if out_layout not in ("checkpoint", "target"):
         raise ValueError(f"out_layout must be 'checkpoint' or 'target', got {out_layout!r}.")
-    base_src = _as_source(base, "base", layout)
-    ft_srcs = [_as_source(f, f"finetuned[{j}]", layout) for j, f in enumerate(finetuned)]
+    target = _read_target(base, mesh, rules, target, layout)
+    base_src = _as_source(base, "base", layout, target)
+    ft_srcs = [_as_source(f, f"finetuned[{j}]", layout, target) for j, f in enumerate(finetuned)]
     fmt = _checkpoint.output_format(out, format, like=base_src)
     out_path = pathlib.Path(out).absolute()
     for j, s in enumerate([base_src, *ft_srcs]):

@@ -71,19 +71,34 @@ def test_two_process_merge_equals_the_one_process_merge(tmp_path):
     print("\n".join(map(json.dumps, rows)))
     for pid in (0, 1):
         steps = [r["step"] for r in rows if r["process"] == pid]
-        assert steps == [*METHODS, "stream", "nan", "done"], steps
+        assert steps == [*METHODS, "stream", "save_orbax", "merge_checkpoints", "nan", "done"], steps
         # Each process checked its own shards: 11 leaves x 2 local devices.
         assert all(r["shards"] == 22 for r in rows if r["process"] == pid and "shards" in r)
         # No process can fetch a leaf that spans both to its host (so the merge did not).
         assert all("non-addressable" in r["fetch_error"] for r in rows if "fetch_error" in r), rows
 
-    for name in METHODS:
-        path = tmp_path / "out" / name
+    # One checkpoint each, equal to the one-process merge: fusionjax.merge saved by
+    # sharded.save_sharded (both processes), the streamed merge saved by io.save_orbax
+    # (both), and io.merge_checkpoints on the mesh (both, one output).
+    # io.merge_checkpoints without a mesh to safetensors: process 0 wrote it.
+    from fusionjax import io
+
+    outs = {name: name for name in METHODS} | {"save_orbax": "task_arithmetic",
+                                               "mc": "task_arithmetic"}
+    host = tmp_path / "out" / "host.safetensors"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*outs, host.name])
+    got = mm.flat(io.load_safetensors(host))
+    want = mm.flat(refs["task_arithmetic"])
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    for out, name in outs.items():
+        path = tmp_path / "out" / out
         got = sh.load_sharded(path, target=mm.one_device_target(path))
         for (p, x), y in zip(
             jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(refs[name]), strict=True
         ):
             np.testing.assert_allclose(
-                np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6, err_msg=f"{name} {p}"
+                np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6, err_msg=f"{out} {p}"
             )
             assert x.dtype == y.dtype

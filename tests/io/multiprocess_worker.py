@@ -86,6 +86,52 @@ def main(process_id: int, port: str, work: str) -> None:
         out, target, mm.load_reference(f"{work}/ref_task_arithmetic.npz"), strict=False
     )
     report(step="stream", merge_s=time.perf_counter() - t, shards=shards)
+    # io.save_orbax from both processes: one checkpoint, committed by process 0.
+    t = time.perf_counter()
+    io.save_orbax(out, f"{work}/out/save_orbax")
+    report(step="save_orbax", save_s=time.perf_counter() - t)
+
+    # io.merge_checkpoints on the mesh, Orbax -> Orbax: every leaf of every input
+    # is read once (sharded specs from metadata: no group read, then re-read), each
+    # process restores only its shards and writes them; process 0 commits.
+    from fusionjax.io import _orbax
+
+    reads, plain_read = {}, _orbax.OrbaxSource.read
+
+    def counted(self, i):
+        key = (str(self.path), i)
+        reads[key] = reads.get(key, 0) + 1
+        x = plain_read(self, i)
+        assert not isinstance(x, np.ndarray), (key, type(x))  # never read to the host
+        return x
+
+    _orbax.OrbaxSource.read = counted
+    ta = mm.methods(["task_arithmetic"])["task_arithmetic"]
+    ins = [f"{work}/in/{i}" for i in range(4)]
+    try:
+        t = time.perf_counter()
+        r = io.merge_checkpoints(ins[0], ins[1:], ta, f"{work}/out/mc", mesh=mesh, progress=False)
+        mc_s = time.perf_counter() - t
+    finally:
+        _orbax.OrbaxSource.read = plain_read
+    # Once each; the base's running statistic (batch_stats/mean, averaged over the
+    # fine-tuned models) not at all.
+    assert set(reads.values()) == {1} and len(reads) == 4 * r.num_leaves - 1, reads
+    assert (ins[0], 0) not in reads and r.num_leaves == 11, sorted(reads)
+    # Safetensors output of leaves sharded over both processes: refused before any read.
+    try:
+        io.merge_checkpoints(ins[0], ins[1:], ta, f"{work}/out/mc.safetensors", mesh=mesh)
+    except ValueError as e:
+        assert "sharded over several processes" in str(e), e
+        assert not os.path.exists(f"{work}/out/.mc.safetensors.fusionjax-tmp")
+    else:
+        raise AssertionError("safetensors output of cross-process leaves was not refused")
+    # Without a mesh every process merges everything on its host; process 0 alone
+    # writes the safetensors file and commits it (no clash over the staging dir).
+    t = time.perf_counter()
+    io.merge_checkpoints(ins[0], ins[1:], ta, f"{work}/out/host.safetensors", progress=False)
+    report(step="merge_checkpoints", merge_s=mc_s, reads=len(reads), leaves=r.num_leaves,
+           host_s=time.perf_counter() - t)
 
     # A NaN in a shard that only process 1 holds is found by both processes
     # (on the auto mesh: TA is compiled for it).

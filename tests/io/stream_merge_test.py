@@ -268,3 +268,35 @@ def test_a_different_merge_does_not_resume(ckpts, tmp_path):
     r = io.merge_checkpoints(b, fts, fj.merging.ties(), tmp_path / "out.safetensors", progress=False)
     assert r.resumed_leaves == 0 and not staged.exists()
     _bits_equal(io.load_safetensors(r.path), fj.merge(BASE, FTS, fj.merging.ties()))
+
+
+def test_merge_on_a_mesh_reads_onto_the_shardings_and_equals_the_host_merge(ckpts, tmp_path):
+    mesh = jax.make_mesh((1,), ("x",))
+    ta = fj.merging.task_arithmetic(scaling=0.5)
+    base, *fts = ckpts["safetensors"]
+    # Bad combinations fail before anything is read or written.
+    for kw, msg in [
+        ({"rules": {"w": jax.sharding.PartitionSpec()}}, "needs a mesh"),
+        ({"mesh": mesh, "layout": "hf"}, "cannot be combined with layout"),
+        ({"mesh": mesh, "target": BASE}, "not both"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            io.merge_checkpoints(base, fts, ta, tmp_path / "bad", progress=False, **kw)
+    assert list(tmp_path.iterdir()) == []
+    # The sources' specs carry the target's shardings (the merge plans from them).
+    target = io.sharded_target(BASE, mesh)
+    src = io.open_checkpoint(ckpts["orbax"][0], target=target)
+    names = dict(zip(src.names, src.specs, strict=True))
+    assert names["embed"].sharding.spec == jax.sharding.PartitionSpec("x", None)
+    assert isinstance(src.read(src.names.index("embed")), jax.Array)
+    ref = fj.merge(BASE, FTS, ta)
+    for fmt, ins in ckpts.items():
+        out = tmp_path / f"mesh_{fmt}"
+        io.merge_checkpoints(ins[0], ins[1:], ta, out, mesh=mesh, format="orbax", progress=False)
+        got = io.load_orbax(out)
+        for p, x in jax.tree_util.tree_flatten_with_path(ref)[0]:
+            y = got
+            for k in p:
+                y = y[str(getattr(k, "key", getattr(k, "idx", None)))]
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=f"{fmt} {p}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mesh_orbax", "mesh_safetensors"]
