@@ -29,6 +29,8 @@ both libraries have, plus a few fusionjax keys::
                                   #   dtype unless out_dtype / output.dtype is set
     out_dtype: bfloat16
     seed: 0                       # fusionjax: the PRNG key of random methods
+    convention: mergekit          # fusionjax: mergekit (default) | fusionjax
+    layout: none                  # fusionjax: none | hf | llama | gpt2 | vit | timm_vit
     output:                       # fusionjax
       format: safetensors         # safetensors | orbax (default: safetensors for an
                                   #   OUT ending in .safetensors, else the base's)
@@ -50,6 +52,76 @@ Per-model values (``weight``, ``density``, ``gamma``, ``epsilon``) become the
 under ``models`` that are the ``base_model`` itself are dropped from task-vector
 methods (their task vector is zero; mergekit skips them too).
 
+Methods (mergekit's names and parameters; defaults as mergekit's). Per-model
+``weight`` becomes ``weights=[...]``, ``density`` ``density=[...]`` (DARE:
+``drop_rate = 1 - density``), ``lambda`` ``scaling`` (default 1.0),
+``normalize`` ``merge="mean"|"sum"`` (the sign-election methods) or
+``normalize=`` (the linear ones), ``rescale`` ``rescale="l1"|"none"``;
+``int8_mask`` is accepted and ignored:
+
+=================  ========================================================
+``linear``         ``mean(weights)`` (``normalize: false``: ``sum(weights)``)
+                   on a zero base: the models' weighted average / sum
+``task_arithmetic``  ``chain(sum(weights), scale(lambda))`` (normalize: mean)
+``ties``           ``ties(density, weights, scaling, merge, rescale)``
+                   (normalize true, rescale false)
+``dare_ties``      ``dare_ties(drop_rate, weights, ...)``, normalize false,
+                   rescale true; random (``seed``)
+``dare_linear``    ``dare_linear``, normalize false, rescale true; random
+``breadcrumbs``    ``breadcrumbs(density, gamma=0.01, ...)``, normalize false
+``breadcrumbs_ties``  ``breadcrumbs_ties``, normalize false
+``della``          ``della(density, epsilon=0.15, ..., rank_axis)``,
+                   normalize true, rescale true; random
+``della_linear``   ``della_linear``, normalize false, rescale true; random
+``slerp``          ``merge(base, [base, other], slerp(t))``; ``t`` required
+``nuslerp``        ``nuslerp(weights=[w0, w1], flatten=nuslerp_flatten,
+                   axis from nuslerp_row_wise)``; task vectors with a
+                   ``base_model``, the weights without
+``multislerp``     ``multislerp(weights, normalize_weights, eps)``, likewise
+``karcher``        ``karcher(max_iter=10, tol=1e-5)`` over every model,
+                   a named ``base_model`` included
+``nearswap``       ``merge(base, [other], nearswap(t))``; ``t`` required
+``sce``            ``sce(density=select_topk)`` (default 1)
+``arcee_fusion``   ``merge(base, [other], arcee_fusion(axis))``
+``model_stock``    ``model_stock(filter_wise, axis)``
+``passthrough``    one model copied; or ``slices`` (below)
+=================  ========================================================
+
+Convention. ``convention: mergekit`` (the default for these names) passes
+``convention="mergekit"`` to the factories that have it (:mod:`fusionjax.merging`'s
+"mergekit compatibility" table: kept counts, the sign of a tie, SLERP of a zero
+tensor, Model Stock's unclipped cosine) and gives ``normalize``, ``rescale`` and
+``epsilon`` mergekit's per-method defaults. ``convention: fusionjax`` keeps the
+factories' own defaults for everything the config does not set (``lambda``,
+``weight`` and ``density`` keep mergekit's defaults: they are the method's
+parameters, not conventions). ``merge_method: fusionjax.NAME`` always uses
+fusionjax's defaults.
+
+Layout. ``layout: none`` (default) merges the tensors as stored; ``hf`` (the
+family detected from the names) or a family name opens every checkpoint
+through :func:`fusionjax.io.open_checkpoint`'s ``layout`` (flax leaves) and
+writes the output back in the checkpoint's own names and layout. The axis
+options follow the leaves: safetensors opened without a layout are torch
+layout (``(out, in)``): nuslerp row_wise false/true ``axis=-1``/``0``,
+model_stock and arcee_fusion ``axis=-1``, della ``rank_axis=1``; Orbax
+checkpoints and any checkpoint opened through a layout are flax layout
+(``(in, out)``): ``0``/``-1``, ``0`` and ``None``.
+
+Slices (mergekit's layer stacking), with ``merge_method: passthrough``::
+
+    slices:
+      - sources: [{model: A, layer_range: [0, 2]}]
+      - sources: [{model: B, layer_range: [1, 3]}]
+
+The output's layers are the slices' layers in order, renumbered from 0 (``A``'s
+0, 1 then ``B``'s 1, 2 as 0..3); the tensors outside the numbered layers
+(``model.layers.N.`` / ``h.N.`` / ``layer.N.`` / ``blocks.N.``) come from the
+``base_model``, else the first slice's model. Every range and every stacked
+layer's tensors (names, shapes, dtypes against the first stacked layer) are
+checked from metadata before any tensor is read; the tensors are then copied
+leaf by leaf (no layout: names as stored). One source per slice: merging several
+models within a slice is rejected.
+
 fusionjax's own methods. ``merge_method: fusionjax.NAME`` builds
 ``fusionjax.merging.NAME(**parameters)`` with the top-level ``parameters`` as
 keyword arguments (strings allowed, e.g. ``scope: model``) and per-model
@@ -57,12 +129,11 @@ keyword arguments (strings allowed, e.g. ``scope: model``) and per-model
 
 Not supported, rejected with an error naming the key: ``tokenizer_source``,
 ``tokenizer``, ``chat_template`` (fusionjax merges weights; copy the tokenizer
-files yourself), ``modules``, and ``slices`` (mergekit's layer stacking).
+files yourself; vocabularies that differ need
+:func:`fusionjax.io.align_embeddings` first) and ``modules``.
 
-Where fusionjax's methods differ from mergekit's (see the issue's list:
-DARE/DELLA rescaling by :math:`1/q` rather than matching the L1 norm, kept counts
-:math:`\lceil\rho n\rceil`, a zero elected sign, SLERP of a zero tensor,
-computing in float32), the merge follows fusionjax's definitions.
+mergekit computes in the checkpoint's dtype (bf16); fusionjax computes in at
+least float32 and rounds each merged leaf once.
 """
 
 from __future__ import annotations
@@ -605,7 +676,7 @@ def _model_stock(g, m, ctx):
 
 
 def _passthrough(g, m, ctx):
-    # one model copied as it is: base + mean of its task vector (zero) ... is the model
+    # one model copied as it is: on a zero base, the mean of its one "task vector"
     return merging.mean()
 
 
@@ -637,7 +708,8 @@ METHODS: dict[str, _Method] = {
     ),
     "task_arithmetic": _Method(
         "base + lambda * sum_t weight_t * tau_t (sum, scale)", _task_arithmetic,
-        global_params=_gta(False, False), model_params={"weight": _WEIGHT},
+        global_params={k: v for k, v in _gta(False, False).items() if k != "rescale"},
+        model_params={"weight": _WEIGHT},
     ),
     "ties": _Method(
         "trim to density, elect sign, disjoint mean or sum (ties)",
@@ -721,6 +793,7 @@ METHODS: dict[str, _Method] = {
     "passthrough": _Method(
         "copy one model as it is; with `slices:`, stack layers of several models",
         _passthrough, base="optional", min_models=1, max_models=1, drop_base=False,
+        zero_base=True,
     ),
 }
 
