@@ -29,6 +29,8 @@ both libraries have, plus a few fusionjax keys::
                                   #   dtype unless out_dtype / output.dtype is set
     out_dtype: bfloat16
     seed: 0                       # fusionjax: the PRNG key of random methods
+    convention: mergekit          # fusionjax: mergekit (default) | fusionjax
+    layout: none                  # fusionjax: none | hf | llama | gpt2 | vit | timm_vit
     output:                       # fusionjax
       format: safetensors         # safetensors | orbax (default: safetensors for an
                                   #   OUT ending in .safetensors, else the base's)
@@ -50,6 +52,76 @@ Per-model values (``weight``, ``density``, ``gamma``, ``epsilon``) become the
 under ``models`` that are the ``base_model`` itself are dropped from task-vector
 methods (their task vector is zero; mergekit skips them too).
 
+Methods (mergekit's names and parameters; defaults as mergekit's). Per-model
+``weight`` becomes ``weights=[...]``, ``density`` ``density=[...]`` (DARE:
+``drop_rate = 1 - density``), ``lambda`` ``scaling`` (default 1.0),
+``normalize`` ``merge="mean"|"sum"`` (the sign-election methods) or
+``normalize=`` (the linear ones), ``rescale`` ``rescale="l1"|"none"``;
+``int8_mask`` is accepted and ignored:
+
+=================  ========================================================
+``linear``         ``mean(weights)`` (``normalize: false``: ``sum(weights)``)
+                   on a zero base: the models' weighted average / sum
+``task_arithmetic``  ``chain(sum(weights), scale(lambda))`` (normalize: mean)
+``ties``           ``ties(density, weights, scaling, merge, rescale)``
+                   (normalize true, rescale false)
+``dare_ties``      ``dare_ties(drop_rate, weights, ...)``, normalize false,
+                   rescale true; random (``seed``)
+``dare_linear``    ``dare_linear``, normalize false, rescale true; random
+``breadcrumbs``    ``breadcrumbs(density, gamma=0.01, ...)``, normalize false
+``breadcrumbs_ties``  ``breadcrumbs_ties``, normalize false
+``della``          ``della(density, epsilon=0.15, ..., rank_axis)``,
+                   normalize true, rescale true; random
+``della_linear``   ``della_linear``, normalize false, rescale true; random
+``slerp``          ``merge(base, [base, other], slerp(t))``; ``t`` required
+``nuslerp``        ``nuslerp(weights=[w0, w1], flatten=nuslerp_flatten,
+                   axis from nuslerp_row_wise)``; task vectors with a
+                   ``base_model``, the weights without
+``multislerp``     ``multislerp(weights, normalize_weights, eps)``, likewise
+``karcher``        ``karcher(max_iter=10, tol=1e-5)`` over every model,
+                   a named ``base_model`` included
+``nearswap``       ``merge(base, [other], nearswap(t))``; ``t`` required
+``sce``            ``sce(density=select_topk)`` (default 1)
+``arcee_fusion``   ``merge(base, [other], arcee_fusion(axis))``
+``model_stock``    ``model_stock(filter_wise, axis)``
+``passthrough``    one model copied; or ``slices`` (below)
+=================  ========================================================
+
+Convention. ``convention: mergekit`` (the default for these names) passes
+``convention="mergekit"`` to the factories that have it (:mod:`fusionjax.merging`'s
+"mergekit compatibility" table: kept counts, the sign of a tie, SLERP of a zero
+tensor, Model Stock's unclipped cosine) and gives ``normalize``, ``rescale`` and
+``epsilon`` mergekit's per-method defaults. ``convention: fusionjax`` keeps the
+factories' own defaults for everything the config does not set (``lambda``,
+``weight`` and ``density`` keep mergekit's defaults: they are the method's
+parameters, not conventions). ``merge_method: fusionjax.NAME`` always uses
+fusionjax's defaults.
+
+Layout. ``layout: none`` (default) merges the tensors as stored; ``hf`` (the
+family detected from the names) or a family name opens every checkpoint
+through :func:`fusionjax.io.open_checkpoint`'s ``layout`` (flax leaves) and
+writes the output back in the checkpoint's own names and layout. The axis
+options follow the leaves: safetensors opened without a layout are torch
+layout (``(out, in)``): nuslerp row_wise false/true ``axis=-1``/``0``,
+model_stock and arcee_fusion ``axis=-1``, della ``rank_axis=1``; Orbax
+checkpoints and any checkpoint opened through a layout are flax layout
+(``(in, out)``): ``0``/``-1``, ``0`` and ``None``.
+
+Slices (mergekit's layer stacking), with ``merge_method: passthrough``::
+
+    slices:
+      - sources: [{model: A, layer_range: [0, 2]}]
+      - sources: [{model: B, layer_range: [1, 3]}]
+
+The output's layers are the slices' layers in order, renumbered from 0 (``A``'s
+0, 1 then ``B``'s 1, 2 as 0..3); the tensors outside the numbered layers
+(``model.layers.N.`` / ``h.N.`` / ``layer.N.`` / ``blocks.N.``) come from the
+``base_model``, else the first slice's model. Every range and every stacked
+layer's tensors (names, shapes, dtypes against the first stacked layer) are
+checked from metadata before any tensor is read; the tensors are then copied
+leaf by leaf (no layout: names as stored). One source per slice: merging several
+models within a slice is rejected.
+
 fusionjax's own methods. ``merge_method: fusionjax.NAME`` builds
 ``fusionjax.merging.NAME(**parameters)`` with the top-level ``parameters`` as
 keyword arguments (strings allowed, e.g. ``scope: model``) and per-model
@@ -57,12 +129,11 @@ keyword arguments (strings allowed, e.g. ``scope: model``) and per-model
 
 Not supported, rejected with an error naming the key: ``tokenizer_source``,
 ``tokenizer``, ``chat_template`` (fusionjax merges weights; copy the tokenizer
-files yourself), ``modules``, and ``slices`` (mergekit's layer stacking).
+files yourself; vocabularies that differ need
+:func:`fusionjax.io.align_embeddings` first) and ``modules``.
 
-Where fusionjax's methods differ from mergekit's (see the issue's list:
-DARE/DELLA rescaling by :math:`1/q` rather than matching the L1 norm, kept counts
-:math:`\lceil\rho n\rceil`, a zero elected sign, SLERP of a zero tensor,
-computing in float32), the merge follows fusionjax's definitions.
+mergekit computes in the checkpoint's dtype (bf16); fusionjax computes in at
+least float32 and rounds each merged leaf once.
 """
 
 from __future__ import annotations
@@ -132,11 +203,18 @@ class MergePlan(NamedTuple):
       method: The ``merge_method`` as written.
       base: The base model (the reference the task vectors are taken from).
       models: The models merged, in order (the ``T`` of the per-model values).
-      merger: The :class:`fusionjax.Step` for :func:`fusionjax.merge`.
+      merger: The :class:`fusionjax.Step` for :func:`fusionjax.merge`, built for
+        leaves in torch layout (see :meth:`for_leaves`); ``None`` for ``slices``.
       hparams: The method's hyperparameters as configured, ``{name: value}``
         (for the dry run's printout; per-leaf values are resolved there).
       seed: Seed of the PRNG key, for random methods (``None`` otherwise).
       output: The output's :class:`OutputSpec`.
+      convention: ``"mergekit"`` or ``"fusionjax"``.
+      layout: ``None`` (tensors as stored), ``"hf"`` or a layout family name,
+        for :func:`fusionjax.io.open_checkpoint`.
+      zero_base: Merge on a zero base (``linear``: the models' weighted sum).
+      slices: For ``slices:`` configs, the :class:`SlicePlan`; else ``None``.
+      build: ``build(torch_layout) -> merger``.
     """
 
     method: str
@@ -146,6 +224,54 @@ class MergePlan(NamedTuple):
     hparams: dict
     seed: int | None
     output: OutputSpec
+    convention: str = "mergekit"
+    layout: str | None = None
+    zero_base: bool = False
+    slices: Any = None
+    build: Any = None
+
+    def for_leaves(self, torch_layout: bool) -> MergePlan:
+        """The plan with its merger built for leaves in torch or flax layout.
+
+        Args:
+          torch_layout: Whether the leaves are torch layout (``(out, in)`` weights).
+
+        Returns:
+          The plan, its ``merger`` rebuilt if an axis option depends on the layout.
+        """
+        if self.build is None:
+            return self
+        return self._replace(merger=self.build(torch_layout))
+
+
+class SliceSource(NamedTuple):
+    """One ``slices[i].sources[j]``: layers ``[start, end)`` of a model.
+
+    Attributes:
+      model: The checkpoint.
+      start: First layer taken.
+      end: One past the last layer taken.
+      key: The config key, ``slices[i].sources[j]``.
+    """
+
+    model: ModelSpec
+    start: int
+    end: int
+    key: str
+
+
+class SlicePlan(NamedTuple):
+    """mergekit's layer stacking (``slices`` with ``merge_method: passthrough``).
+
+    Attributes:
+      slices: One :class:`SliceSource` per slice, in output order: the output's
+        layers are their layers, renumbered from 0.
+      rest: The model the tensors outside the numbered layers come from
+        (``base_model``, else the first slice's model).
+    """
+
+    slices: tuple[SliceSource, ...]
+    rest: ModelSpec
 
 
 # -- per-leaf values ----------------------------------------------------------
@@ -221,6 +347,7 @@ class _Param:
     upper: float | None = None
     lower_open: bool = False
     upper_open: bool = False
+    conv: bool = False  # a convention option: unset under `convention: fusionjax` -> None
     doc: str = ""
 
     def interval(self) -> str:
@@ -351,6 +478,24 @@ def _check_keys(d: Mapping, known, key: str) -> None:
 # -- methods ------------------------------------------------------------------
 
 _UNIT = {"lower": 0.0, "upper": 1.0}
+CONVENTIONS = ("mergekit", "fusionjax")
+
+
+class BuildContext(NamedTuple):
+    """What a method's steps depend on besides its hyperparameters.
+
+    Attributes:
+      convention: ``"mergekit"`` or ``"fusionjax"`` (the config's ``convention``).
+      torch_layout: Whether the leaves are in torch layout (safetensors opened
+        without a ``layout``: a Linear weight is ``(out, in)``) rather than flax
+        layout (Orbax, or any checkpoint opened through a ``layout``: a Dense
+        kernel is ``(in, out)``). Chooses the axis options.
+      with_base: Whether the config names a ``base_model`` (task-vector space).
+    """
+
+    convention: str
+    torch_layout: bool
+    with_base: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,12 +511,8 @@ class _Method:
     model_params: Mapping[str, _Param] = dataclasses.field(default_factory=dict)
     drop_base: bool = True  # task-vector methods drop `models` entries that are the base
     base_first: bool = False  # the base is also the first model merged (slerp: t=0)
-
-
-def _weights_all_equal(w: Any) -> float | None:
-    if isinstance(w, np.ndarray) and np.all(w == w[0]):
-        return float(w[0])
-    return None
+    base_in_models: bool = False  # karcher: a named base is one more input
+    zero_base: bool = False  # linear: the models' weighted sum, not base + sum
 
 
 def _check_nonneg_weights(w: Any, what: str) -> None:
@@ -384,228 +525,300 @@ def _check_nonneg_weights(w: Any, what: str) -> None:
             )
 
 
-def _weighted_mean(w: Any) -> Any:
-    """``fusionjax.merging.mean`` with per-model (possibly per-leaf) weights."""
-    _check_nonneg_weights(w, "a weighted mean")
-    t = len(w.args) if isinstance(w, PerLeaf) else len(w)
-    step = merging.mean(weights=np.ones(t))
-    return step.replace(hparams={"weights": w})
+def _opt(**kwargs) -> dict:
+    """The keyword arguments that are set (``None``: the factory's default)."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def _weighted_sum(w: Any, lam: Any, normalize: bool) -> list:
-    """Steps merging ``[T]`` task vectors into ``λ Σ w_t τ_t`` (``/ Σ w_t`` if normalize)."""
-    eq = _weights_all_equal(w)
-    if eq is not None:
-        if normalize:
-            return [merging.mean(), merging.scale(lam)]
-        return [merging.sum(), merging.scale(_map(lambda x: x * eq, lam, f"{lam!r}*{eq:g}"))]
-    mean = _weighted_mean(w)
-    if normalize:
-        return [mean, merging.scale(lam)]
-    total = PerLeaf(lambda ws, la: float(np.sum(ws)) * la, (w, lam), f"{lam!r}*sum(weight)")
-    return [mean, merging.scale(total)]
+def _merge_of(normalize: Any) -> str | None:
+    # mergekit's `normalize` of the sign-election methods: mean (true) or sum (false)
+    return None if normalize is None else ("mean" if normalize else "sum")
 
 
-def _ties_merge(w: Any, lam: Any, normalize: bool, method: str) -> list:
-    """Elect sign, then the disjoint mean (normalize) or sum, scaled by ``λ``."""
-    eq = _weights_all_equal(w)
-    if eq is None:
-        raise ConfigError(
-            "models[*].parameters.weight",
-            f"{method}: fusionjax's sign election takes equal weights per model for now; "
-            f"got {_choices(w)[0].tolist() if isinstance(w, np.ndarray) else w!r}",
-        )
-    if normalize:
-        return [merging.elect_sign(), merging.disjoint_mean(), merging.scale(lam)]
-    scaled = _map(lambda x: x * eq, lam, f"{lam!r}*{eq:g}")
-    return [merging.elect_sign(), merging.sum(), merging.scale(scaled)]
+def _rescale_of(rescale: Any) -> str | None:
+    # mergekit's `rescale`: scale each masked tensor back to its L1 norm, or not at all
+    return None if rescale is None else ("l1" if rescale else "none")
+
+
+def _conv(ctx: BuildContext) -> str:
+    return "mergekit" if ctx.convention == "mergekit" else "fusionjax"
 
 
 def _drop_rate(density: Any) -> Any:
     return _map(lambda d: 1.0 - np.asarray(d, np.float64), density, f"1-{density!r}")
 
 
-def _require_rescale(g: Mapping, method: str) -> None:
-    if not g["rescale"]:
-        raise ConfigError(
-            "parameters.rescale",
-            f"{method}: fusionjax's random drop always rescales the kept entries by 1/q; "
-            "rescale: false is not supported",
-        )
+def _linear(g, m, ctx):
+    # mergekit: sum_t w_t theta_t (/ sum_t w_t if normalize), on a zero base
+    if g["normalize"] is False:
+        return merging.sum(weights=m["weight"])
+    _check_nonneg_weights(m["weight"], "linear with normalize: true")
+    return merging.mean(weights=m["weight"])
 
 
-def _linear(g, m):
-    if not g["normalize"]:
-        raise ConfigError(
-            "parameters.normalize",
-            "linear with normalize: false (an unnormalised sum of weights) is not "
-            "supported; use task_arithmetic with a base_model",
-        )
-    eq = _weights_all_equal(m["weight"])
-    return merging.mean() if eq is not None else _weighted_mean(m["weight"])
+def _task_arithmetic(g, m, ctx):
+    w = m["weight"]
+    if g["normalize"]:
+        _check_nonneg_weights(w, "task_arithmetic with normalize: true")
+        return fj.chain(merging.mean(weights=w), merging.scale(g["lambda"]))
+    return fj.chain(merging.sum(weights=w), merging.scale(g["lambda"]))
 
 
-def _task_arithmetic(g, m):
-    return fj.chain(*_weighted_sum(m["weight"], g["lambda"], g["normalize"]))
-
-
-def _ties(g, m):
-    return fj.chain(
-        merging.trim(density=m["density"]),
-        *_ties_merge(m["weight"], g["lambda"], g["normalize"], "ties"),
+def _ties(g, m, ctx):
+    return merging.ties(
+        density=m["density"], weights=m["weight"], scaling=g["lambda"], convention=_conv(ctx),
+        **_opt(merge=_merge_of(g["normalize"]), rescale=_rescale_of(g["rescale"])),
     )
 
 
-def _dare_ties(g, m):
-    _require_rescale(g, "dare_ties")
-    return fj.chain(
-        merging.drop_and_rescale(drop_rate=_drop_rate(m["density"])),
-        *_ties_merge(m["weight"], g["lambda"], g["normalize"], "dare_ties"),
+def _dare_ties(g, m, ctx):
+    return merging.dare_ties(
+        drop_rate=_drop_rate(m["density"]), weights=m["weight"], scaling=g["lambda"],
+        convention=_conv(ctx),
+        **_opt(merge=_merge_of(g["normalize"]), rescale=_rescale_of(g["rescale"])),
     )
 
 
-def _dare_linear(g, m):
-    _require_rescale(g, "dare_linear")
-    return fj.chain(
-        merging.drop_and_rescale(drop_rate=_drop_rate(m["density"])),
-        *_weighted_sum(m["weight"], g["lambda"], g["normalize"]),
+def _dare_linear(g, m, ctx):
+    return merging.dare_linear(
+        drop_rate=_drop_rate(m["density"]), weights=m["weight"], scaling=g["lambda"],
+        **_opt(normalize=g["normalize"], rescale=_rescale_of(g["rescale"])),
     )
 
 
-def _breadcrumbs(g, m):
-    return fj.chain(
-        merging.drop_extremes(density=m["density"], gamma=m["gamma"]),
-        *_weighted_sum(m["weight"], g["lambda"], g["normalize"]),
+def _breadcrumbs(g, m, ctx):
+    return merging.breadcrumbs(
+        density=m["density"], gamma=m["gamma"], weights=m["weight"], scaling=g["lambda"],
+        convention=_conv(ctx),
+        **_opt(normalize=g["normalize"], rescale=_rescale_of(g["rescale"])),
     )
 
 
-def _breadcrumbs_ties(g, m):
-    return fj.chain(
-        merging.drop_extremes(density=m["density"], gamma=m["gamma"]),
-        *_ties_merge(m["weight"], g["lambda"], g["normalize"], "breadcrumbs_ties"),
+def _breadcrumbs_ties(g, m, ctx):
+    return merging.breadcrumbs_ties(
+        density=m["density"], gamma=m["gamma"], weights=m["weight"], scaling=g["lambda"],
+        convention=_conv(ctx),
+        **_opt(merge=_merge_of(g["normalize"]), rescale=_rescale_of(g["rescale"])),
     )
 
 
-def _della(g, m):
-    _require_rescale(g, "della")
-    return fj.chain(
-        merging.magnitude_drop(density=m["density"], epsilon=m["epsilon"]),
-        *_ties_merge(m["weight"], g["lambda"], g["normalize"], "della"),
+def _rank_axis(ctx: BuildContext) -> int | None:
+    # mergekit ranks along torch's dim 1 (each output unit's inputs); on a flax
+    # (in, out) kernel the same groups are what rank_axis=None does.
+    return 1 if ctx.torch_layout else None
+
+
+def _della(g, m, ctx):
+    return merging.della(
+        density=m["density"], weights=m["weight"], scaling=g["lambda"],
+        rank_axis=_rank_axis(ctx), convention=_conv(ctx),
+        **_opt(epsilon=m["epsilon"], merge=_merge_of(g["normalize"]),
+               rescale=_rescale_of(g["rescale"])),
     )
 
 
-def _della_linear(g, m):
-    _require_rescale(g, "della_linear")
-    return fj.chain(
-        merging.magnitude_drop(density=m["density"], epsilon=m["epsilon"]),
-        *_weighted_sum(m["weight"], g["lambda"], g["normalize"]),
+def _della_linear(g, m, ctx):
+    return merging.della_linear(
+        density=m["density"], weights=m["weight"], scaling=g["lambda"],
+        rank_axis=_rank_axis(ctx),
+        **_opt(epsilon=m["epsilon"], normalize=g["normalize"],
+               rescale=_rescale_of(g["rescale"])),
     )
 
 
-def _slerp(g, m):
-    return merging.slerp(t=g["t"])
+def _slerp(g, m, ctx):
+    return merging.slerp(t=g["t"], convention=_conv(ctx))
 
 
-def _model_stock(g, m):
-    if g["filter_wise"]:
-        raise ConfigError("parameters.filter_wise", "filter_wise: true is not supported")
-    return merging.model_stock()
+def _row_axis(ctx: BuildContext) -> int:
+    # torch's last dim (each row of an (out, in) weight) is axis 0 of a flax (in, out) kernel
+    return -1 if ctx.torch_layout else 0
+
+
+def _nuslerp(g, m, ctx):
+    if g["nuslerp_row_wise"]:
+        axis = 0 if ctx.torch_layout else -1  # torch's dim 0
+    else:
+        axis = _row_axis(ctx)
+    return merging.nuslerp(
+        weights=m["weight"], flatten=g["nuslerp_flatten"], axis=axis,
+        space="task_vectors" if ctx.with_base else "weights",
+    )
+
+
+def _multislerp(g, m, ctx):
+    return merging.multislerp(
+        weights=m["weight"], normalize_weights=g["normalize_weights"], eps=g["eps"],
+        space="task_vectors" if ctx.with_base else "weights",
+    )
+
+
+def _karcher(g, m, ctx):
+    return merging.karcher(max_iter=g["max_iter"], tol=g["tol"])
+
+
+def _nearswap(g, m, ctx):
+    return merging.nearswap(t=g["t"])
+
+
+def _sce(g, m, ctx):
+    return merging.sce(density=g["select_topk"])
+
+
+def _arcee_fusion(g, m, ctx):
+    return merging.arcee_fusion(axis=_row_axis(ctx))
+
+
+def _model_stock(g, m, ctx):
+    return merging.model_stock(
+        filter_wise=g["filter_wise"], axis=_row_axis(ctx), convention=_conv(ctx)
+    )
+
+
+def _passthrough(g, m, ctx):
+    # one model copied as it is: on a zero base, the mean of its one "task vector"
+    return merging.mean()
 
 
 _WEIGHT = _Param(1.0, doc="the model's weight")
 _DENSITY = _Param(1.0, lower=0.0, upper=1.0, lower_open=True, doc="fraction of entries kept")
-_GTA = {
-    "lambda": _Param(1.0, doc="scaling of the merged task vector"),
-    "normalize": _Param(False, kind="bool", doc="divide by the sum of the weights"),
-    "int8_mask": _Param(False, kind="bool", doc="mergekit memory option (no effect)"),
-}
+_GAMMA = _Param(0.01, lower=0.0, upper=1.0, upper_open=True, doc="fraction of largest dropped")
+# conv=True: a table option of fusionjax.merging's "mergekit compatibility"; left
+# unset under `convention: fusionjax`, the factory's own default applies.
+_EPSILON = _Param(0.15, lower=0.0, conv=True, doc="half-width of the keep-probability range")
 
 
-def _gta(normalize: bool, rescale: bool | None = None) -> dict:
-    out = dict(_GTA)
-    out["normalize"] = dataclasses.replace(out["normalize"], default=normalize)
-    if rescale is not None:
-        out["rescale"] = _Param(rescale, kind="bool", doc="rescale kept entries (1/q)")
-    return out
+def _gta(normalize: bool, rescale: bool) -> dict:
+    return {
+        "lambda": _Param(1.0, doc="scaling of the merged task vector"),
+        "normalize": _Param(normalize, kind="bool", conv=True,
+                            doc="divide by the sum of the weights (mean, else sum)"),
+        "rescale": _Param(rescale, kind="bool", conv=True,
+                          doc="rescale masked tensors to their L1 norm"),
+        "int8_mask": _Param(False, kind="bool", doc="mergekit memory option (no effect)"),
+    }
 
 
 METHODS: dict[str, _Method] = {
     "linear": _Method(
-        "weighted average of the models (mean)", _linear, base="optional", drop_base=False,
+        "weighted average of the models (normalize: false: their weighted sum)", _linear,
+        base="optional", drop_base=False, zero_base=True,
         global_params={"normalize": _Param(True, kind="bool")},
         model_params={"weight": _WEIGHT},
     ),
     "task_arithmetic": _Method(
         "base + lambda * sum_t weight_t * tau_t (sum, scale)", _task_arithmetic,
-        global_params=_gta(False), model_params={"weight": _WEIGHT},
+        global_params={k: v for k, v in _gta(False, False).items() if k != "rescale"},
+        model_params={"weight": _WEIGHT},
     ),
     "ties": _Method(
-        "trim to density, elect sign, disjoint mean (trim, elect_sign, disjoint_mean)",
-        _ties, global_params=_gta(True),
+        "trim to density, elect sign, disjoint mean or sum (ties)",
+        _ties, global_params=_gta(True, False),
         model_params={"weight": _WEIGHT, "density": _DENSITY},
     ),
     "dare_ties": _Method(
-        "random drop (1 - density), rescale, elect sign (drop_and_rescale, elect_sign)",
-        _dare_ties, global_params=_gta(False, rescale=True),
+        "random drop (1 - density), rescale, elect sign (dare_ties; seed)",
+        _dare_ties, global_params=_gta(False, True),
         model_params={"weight": _WEIGHT, "density": _DENSITY},
     ),
     "dare_linear": _Method(
-        "random drop (1 - density), rescale, weighted sum (drop_and_rescale, sum)",
-        _dare_linear, global_params=_gta(False, rescale=True),
+        "random drop (1 - density), rescale, weighted sum (dare_linear; seed)",
+        _dare_linear, global_params=_gta(False, True),
         model_params={"weight": _WEIGHT, "density": _DENSITY},
     ),
     "breadcrumbs": _Method(
-        "drop the largest gamma and the smallest entries, weighted sum (drop_extremes)",
-        _breadcrumbs, global_params=_gta(False),
-        model_params={"weight": _WEIGHT, "density": _DENSITY,
-                      "gamma": _Param(0.01, lower=0.0, upper=1.0, upper_open=True)},
+        "drop the largest gamma and the smallest entries, weighted sum (breadcrumbs)",
+        _breadcrumbs, global_params=_gta(False, False),
+        model_params={"weight": _WEIGHT, "density": _DENSITY, "gamma": _GAMMA},
     ),
     "breadcrumbs_ties": _Method(
-        "breadcrumbs' mask, then TIES' sign election (drop_extremes, elect_sign)",
-        _breadcrumbs_ties, global_params=_gta(False),
-        model_params={"weight": _WEIGHT, "density": _DENSITY,
-                      "gamma": _Param(0.01, lower=0.0, upper=1.0, upper_open=True)},
+        "breadcrumbs' mask, then TIES' sign election (breadcrumbs_ties)",
+        _breadcrumbs_ties, global_params=_gta(False, False),
+        model_params={"weight": _WEIGHT, "density": _DENSITY, "gamma": _GAMMA},
     ),
     "della": _Method(
-        "magnitude-ranked random drop, elect sign, disjoint mean (magnitude_drop)",
-        _della, global_params=_gta(True, rescale=True),
-        model_params={"weight": _WEIGHT, "density": _DENSITY,
-                      "epsilon": _Param(0.15, lower=0.0)},
+        "magnitude-ranked random drop, elect sign, disjoint merge (della; seed)",
+        _della, global_params=_gta(True, True),
+        model_params={"weight": _WEIGHT, "density": _DENSITY, "epsilon": _EPSILON},
     ),
     "della_linear": _Method(
-        "magnitude-ranked random drop, weighted sum (magnitude_drop, sum)",
-        _della_linear, global_params=_gta(False, rescale=True),
-        model_params={"weight": _WEIGHT, "density": _DENSITY,
-                      "epsilon": _Param(0.15, lower=0.0)},
+        "magnitude-ranked random drop, weighted sum (della_linear; seed)",
+        _della_linear, global_params=_gta(False, True),
+        model_params={"weight": _WEIGHT, "density": _DENSITY, "epsilon": _EPSILON},
     ),
     "slerp": _Method(
         "spherical interpolation from base_model (t=0) to the other model (t=1)",
         _slerp, min_models=1, max_models=1, base_first=True,
         global_params={"t": _Param(None, **_UNIT, doc="interpolation factor")},
     ),
+    "nuslerp": _Method(
+        "SLERP of two models by their weights, whole or row by row (task vectors with a "
+        "base_model)", _nuslerp, base="optional", min_models=2, max_models=2,
+        global_params={"nuslerp_flatten": _Param(True, kind="bool"),
+                       "nuslerp_row_wise": _Param(False, kind="bool")},
+        model_params={"weight": _WEIGHT},
+    ),
+    "multislerp": _Method(
+        "barycentric SLERP of the models (task vectors with a base_model)", _multislerp,
+        base="optional", min_models=1,
+        global_params={"normalize_weights": _Param(True, kind="bool"),
+                       "eps": _Param(1e-8, lower=0.0, lower_open=True)},
+        model_params={"weight": _WEIGHT},
+    ),
+    "karcher": _Method(
+        "Karcher mean of every model on the sphere (a base_model is one more model)",
+        _karcher, base="optional", min_models=1, drop_base=False, base_in_models=True,
+        global_params={"max_iter": _Param(10, kind="int", lower=1),
+                       "tol": _Param(1e-5, lower=0.0, lower_open=True)},
+    ),
+    "nearswap": _Method(
+        "take the other model's entries where they lie within t of the base", _nearswap,
+        min_models=1, max_models=1,
+        global_params={"t": _Param(None, lower=0.0, doc="similarity threshold")},
+    ),
+    "sce": _Method(
+        "select by variance, calculate weights, erase minority signs (sce)", _sce,
+        global_params={"select_topk": _Param(1.0, **_UNIT),
+                       "int8_mask": _Param(False, kind="bool")},
+    ),
+    "arcee_fusion": _Method(
+        "keep the base's entries except the changes that matter most", _arcee_fusion,
+        min_models=1, max_models=1,
+    ),
     "model_stock": _Method(
         "Model Stock: interpolate base and the models' average by their angle",
         _model_stock, min_models=2,
         global_params={"filter_wise": _Param(False, kind="bool")},
     ),
+    "passthrough": _Method(
+        "copy one model as it is; with `slices:`, stack layers of several models",
+        _passthrough, base="optional", min_models=1, max_models=1, drop_base=False,
+        zero_base=True,
+    ),
 }
 
 # fusionjax factories that make a merger from hyperparameters alone.
 NATIVE = (
-    "breadcrumbs", "dare", "dare_ties", "della", "mean", "model_stock", "slerp",
-    "task_arithmetic", "ties", "uniform_soup", "weighted_average",
+    "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare", "dare_linear", "dare_ties",
+    "della", "della_linear", "disjoint_max", "karcher", "mean", "model_stock", "multislerp",
+    "nearswap", "nuslerp", "sce", "slerp", "sum", "task_arithmetic", "ties", "uniform_soup",
+    "weighted_average",
 )
 NATIVE_PREFIX = "fusionjax."
+_TOKENIZER = (
+    "fusionjax merges weights only; copy the tokenizer files yourself (models whose "
+    "vocabularies differ need their embedding rows aligned first: "
+    "fusionjax.io.align_embeddings)"
+)
 _UNSUPPORTED = {
-    "tokenizer_source": "fusionjax merges weights only; copy the tokenizer files yourself",
-    "tokenizer": "fusionjax merges weights only; copy the tokenizer files yourself",
-    "chat_template": "fusionjax merges weights only; copy the tokenizer files yourself",
+    "tokenizer_source": _TOKENIZER,
+    "tokenizer": _TOKENIZER,
+    "chat_template": _TOKENIZER,
     "modules": "mergekit's multi-module configs are not supported",
-    "slices": "mergekit's layer stacking (slices, passthrough) is not supported yet; "
-    "use models:",
 }
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-             "seed", "key", "output", "name", *_UNSUPPORTED}
+             "seed", "key", "output", "name", "convention", "layout", "slices",
+             *_UNSUPPORTED}
 _MISSING = object()
 
 
@@ -686,6 +899,37 @@ def _seed(cfg: Mapping) -> int | None:
     return s
 
 
+def _layout(cfg: Mapping) -> str | None:
+    raw = cfg.get("layout")
+    if raw is None or raw == "none":
+        return None
+    from fusionjax.io import _layout as layout_lib
+
+    known = ("hf", *sorted(layout_lib.FAMILIES))
+    if raw not in known:
+        raise ConfigError(
+            "layout", f"must be none, {', '.join(known)}; got {raw!r}" + _suggest(raw, known)
+        )
+    return raw
+
+
+def _convention(cfg: Mapping, method: str) -> str:
+    raw = cfg.get("convention")
+    if raw is None:
+        return "fusionjax" if method.startswith(NATIVE_PREFIX) else "mergekit"
+    if raw not in CONVENTIONS:
+        raise ConfigError(
+            "convention", f"must be one of {', '.join(CONVENTIONS)}, got {raw!r}"
+            + _suggest(raw, CONVENTIONS)
+        )
+    if method.startswith(NATIVE_PREFIX):
+        raise ConfigError(
+            "convention", f"{method} takes fusionjax's defaults; pass the factory's own "
+            "option instead (parameters: {convention: mergekit} where it has one)"
+        )
+    return raw
+
+
 def parse_config(cfg: Any) -> MergePlan:
     """Validates a config (the YAML as Python data) into a :class:`MergePlan`.
 
@@ -711,6 +955,19 @@ def parse_config(cfg: Any) -> MergePlan:
     method = cfg["merge_method"]
     if not isinstance(method, str):
         raise ConfigError("merge_method", f"must be a method name, got {method!r}")
+    base = None
+    if cfg.get("base_model") is not None:
+        base = _model_ref(cfg["base_model"], "base_model")
+    top = cfg.get("parameters") or {}
+    if not isinstance(top, Mapping):
+        raise ConfigError("parameters", f"must be a mapping, got {top!r}")
+    output = _output(cfg)
+    _dtype(cfg.get("dtype"), "dtype")
+    seed = _seed(cfg)
+    convention = _convention(cfg, method)
+    layout = _layout(cfg)
+    if cfg.get("slices") is not None:
+        return _slices(cfg, method, base, top, output, convention, layout)
     models_raw = cfg.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise ConfigError("models", "must be a non-empty list of {model: PATH, ...}")
@@ -729,42 +986,93 @@ def parse_config(cfg: Any) -> MergePlan:
         if not isinstance(params, Mapping):
             raise ConfigError(f"{key}.parameters", f"must be a mapping, got {params!r}")
         entries.append((i, ref, params))
-    base = None
-    if cfg.get("base_model") is not None:
-        base = _model_ref(cfg["base_model"], "base_model")
-    top = cfg.get("parameters") or {}
-    if not isinstance(top, Mapping):
-        raise ConfigError("parameters", f"must be a mapping, got {top!r}")
-    output = _output(cfg)
-    _dtype(cfg.get("dtype"), "dtype")
-    seed = _seed(cfg)
     if method.startswith(NATIVE_PREFIX):
-        return _native(method, base, entries, top, output, seed)
-    if method not in METHODS:
+        plan = _native(method, base, entries, top, output, seed)
+    elif method not in METHODS:
         raise ConfigError(
             "merge_method",
             f"unknown method {method!r}{_suggest(method, method_names())}; known: "
             f"{', '.join(method_names())}",
         )
-    return _mergekit(method, METHODS[method], base, entries, top, output, seed)
+    else:
+        plan = _mergekit(method, METHODS[method], base, entries, top, output, seed, convention)
+    return plan._replace(convention=convention, layout=layout)
 
 
-def _mergekit(name, spec, base, entries, top, output, seed) -> MergePlan:
+def _slices(cfg, method, base, top, output, convention, layout) -> MergePlan:
+    if method != "passthrough":
+        raise ConfigError(
+            "merge_method", f"slices take merge_method: passthrough (layer stacking); a "
+            f"merge per slice ({method}) is not supported yet"
+        )
+    if cfg.get("models") is not None:
+        raise ConfigError("models", "give `slices:` or `models:`, not both")
+    if top:
+        raise ConfigError("parameters", "passthrough slices take no parameters")
+    raw = cfg["slices"]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("slices", "must be a non-empty list of {sources: [...]}")
+    out = []
+    for i, item in enumerate(raw):
+        key = f"slices[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(key, f"must be a mapping with `sources:`, got {item!r}")
+        _check_keys(item, {"sources"}, key)
+        sources = item.get("sources")
+        if not isinstance(sources, list) or not sources:
+            raise ConfigError(f"{key}.sources", "must be a non-empty list of "
+                              "{model: PATH, layer_range: [START, END]}")
+        if len(sources) > 1:
+            raise ConfigError(
+                f"{key}.sources", f"{len(sources)} sources: merging several models within a "
+                "slice is not supported yet; give one source per slice"
+            )
+        skey = f"{key}.sources[0]"
+        src = sources[0]
+        if not isinstance(src, Mapping):
+            raise ConfigError(skey, f"must be a mapping with `model:` and `layer_range:`, "
+                              f"got {src!r}")
+        _check_keys(src, {"model", "format", "layer_range"}, skey)
+        if "model" not in src:
+            raise ConfigError(skey, "needs `model: PATH`")
+        ref = _model_ref({k: src[k] for k in ("model", "format") if k in src}, skey)
+        rng = src.get("layer_range")
+        if (not isinstance(rng, list) or len(rng) != 2
+                or any(isinstance(x, bool) or not isinstance(x, int) for x in rng)):
+            raise ConfigError(f"{skey}.layer_range", f"must be [START, END] (integers), "
+                              f"got {rng!r}")
+        start, end = rng
+        if start < 0 or end <= start:
+            raise ConfigError(f"{skey}.layer_range", f"needs 0 <= START < END, got {rng!r}")
+        out.append(SliceSource(ref, start, end, skey))
+    rest = base if base is not None else out[0].model
+    models = tuple(dict.fromkeys(s.model for s in out))
+    return MergePlan("passthrough", rest, models, None, {}, None, output, convention,
+                     layout, False, SlicePlan(tuple(out), rest))
+
+
+def _mergekit(name, spec, base, entries, top, output, seed, convention) -> MergePlan:
     known = set(spec.global_params) | set(spec.model_params)
     _check_keys(top, known, "parameters")
     for i, _, params in entries:
         _check_keys(params, set(spec.model_params), f"models[{i}].parameters")
     if base is None and spec.base == "required":
         raise ConfigError("base_model", f"{name} needs a base_model")
+    with_base = base is not None
     if spec.drop_base and base is not None:
         entries = [e for e in entries if e[1].path != base.path]
+    if spec.base_in_models and base is not None and all(
+            e[1].path != base.path for e in entries):
+        entries = [(-1, base, {}), *entries]
     n = len(entries)
     if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
         want = (
             f"exactly {spec.min_models}" if spec.max_models == spec.min_models
             else f"at least {spec.min_models}"
         )
-        raise ConfigError("models", f"{name} merges {want} model(s) besides the base, got {n}")
+        besides = " besides the base" if spec.drop_base and with_base else ""
+        raise ConfigError("models", f"{name} merges {want} model(s){besides}, got {n}")
+    mergekit = convention == "mergekit"
     g = {}
     for k, p in spec.global_params.items():
         if k in top:
@@ -772,29 +1080,42 @@ def _mergekit(name, spec, base, entries, top, output, seed) -> MergePlan:
         elif p.default is None:
             raise ConfigError(f"parameters.{k}", f"{name} needs `{k}`")
         else:
-            g[k] = p.default
+            g[k] = p.default if mergekit or not p.conv else None
     per_model = {}
     for k, p in spec.model_params.items():
-        fallback = _value(top[k], p, f"parameters.{k}", p.default) if k in top else p.default
+        default = p.default if mergekit or not p.conv else None
+        set_anywhere = k in top or any(k in params for _, _, params in entries)
+        if default is None and not set_anywhere:
+            per_model[k] = None
+            continue
+        if default is None:
+            default = p.default
+        fallback = _value(top[k], p, f"parameters.{k}", default) if k in top else default
         vals = [
             _value(params[k], p, f"models[{i}].parameters.{k}", fallback) if k in params
             else fallback
             for i, _, params in entries
         ]
         per_model[k] = _stack(vals, k)
-    try:
-        merger = spec.build(g, per_model)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError("parameters", f"{name}: {e}") from None
-    if base is None:  # linear without a base: the first model is the reference
+
+    def build(torch_layout: bool):
+        ctx = BuildContext(convention, torch_layout, with_base)
+        try:
+            return spec.build(g, per_model, ctx)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise ConfigError("parameters", f"{name}: {e}") from None
+
+    merger = build(True)
+    if base is None:  # no base: the first model carries the structure
         base = entries[0][1]
-    hparams = {**g, **per_model}
+    hparams = {k: v for k, v in {**g, **per_model}.items() if v is not None}
     models = tuple(r for _, r, _ in entries)
     if spec.base_first:
         models = (base, *models)
-    return MergePlan(name, base, models, merger, hparams, seed, output)
+    return MergePlan(name, base, models, merger, hparams, seed, output,
+                     zero_base=spec.zero_base, build=build)
 
 
 def _native(method, base, entries, top, output, seed) -> MergePlan:

@@ -33,7 +33,18 @@ config says, streaming leaf by leaf. The config is mergekit's format:
   out_dtype: bfloat16
 
 plus fusionjax keys: `format: safetensors|orbax` per model (default: detected),
-`seed:` for random methods, `output: {format, dtype, max_shard_bytes}`.
+`seed:` for random methods, `output: {format, dtype, max_shard_bytes}`,
+`convention: mergekit|fusionjax` (default mergekit: reproduce mergekit's
+defaults and tie rules; fusionjax: the factories' own defaults for what the
+config leaves unset), `layout: none|hf|llama|gpt2|vit|timm_vit` (open the
+checkpoints as flax leaves and write the output back in the checkpoint's own
+layout; axis options follow torch vs flax layout).
+
+Layer stacking (merge_method: passthrough):
+  slices:
+    - sources: [{model: ckpt/a, layer_range: [0, 16]}]
+    - sources: [{model: ckpt/b, layer_range: [8, 24]}]
+layers renumbered in order; other tensors from base_model or the first slice.
 Every path, shape, dtype and parameter is checked before any tensor is read;
 a bad config exits with status 2 (config) or 1 (checkpoints) and writes nothing.
 """

@@ -84,9 +84,7 @@ def test_equal_weights_give_fusionjax_task_arithmetic(models):
     plan = _config.parse_config(cfg)
     base, fts = models
     want = fj.merge(base, fts, fj.merging.task_arithmetic(scaling=0.4))
-    got = _merged(plan, models)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _close(_merged(plan, models), want)
 
 
 def test_linear_is_the_weighted_average_of_the_models(models):
@@ -108,28 +106,23 @@ def test_ties_per_model_density_is_fusionjax_ties(models):
     _close(_merged(_config.parse_config(cfg), models), want)
 
 
-def test_ties_unequal_weights_are_refused():
-    cfg = _cfg("ties")
-    cfg["models"][0]["parameters"] = {"weight": 1.0}
-    cfg["models"][1]["parameters"] = {"weight": 2.0}
-    with pytest.raises(_config.ConfigError, match=r"models\[\*\]\.parameters\.weight"):
-        _config.parse_config(cfg)
-
-
-def test_dare_ties_is_drop_then_sign_election(models):
+def test_dare_ties_defaults_follow_the_convention(models):
     cfg = _cfg("dare_ties", parameters={"density": 0.6}, seed=3)
-    plan = _config.parse_config(cfg)
     base, fts = models
-    expect = fj.chain(
-        fj.merging.drop_and_rescale(drop_rate=0.4), fj.merging.elect_sign(),
-        fj.merging.sum(), fj.merging.scale(1.0),
-    )
-    want = fj.merge(base, fts, expect, key=jax.random.key(3))
-    _close(_merged(plan, models), want)
+    key = jax.random.key(3)
+    # mergekit: normalize false (sum), rescale true (L1), sign ties -> +
+    expect = fj.merging.dare_ties(drop_rate=0.4, weights=[1.0, 1.0], scaling=1.0, merge="sum",
+                                  rescale="l1", convention="mergekit")
+    _close(_merged(_config.parse_config(cfg), models), fj.merge(base, fts, expect, key=key))
+    # convention: fusionjax: the factory's own defaults (mean, 1/q rescale)
+    plan = _config.parse_config({**cfg, "convention": "fusionjax"})
+    expect = fj.merging.dare_ties(drop_rate=0.4, weights=[1.0, 1.0], scaling=1.0)
+    fj_out = _merged(plan, models)
+    _close(fj_out, fj.merge(base, fts, expect, key=key))
     # random: another seed draws another mask
-    other = _merged(_config.parse_config({**cfg, "seed": 4}), models)
+    other = _merged(_config.parse_config({**cfg, "convention": "fusionjax", "seed": 4}), models)
     assert not np.allclose(np.asarray(jax.tree.leaves(other)[0]),
-                           np.asarray(jax.tree.leaves(want)[0]))
+                           np.asarray(jax.tree.leaves(fj_out)[0]))
 
 
 def test_slerp_gradient_t_interpolates_over_layers(models):
@@ -174,15 +167,17 @@ def test_per_model_gradient_stacks_per_leaf(models):
         (jax.tree_util.DictKey("model"), jax.tree_util.DictKey("layers"),
          jax.tree_util.DictKey("1"), jax.tree_util.DictKey("mlp")), (4,), jnp.float32, 2, 3, 100)
     trim = plan.merger.resolve(info).parts[0]
-    assert trim.name == "trim"
-    # density 0.6 of layer 1 of 3 for model 0 -> k = ceil(0.6 * 4) = 3; model 1: 0.6 -> 3
-    np.testing.assert_array_equal(np.asarray(trim.hparams["k"]), [3, 3])
+    assert trim.name == "trim(mergekit)"
+    # density 0.6 at layer 1 of 3 for model 0, 0.6 for model 1; mergekit keeps
+    # max(1, floor(0.6 * 4)) = 2 entries
+    np.testing.assert_array_equal(np.asarray(trim.hparams["k"]), [2, 2])
 
 
 def test_native_method_kwargs(models):
-    cfg = _cfg("fusionjax.ties", parameters={"density": 0.5, "scope": "model", "scaling": 0.7})
+    cfg = _cfg("fusionjax.breadcrumbs", parameters={"density": 0.5, "scope": "leaf",
+                                                     "scaling": 0.7})
     base, fts = models
-    want = fj.merge(base, fts, fj.merging.ties(density=0.5, scope="model", scaling=0.7))
+    want = fj.merge(base, fts, fj.merging.breadcrumbs(density=0.5, scope="leaf", scaling=0.7))
     _close(_merged(_config.parse_config(cfg), models), want)
 
 
@@ -204,13 +199,13 @@ def test_native_method_kwargs(models):
         (_cfg("ties", output={"format": "pt"}), "output.format", "safetensors"),
         (_cfg("ties", output={"shards": 3}), "output.shards", "max_shard_bytes"),
         (_cfg("ties", tokenizer_source="union"), "tokenizer_source", "tokenizer"),
-        (_cfg("ties", slices=[{"sources": []}]), "slices", "not supported"),
+        (_cfg("ties", slices=[{"sources": []}]), "merge_method", "passthrough"),
         (_cfg("ties", merge_methd="ties"), "merge_methd", "'merge_method'"),
         ({"merge_method": "ties", "models": [{"model": "a"}]}, "base_model", "needs a base_model"),
         ({**_cfg("slerp", parameters={"t": 0.5}), "models": [{"model": "a"}, {"model": "b"}]},
          "models", "exactly 1"),
         ({**_cfg("slerp"), "models": [{"model": "b"}]}, "parameters.t", "needs `t`"),
-        (_cfg("dare_ties", parameters={"rescale": False}), "parameters.rescale", "1/q"),
+        (_cfg("dare_ties", parameters={"rescale": 0}), "parameters.rescale", "true or false"),
         (_cfg("ties", parameters={"lambda": [{"value": 1.0}, {"filter": "mlp", "value": 2.0}]}),
          "parameters.lambda[1]", "never used"),
         (_cfg("ties", seed=-1), "seed", "non-negative"),

@@ -203,3 +203,65 @@ def test_console_command(tmp_path, trees):
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
     assert _merge is not None
+
+
+def _slices_cfg(paths, ranges):
+    return {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": paths[m], "layer_range": list(r)}]} for m, r in ranges]}
+
+
+def test_passthrough_slices_stack_layers(tmp_path, trees, count_reads, capsys):
+    base, (a, _) = trees
+    paths = {n: _save(t, tmp_path / n, "safetensors") for n, t in
+             zip(["base", "a"], [base, a], strict=True)}
+    cfg = _slices_cfg(paths, [("base", (0, 2)), ("a", (1, 3))])
+    out = str(tmp_path / "stacked.safetensors")
+    assert main(["merge", _write_cfg(tmp_path, cfg), out, "--dry-run"]) == 0
+    assert count_reads == []
+    text = capsys.readouterr().out
+    assert "model/layers/3/mlp/up_proj/weight  (6, 4) float32  <- slices[1].sources[0]: " \
+        "model/layers/2/mlp/up_proj/weight" in text
+    assert main(["merge", _write_cfg(tmp_path, cfg), out, "--no-progress"]) == 0
+    got = io.open_checkpoint(out)
+    assert sorted(got.names) == sorted(
+        [f"model.layers.{i}.{w}" for i in range(4)
+         for w in ("self_attn.q_proj.weight", "mlp.up_proj.weight")]
+        + ["model.embed_tokens.weight", "model.norm.weight"])
+    got = io.load_safetensors(out)["model"]
+    for new, (src, old) in enumerate([(base, 0), (base, 1), (a, 1), (a, 2)]):
+        for sub in ("self_attn", "mlp"):
+            np.testing.assert_array_equal(
+                jax.tree.leaves(got["layers"][str(new)][sub]),
+                jax.tree.leaves(src["model"]["layers"][str(old)][sub]))
+    np.testing.assert_array_equal(got["norm"]["weight"], base["model"]["norm"]["weight"])
+
+
+@pytest.mark.parametrize("edit, status, words", [
+    (lambda c, p: c["slices"][1]["sources"][0].update(layer_range=[1, 5]), 1,
+     ["slices[1].sources[0].layer_range", "a model of 3 layers"]),
+    (lambda c, p: c["slices"][0]["sources"].append({"model": p["a"], "layer_range": [0, 2]}),
+     2, ["slices[0].sources", "one source per slice"]),
+    (lambda c, p: c["slices"][0]["sources"][0].update(layer_range=[2, 1]), 2,
+     ["slices[0].sources[0].layer_range", "START < END"]),
+    (lambda c, p: c.update(merge_method="ties"), 2, ["merge_method", "passthrough"]),
+    (lambda c, p: c["slices"][1]["sources"][0].update(model=p["odd"]), 1,
+     ["slices[1].sources[0]", "layer 1 of", "self_attn/q_proj/weight"]),
+])
+def test_bad_slices_fail_before_reading(tmp_path, trees, count_reads, capsys, edit, status,
+                                        words):
+    base, (a, _) = trees
+    odd = jax.tree.map(lambda x: x, a)
+    odd["model"]["layers"]["1"]["self_attn"]["q_proj"]["weight"] = jnp.zeros((2, 4))
+    paths = {n: _save(t, tmp_path / n, "safetensors") for n, t in
+             zip(["base", "a", "odd"], [base, a, odd], strict=True)}
+    cfg = _slices_cfg(paths, [("base", (0, 2)), ("a", (1, 3))])
+    edit(cfg, paths)
+    before = set(os.listdir(tmp_path))
+    rc = main(["merge", _write_cfg(tmp_path, cfg), str(tmp_path / "o.safetensors"),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == status, err
+    for w in words:
+        assert w in err, err
+    assert count_reads == []
+    assert set(os.listdir(tmp_path)) <= before | {"merge.yaml"}
