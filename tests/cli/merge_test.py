@@ -265,3 +265,41 @@ def test_bad_slices_fail_before_reading(tmp_path, trees, count_reads, capsys, ed
         assert w in err, err
     assert count_reads == []
     assert set(os.listdir(tmp_path)) <= before | {"merge.yaml"}
+
+
+def _hf_llama(seed, scale=1.0):
+    """A tiny Llama-named checkpoint in torch layout (GQA k/v, RMSNorm weights, untied head)."""
+    r = np.random.default_rng(seed)
+    shapes = {"model.embed_tokens.weight": (32, 8), "model.norm.weight": (8,), "lm_head.weight": (32, 8)}
+    for i in range(2):
+        for name, shape in [("self_attn.q_proj", (8, 8)), ("self_attn.k_proj", (4, 8)),
+                            ("self_attn.v_proj", (4, 8)), ("self_attn.o_proj", (8, 8)),
+                            ("mlp.gate_proj", (16, 8)), ("mlp.up_proj", (16, 8)),
+                            ("mlp.down_proj", (8, 16)), ("input_layernorm", (8,)),
+                            ("post_attention_layernorm", (8,))]:
+            shapes[f"model.layers.{i}.{name}.weight"] = shape
+    return {k: (scale * r.normal(size=s)).astype(np.float32) for k, s in shapes.items()}
+
+
+def test_hf_layout_config_merges_and_writes_back_the_checkpoints_own_names(tmp_path):
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file
+
+    base = _hf_llama(0)
+    deltas = [_hf_llama(s, 0.1) for s in (1, 2)]
+    raw = [base] + [{k: v + d[k] for k, v in base.items()} for d in deltas]
+    for name, tensors in zip(["base", "a", "b"], raw, strict=True):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    cfg = {"merge_method": "ties", "base_model": str(tmp_path / "base"), "layout": "hf",
+           "models": [{"model": str(tmp_path / "a"), "parameters": {"density": 0.5, "weight": 1.0}},
+                      {"model": str(tmp_path / "b"), "parameters": {"density": 0.5, "weight": 0.5}}]}
+    assert main(["merge", _write_cfg(tmp_path, cfg), str(tmp_path / "out"), "--no-progress"]) == 0
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    # TIES is per tensor and ignores element order, so merging the flax-layout leaves and
+    # writing them back equals merging the torch tensors as they are stored.
+    want = fj.merge(raw[0], raw[1:], fj.merging.ties(density=0.5, weights=jnp.array([1.0, 0.5]),
+                                                      convention="mergekit"))
+    assert sorted(got) == sorted(raw[0])
+    for k in got:
+        np.testing.assert_array_equal(got[k], np.asarray(want[k]), err_msg=k)
