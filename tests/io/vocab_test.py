@@ -1,7 +1,7 @@
 """Vocabulary alignment: tokenizer files in, embedding rows permuted into one vocabulary.
 
-Tokenizer files are written by the tests as JSON in Hugging Face's formats (the
-`tokenizers` library is not a dependency). Each model's matrix is built from one table of
+Most tokenizer files are written by the tests as JSON in Hugging Face's formats (edge
+cases: added tokens, bad ids); one test trains real BPE tokenizers with `tokenizers`. Each model's matrix is built from one table of
 per-token vectors, so a shared token must come out with bit-identical rows.
 """
 
@@ -184,3 +184,45 @@ def test_mismatched_sizes_raise_naming_the_file(tmp_path):
         align_embeddings([base], [BASE], fill="zeros")
     with pytest.raises(ValueError, match="base=3 is out of range"):
         align_vocabs([BASE], base=3)
+
+
+def test_real_bpe_tokenizers_of_different_sizes(tmp_path):
+    """Two BPE tokenizers trained with Hugging Face `tokenizers` on text that ships with Python."""
+    import inspect
+    import json as json_module
+
+    from pydoc_data import topics
+    from tokenizers import Tokenizer
+    from tokenizers import models
+    from tokenizers import pre_tokenizers
+    from tokenizers import trainers
+
+    corpora = [inspect.getsource(json_module.decoder), " ".join(list(topics.topics.values())[:40])]
+    paths, ids = [], []
+    for m, (text, size) in enumerate(zip(corpora, (300, 420), strict=True)):
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["[UNK]", "<pad>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator([text], trainer)
+        (tmp_path / f"m{m}").mkdir()
+        tok.save(str(tmp_path / f"m{m}" / "tokenizer.json"))
+        ids.append(tok.get_vocab())
+        paths.append(tmp_path / f"m{m}")
+    vocabs = [read_vocab(p) for p in paths]
+    for vocab, table_ in zip(vocabs, ids, strict=True):
+        assert {t: i for i, t in enumerate(vocab)} == table_  # ids as the library assigns them
+    assert len(vocabs[0]) != len(vocabs[1])
+    rng = np.random.default_rng(0)
+    emb = [rng.standard_normal((len(v), D)).astype(np.float32) for v in vocabs]
+    out = align_embeddings(emb, paths)
+    union = {t: i for i, t in enumerate(out.vocab)}
+    assert out.vocab[: len(vocabs[0])] == tuple(vocabs[0])  # the base's ids are unchanged
+    assert set(out.vocab) == set(vocabs[0]) | set(vocabs[1])
+    for m, vocab in enumerate(vocabs):
+        rows = np.asarray(out.matrices[m])
+        for i, t in enumerate(vocab):  # every token keeps its own row in its model
+            np.testing.assert_array_equal(rows[union[t]], emb[m][i])
+    missing = [union[t] for t in set(vocabs[0]) - set(vocabs[1])]
+    assert missing and np.asarray(out.filled[1])[missing].all()
+    np.testing.assert_array_equal(np.asarray(out.matrices[1])[missing], emb[0][missing])
