@@ -190,8 +190,8 @@ def test_real_bpe_tokenizers_of_different_sizes(tmp_path):
     """Two BPE tokenizers trained with Hugging Face `tokenizers` on text that ships with Python."""
     import inspect
     import json as json_module
-
     from pydoc_data import topics
+
     from tokenizers import Tokenizer
     from tokenizers import models
     from tokenizers import pre_tokenizers
