@@ -16,26 +16,29 @@ SCRIPT = textwrap.dedent(
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
     assert jax.device_count() == 4
+
+    def model(seed):
+        k = jax.random.key(seed)
+        return {"w": np.asarray(jax.random.normal(k, (64, 8))), "b": np.ones(8, np.float32) * seed}
+
+    # The references: the same merges of the same values as host arrays on one device, outside
+    # any mesh (computed once; they do not depend on the mesh's axis type).
+    host = model(0), [model(i) for i in (1, 2, 3)]
+    methods = {"task_arithmetic": fj.merging.task_arithmetic(scaling=0.3),
+               "ties": fj.merging.ties(density=0.3),
+               "ties_model": fj.merging.ties(density=0.3, scope="model"),
+               "dare": fj.merging.dare(drop_rate=0.5)}
+    refs = {name: fj.merge(*host, m, key=jax.random.key(0)) for name, m in methods.items()}
     for kind in (AxisType.Auto, AxisType.Explicit):
         mesh = jax.make_mesh((4,), ("x",), axis_types=(kind,))
         rows = NamedSharding(mesh, P("x", None))
         repl = NamedSharding(mesh, P())
-
-        def model(seed):
-            k = jax.random.key(seed)
-            return {"w": jax.device_put(jax.random.normal(k, (64, 8)), rows),
-                    "b": jax.device_put(jnp.ones(8) * seed, repl)}
-
-        base, fts = model(0), [model(i) for i in (1, 2, 3)]
-        host = jax.tree.map(np.asarray, (base, fts))
-        methods = {"task_arithmetic": fj.merging.task_arithmetic(scaling=0.3),
-                   "ties": fj.merging.ties(density=0.3),
-                   "ties_model": fj.merging.ties(density=0.3, scope="model"),
-                   "dare": fj.merging.dare(drop_rate=0.5)}
+        place = lambda p: {"w": jax.device_put(p["w"], rows), "b": jax.device_put(p["b"], repl)}
+        base, fts = place(host[0]), [place(p) for p in host[1]]
         with jax.set_mesh(mesh):
             for name, m in methods.items():
                 out = fj.merge(base, fts, m, key=jax.random.key(0))
-                ref = fj.merge(*host, m, key=jax.random.key(0))
+                ref = refs[name]
                 assert out["w"].sharding.is_equivalent_to(rows, 2), (kind, name, out["w"].sharding)
                 assert out["b"].sharding.is_equivalent_to(repl, 1), (kind, name, out["b"].sharding)
                 np.testing.assert_allclose(out["w"], ref["w"], rtol=1e-6, atol=1e-6)
