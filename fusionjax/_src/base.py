@@ -570,6 +570,11 @@ def run_statistics(plan, step, key, read_inputs, stacked_input):
             for i in idx:
                 b, fts = read_inputs(i)
                 prefix = parts_of(plan.steps[i])[:g]
+                # Wait for the previous leaf's update before queueing this one: the
+                # updates are dispatched asynchronously, and each queued one holds
+                # its leaf's inputs, so an unthrottled loop reads the whole model
+                # ahead of the computation. At most two leaves are alive at a time.
+                _wait(state)
                 state = kernels.stat_leaf(
                     stat,
                     stacked_input,
@@ -589,6 +594,16 @@ def run_statistics(plan, step, key, read_inputs, stacked_input):
             plan.steps[i] = Chain(tuple(ps)) if isinstance(plan.steps[i], Chain) else ps[0]
             if hasattr(plan, "structures"):
                 plan.structures[i] = jax.tree.structure(plan.steps[i])
+
+
+def _wait(state) -> None:
+    """Blocks until ``state``'s concrete arrays are computed (traced ones are skipped)."""
+    leaves = [
+        x for x in jax.tree.leaves(state)
+        if isinstance(x, jax.Array) and validation.is_concrete(x)
+    ]
+    if leaves:
+        jax.block_until_ready(leaves)
 
 
 def apply_to_stacked(

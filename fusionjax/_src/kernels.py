@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fusionjax._src import keys as keys_lib
 from fusionjax._src import validation
@@ -22,6 +23,48 @@ def stacked_tv(base, finetuned):
     dt = validation.compute_dtype(base.dtype)
     b = base.astype(dt)
     return b, jnp.stack([f.astype(dt) - b for f in finetuned])
+
+
+def all_finite(xs) -> jax.Array:
+    """Whether every entry of every array in ``xs`` is finite: one boolean scalar.
+
+    ``isfinite`` of each input, and-ed elementwise, then one reduction: XLA fuses
+    it into a single pass over the inputs in their own dtype. The per-input
+    ``isfinite(sum(x - x))`` reductions it replaces cost ~7x the merge for
+    bfloat16 leaves on XLA:CPU (each one converts and reduces separately).
+    """
+    ok = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in xs])
+    return jnp.all(ok)
+
+
+@jax.jit
+def finite_each(xs) -> jax.Array:
+    """``[len(xs)]`` booleans, whether each array is all finite (to name a bad input)."""
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])
+
+
+def to_device(x):
+    """A leaf as a :class:`jax.Array`, like :func:`jax.numpy.asarray`, copied at most once.
+
+    On a CPU backend, with no mesh set, a NumPy array of a canonical dtype (e.g. a
+    read-only view of a memory-mapped checkpoint) is copied once into a fresh
+    64-byte-aligned buffer that :func:`jax.device_put` then uses without copying
+    (it owns the buffer: nothing else writes to it). ``jnp.asarray`` copies twice
+    and ``device_put`` of an unaligned array copies page by page: 4-15x slower for
+    a 64 MB leaf. Anything else goes through ``jnp.asarray``.
+    """
+    if (
+        type(x) is np.ndarray
+        and x.dtype == jax.dtypes.canonicalize_dtype(x.dtype)
+        and jax.default_backend() == "cpu"
+        and jax.sharding.get_abstract_mesh().empty
+    ):
+        raw = np.empty(x.nbytes + 64, np.uint8)
+        start = -raw.ctypes.data % 64
+        buf = raw[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+        np.copyto(buf, x)
+        return jax.device_put(buf)
+    return jnp.asarray(x)
 
 
 def explicit_axes(x=None) -> tuple:

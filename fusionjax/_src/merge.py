@@ -131,8 +131,7 @@ def _merge_leaf_impl(step, base, finetuned, key, extras, check_finite, sharded=T
     out = (b + merged).astype(base.dtype)
     if not check_finite:
         return out, None
-    finite = jnp.stack([jnp.isfinite(jnp.sum(x - x)) for x in (base, *finetuned)])
-    return out, finite
+    return out, kernels.all_finite((base, *finetuned))
 
 
 _merge_leaf = jax.jit(_merge_leaf_impl, static_argnums=(5,))
@@ -351,12 +350,12 @@ def merge(
     out_sink = sink if sink is not None else stream.TreeSink(base_src.treedef)
 
     def read_inputs(i):
-        return jnp.asarray(base_src.read(i)), [jnp.asarray(s.read(i)) for s in ft_srcs]
+        return kernels.to_device(base_src.read(i)), [kernels.to_device(s.read(i)) for s in ft_srcs]
 
     if not merger.leafwise:
         run_statistics(plan, merger, key, read_inputs, stacked_input=False)
 
-    flag_paths, flags = [], []
+    flag_idx, flags = [], []  # leaf indices and their all-finite flags
     grouped = set()
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((merger, key)))
     if not extra_args and not traced:
@@ -365,7 +364,7 @@ def merge(
             if finite is not False:
                 grouped.update(idx)
             if finite is not False and finite is not None:
-                flag_paths.extend(plan.paths[i] for i in idx)
+                flag_idx.extend(idx)
                 flags.extend(finite)
     for i, path in enumerate(plan.paths):
         if i in grouped:
@@ -387,7 +386,7 @@ def merge(
             if plan.running_stats == "base":
                 out_sink.write(i, _own(base_src.read(i)))
             else:
-                out_sink.write(i, _average_leaf([jnp.asarray(s.read(i)) for s in ft_srcs]))
+                out_sink.write(i, _average_leaf([kernels.to_device(s.read(i)) for s in ft_srcs]))
             continue
         b, fts = read_inputs(i)
         concrete = validation.is_concrete(b) and all(validation.is_concrete(f) for f in fts)
@@ -406,14 +405,15 @@ def merge(
         # Under an outer jit the flags are traced even when the inputs are
         # closed-over constants; they can only be checked when concrete.
         if finite is not None and validation.is_concrete(finite):
-            flag_paths.append(path)
+            flag_idx.append(i)
             flags.append(finite)
     if flags:
-        for path, f in zip(flag_paths, jax.device_get(flags), strict=True):
-            bad = [j for j, ok in enumerate(f) if not ok]
-            if bad:
-                who = "base" if bad[0] == 0 else f"finetuned[{bad[0] - 1}]"
-                raise ValueError(f"{who} has NaN or Inf values at {keystr(path)}.")
+        for i, ok in zip(flag_idx, jax.device_get(flags), strict=True):
+            if not ok:  # read the leaf again to name the first model with NaN/Inf
+                b, fts = read_inputs(i)
+                bad = int(np.argmin(jax.device_get(kernels.finite_each([b, *fts]))))
+                who = "base" if bad == 0 else f"finetuned[{bad - 1}]"
+                raise ValueError(f"{who} has NaN or Inf values at {keystr(plan.paths[i])}.")
     return out_sink.finish()
 
 
@@ -459,8 +459,8 @@ def _groups(plan, base_src):
 def _merge_chunk(idx, plan, base_src, ft_srcs, key, check_finite, out_sink):
     """Merges one group of small leaves in one call.
 
-    Returns ``False`` if they must go one by one, else their finite flags
-    ``[len(idx), T + 1]`` (``None`` without the check).
+    Returns ``False`` if they must go one by one, else their all-finite flags
+    ``[len(idx)]`` (``None`` without the check).
     """
     bases = [base_src.read(i) for i in idx]
     fts = [[s.read(i) for i in idx] for s in ft_srcs]
