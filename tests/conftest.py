@@ -1,4 +1,9 @@
-"""Shared pytest configuration: strict JAX numerics and common fixtures."""
+"""Shared pytest configuration: strict JAX numerics, one compilation cache, common fixtures."""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -9,6 +14,21 @@ from tests._testing import SEEDS
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# One persistent XLA compilation cache for the session, inherited through the environment
+# by the notebooks' kernels and the tests' subprocesses: a notebook that runs the demo's
+# functions loads what the in-process tests compiled instead of compiling it again. The
+# cache only stores compiled programs; results are the same with or without it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="fusionjax-tests-xla-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")),
+)
 
 
 @pytest.fixture
