@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,12 +108,21 @@ def sum(weights: ArrayLike | None = None) -> Step:  # pylint: disable=redefined-
     Returns:
       A leafwise :class:`fusionjax.Step` that reduces ``[T, ...] -> [...]``.
     """
+    return weighted_merger("sum", _sum, weights)
+
+
+def weighted_merger(name: str, fn: Any, weights: ArrayLike | None) -> Step:
+    """A flat merger step with optional per-model ``weights`` (checked, ``[T]``).
+
+    Without weights the step has no hyperparameter; ``fn`` then gets
+    ``uniform=True`` and ignores ``weights``.
+    """
     validation.check_hparam("weights", weights)
     if weights is None:
-        return Step("sum", _sum, reduces=True, flat=True)
+        return Step(name, fn, reduces=True, flat=True)
     return Step(
-        "sum",
-        _sum,
+        name,
+        fn,
         reduces=True,
         flat=True,
         hparams={"weights": weights},

@@ -390,18 +390,7 @@ def disjoint_mean(weights: ArrayLike | None = None) -> Step:
     Returns:
       A leafwise merger :class:`fusionjax.Step` ``[T, ...] -> [...]``.
     """
-    validation.check_hparam("weights", weights)
-    if weights is None:
-        return Step("disjoint_mean", _disjoint_mean, reduces=True, flat=True)
-    return Step(
-        "disjoint_mean",
-        _disjoint_mean,
-        reduces=True,
-        flat=True,
-        hparams={"weights": weights},
-        options={"uniform": False},
-        per_model=("weights",),
-    )
+    return _linear.weighted_merger("disjoint_mean", _disjoint_mean, weights)
 
 
 def _disjoint_max(x, **_):
