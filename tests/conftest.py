@@ -31,6 +31,29 @@ jax.config.update(
 )
 
 
+# Session fixtures that train or study models for minutes, by the xdist group that owns
+# them. Under ``pytest -n 2 --dist loadgroup`` (the README's command) every test that uses
+# one of a group's fixtures runs on the same worker, so each is built once per run, while
+# the other worker takes the rest; the testbeds' disk caches are locked per file, so a
+# notebook kernel or a worker that needs a testbed being built waits and then reads it.
+_HEAVY_FIXTURES = {
+    "suite": "digits",
+    "language_testbeds": "language",
+    "language_log_probs": "language",
+    "barriers": "alignment",
+    "fusions": "alignment",
+    "spec_results": "alignment",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Puts each test that uses a heavy session fixture in that fixture's xdist group."""
+    for item in items:
+        groups = sorted({g for f, g in _HEAVY_FIXTURES.items() if f in item.fixturenames})
+        if groups:
+            item.add_marker(pytest.mark.xdist_group("+".join(groups)))
+
+
 @pytest.fixture
 def rng():
     """A fresh PRNG key."""

@@ -8,10 +8,12 @@ and renamed, so a concurrent reader never sees a partial file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,3 +70,30 @@ def save(file: str, arrays: dict[str, np.ndarray]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def building(file: str) -> Iterator[None]:
+    """Holds an exclusive lock on ``file``'s build, across processes, while the block runs.
+
+    Two processes that need the same uncached testbed at once (pytest-xdist workers, a
+    notebook kernel next to the tests) would both train it; under this lock the second
+    waits for the first and then reads its file. The lock is an ``flock`` on
+    ``file + ".lock"``, released when the block ends or the process dies; where ``fcntl``
+    is missing (Windows) the block runs unlocked.
+
+    Args:
+      file: The cache file about to be read or built.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    with open(file + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -68,6 +68,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -522,25 +523,26 @@ def load(
     """
     config = LanguageConfig() if config is None else config
     path = _cache_path(config, seed)
-    built = None
-    if cache and os.path.exists(path):
-        try:
-            built = _restore(path, config)
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # corrupt: rebuild
-            built = None
-        else:
-            bar = _Progress(progress, total=1, desc="language testbed")
-            bar.start("loaded from cache")
-            bar.done()
-            bar.close()
-    if built is None:
-        bar = _Progress(progress, total=2 + 2 * len(_corpus.DOMAINS), desc="language testbed")
-        try:
-            built = _build(config, seed, bar)
-        finally:
-            bar.close()
-        if cache:
-            _save(path, *built)
+    with _cache.building(path) if cache else contextlib.nullcontext():
+        built = None
+        if cache and os.path.exists(path):
+            try:
+                built = _restore(path, config)
+            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # corrupt
+                built = None
+            else:
+                bar = _Progress(progress, total=1, desc="language testbed")
+                bar.start("loaded from cache")
+                bar.done()
+                bar.close()
+        if built is None:
+            bar = _Progress(progress, total=2 + 2 * len(_corpus.DOMAINS), desc="language testbed")
+            try:
+                built = _build(config, seed, bar)
+            finally:
+                bar.close()
+            if cache:
+                _save(path, *built)
     strong, base, experts, finetuned, heldout, timings = built
     return LanguageTestbed(
         config=config,
