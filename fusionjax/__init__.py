@@ -4,8 +4,9 @@
 helpers) and :mod:`fusionjax.merging`, which need only jax and numpy. The other
 subpackages are attributes too, imported on first use (PEP 562), most because they load
 flax, optax, orbax or scikit-learn: ``fusionjax.alignment``, ``fusionjax.learned``,
-``fusionjax.logits``, ``fusionjax.decoding``, ``fusionjax.interop``, ``fusionjax.io``,
-``fusionjax.zoo``, ``fusionjax.testbed``, ``fusionjax.demo`` and ``fusionjax.cli``.
+``fusionjax.logits``, ``fusionjax.decoding``, ``fusionjax.distill``, ``fusionjax.interop``,
+``fusionjax.io``, ``fusionjax.zoo``, ``fusionjax.testbed``, ``fusionjax.demo`` and
+``fusionjax.cli``.
 """
 
 import importlib
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # the lazy subpackages, for type checkers and IDEs
     from fusionjax import cli
     from fusionjax import decoding
     from fusionjax import demo
+    from fusionjax import distill
     from fusionjax import interop
     from fusionjax import io
     from fusionjax import learned
@@ -59,6 +61,7 @@ _LAZY_SUBPACKAGES = (
     "cli",
     "decoding",
     "demo",
+    "distill",
     "interop",
     "io",
     "learned",
@@ -100,6 +103,7 @@ __all__ = [
     "cli",
     "decoding",
     "demo",
+    "distill",
     "gradient",
     "interop",
     "io",

@@ -332,6 +332,30 @@ def check_hparam(
         raise ValueError(f"{name} must lie in {interval}, got {shown}.")
 
 
+def check_int(name: str, value: Any, *, lower: int | None = None, upper: int | None = None) -> int:
+    """Returns ``value`` as an ``int``; ``TypeError``/``ValueError`` if it is not one in range.
+
+    For static (shape-deciding) hyperparameters such as ``k`` or a rank: booleans, floats
+    and arrays are refused, so ``k=2.5`` or ``k=True`` never truncates silently.
+
+    Args:
+      name: Hyperparameter name for the message, e.g. ``"k"``.
+      value: The value to check.
+      lower: Smallest allowed value, or ``None``.
+      upper: Largest allowed value, or ``None``.
+
+    Returns:
+      ``int(value)``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if (lower is not None and value < lower) or (upper is not None and value > upper):
+        lo = "-inf" if lower is None else lower
+        hi = "inf" if upper is None else upper
+        raise ValueError(f"{name} must lie in [{lo}, {hi}], got {value}.")
+    return int(value)
+
+
 def check_examples(inputs: Any, batch_size: int | None, name: str = "inputs") -> tuple[int, int]:
     """Checks a pytree of examples with a shared leading axis and a batch size.
 

@@ -25,6 +25,7 @@ SUBPACKAGES = [
     "fusionjax.cli",
     "fusionjax.decoding",
     "fusionjax.demo",
+    "fusionjax.distill",
     "fusionjax.interop",
     "fusionjax.io",
     "fusionjax.learned",

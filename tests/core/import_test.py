@@ -12,7 +12,7 @@ import pytest
 
 import fusionjax as fj
 
-LAZY = ("alignment", "cli", "decoding", "demo", "interop", "io", "learned", "logits", "testbed", "zoo")
+LAZY = ("alignment", "cli", "decoding", "demo", "distill", "interop", "io", "learned", "logits", "testbed", "zoo")
 
 
 def test_import_loads_no_flax_and_subpackages_are_attributes():
