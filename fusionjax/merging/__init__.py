@@ -104,6 +104,7 @@ from fusionjax.merging._ties import elect_sign
 from fusionjax.merging._ties import l1_rescale
 from fusionjax.merging._ties import ties
 from fusionjax.merging._ties import trim
+from fusionjax.merging._varm import varm
 
 __all__ = [
     "GreedySoupResult",
@@ -143,5 +144,6 @@ __all__ = [
     "ties",
     "trim",
     "uniform_soup",
+    "varm",
     "weighted_average",
 ]
