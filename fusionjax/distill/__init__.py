@@ -9,10 +9,44 @@ and masks, to be used inside the caller's optax loop.
 Shared types: :class:`TopK` (a truncated distribution) and :func:`top_k`.
 """
 
+from fusionjax.distill._preference import PreferenceOutput
+from fusionjax.distill._preference import dpo_loss
+from fusionjax.distill._preference import fuserl_po_loss
+from fusionjax.distill._preference import fuserl_sft_loss
+from fusionjax.distill._preference import fuserl_weights
+from fusionjax.distill._preference import simpo_loss
+from fusionjax.distill._preference import wrpo_alpha
+from fusionjax.distill._preference import wrpo_loss
+from fusionjax.distill._select import fuse_selected
+from fusionjax.distill._select import inference_mode_advantage
+from fusionjax.distill._select import init_selector
+from fusionjax.distill._select import profuser_weights
+from fusionjax.distill._select import select_sources
+from fusionjax.distill._select import selection_feedback_loss
+from fusionjax.distill._select import selector_scores
+from fusionjax.distill._select import top_k_mask
+from fusionjax.distill._select import training_mode_advantage
 from fusionjax.distill._types import TopK
 from fusionjax.distill._types import top_k
 
 __all__ = [
+    "PreferenceOutput",
+    "dpo_loss",
+    "fuse_selected",
+    "fuserl_po_loss",
+    "fuserl_sft_loss",
+    "fuserl_weights",
+    "inference_mode_advantage",
+    "init_selector",
+    "profuser_weights",
+    "select_sources",
+    "selection_feedback_loss",
+    "selector_scores",
+    "simpo_loss",
+    "top_k_mask",
+    "training_mode_advantage",
+    "wrpo_alpha",
+    "wrpo_loss",
     "TopK",
     "top_k",
 ]
