@@ -71,14 +71,15 @@ class PreferenceOutput(NamedTuple):
 def _logps(x, name: str, *, ndim: int | None = None) -> jax.Array:
     if x is None:
         raise TypeError(f"{name} is required, got None.")
-    x = jnp.asarray(x)
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x, np.float32)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must hold floating-point log-probabilities, got dtype {x.dtype}.")
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must have rank {ndim}, got shape {x.shape}.")
     if x.ndim == 0:
         raise ValueError(f"{name} must have a batch axis [B], got a scalar.")
-    return x.astype(jnp.float32)
+    return x
 
 
 def _like(x, name: str, ref: jax.Array, ref_name: str) -> jax.Array:
@@ -91,18 +92,20 @@ def _like(x, name: str, ref: jax.Array, ref_name: str) -> jax.Array:
 def _lengths(x, name: str, ref: jax.Array) -> jax.Array:
     if x is None:
         raise TypeError(f"{name} is required, got None.")
-    x = jnp.asarray(x)
+    if not hasattr(x, "shape"):
+        x = np.asarray(x, np.float32)
     if x.shape != ref.shape:
         raise ValueError(f"{name} must have shape {ref.shape}, got {x.shape}.")
     if validation.is_concrete(x) and np.any(np.asarray(x) <= 0):
         raise ValueError(f"{name} must be positive token counts, got {np.asarray(x).tolist()}.")
-    return x.astype(jnp.float32)
+    return x
 
 
 def _mask(where, batch: tuple[int, ...]) -> jax.Array | None:
     if where is None:
         return None
-    where = jnp.asarray(where)
+    if not hasattr(where, "dtype"):
+        where = np.asarray(where)
     if where.dtype != jnp.bool_:
         raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
     if where.shape != batch:
@@ -124,6 +127,10 @@ def _masked_mean(x: jax.Array, where: jax.Array | None) -> jax.Array:
 def _pair_losses(logits: jax.Array, label_smoothing) -> jax.Array:
     eps = jnp.asarray(label_smoothing, jnp.float32)
     return -(1.0 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)
+
+
+def _f32(*xs):
+    return [jnp.asarray(x, jnp.float32) for x in xs]
 
 
 def _output(losses, chosen, rejected, where) -> PreferenceOutput:
@@ -194,7 +201,12 @@ def dpo_loss(
     rc = _like(ref_chosen, "ref_chosen", pc, "policy_chosen")
     rr = _like(ref_rejected, "ref_rejected", pc, "policy_chosen")
     mask = _mask(where, pc.shape)
-    b = jnp.asarray(beta, jnp.float32)
+    return _dpo(pc, pr, rc, rr, beta, label_smoothing, mask)
+
+
+@jax.jit
+def _dpo(pc, pr, rc, rr, beta, label_smoothing, mask):
+    pc, pr, rc, rr, b = _f32(pc, pr, rc, rr, beta)
     chosen = b * (pc - rc)
     rejected = b * (pr - rr)
     return _output(_pair_losses(chosen - rejected, label_smoothing), chosen, rejected, mask)
@@ -251,11 +263,15 @@ def simpo_loss(
     lc = _lengths(chosen_length, "chosen_length", pc)
     lr = _lengths(rejected_length, "rejected_length", pc)
     mask = _mask(where, pc.shape)
-    b = jnp.asarray(beta, jnp.float32)
+    return _simpo(pc, pr, lc, lr, beta, gamma, label_smoothing, mask)
+
+
+@jax.jit
+def _simpo(pc, pr, lc, lr, beta, gamma, label_smoothing, mask):
+    pc, pr, lc, lr, b, g = _f32(pc, pr, lc, lr, beta, gamma)
     chosen = b * pc / lc
     rejected = b * pr / lr
-    logits = chosen - rejected - jnp.asarray(gamma, jnp.float32)
-    return _output(_pair_losses(logits, label_smoothing), chosen, rejected, mask)
+    return _output(_pair_losses(chosen - rejected - g, label_smoothing), chosen, rejected, mask)
 
 
 # -- WRPO ----------------------------------------------------------------------
@@ -356,8 +372,12 @@ def wrpo_loss(
     rt = _like(ref_target_chosen, "ref_target_chosen", ps, "policy_source_chosen")
     rr = _like(ref_rejected, "ref_rejected", ps, "policy_source_chosen")
     mask = _mask(where, ps.shape)
-    b = jnp.asarray(beta, jnp.float32)
-    a = jnp.asarray(alpha, jnp.float32)
+    return _wrpo(ps, pt, pr, rs, rt, rr, alpha, beta, label_smoothing, mask)
+
+
+@jax.jit
+def _wrpo(ps, pt, pr, rs, rt, rr, alpha, beta, label_smoothing, mask):
+    ps, pt, pr, rs, rt, rr, a, b = _f32(ps, pt, pr, rs, rt, rr, alpha, beta)
     chosen = a * b * (ps - rs) + (1.0 - a) * b * (pt - rt)
     rejected = b * (pr - rr)
     return _output(_pair_losses(chosen - rejected, label_smoothing), chosen, rejected, mask)
@@ -369,7 +389,8 @@ def wrpo_loss(
 def _source_mask(where, shape, name="where"):
     if where is None:
         return None
-    where = jnp.asarray(where)
+    if not hasattr(where, "dtype"):
+        where = np.asarray(where)
     if where.dtype != jnp.bool_:
         raise TypeError(f"{name} must be a boolean mask, got dtype {where.dtype}.")
     if where.shape != shape:
@@ -415,7 +436,13 @@ def fuserl_weights(
     validation.check_hparam("temperature", temperature, lower=0.0, lower_open=True)
     r = _logps(rewards, "rewards", ndim=2)
     mask = _source_mask(where, r.shape)
-    z = r / jnp.asarray(temperature, jnp.float32)
+    return _weights(r, temperature, mask)
+
+
+@jax.jit
+def _weights(r, temperature, mask):
+    r, t = _f32(r, temperature)
+    z = r / t
     if mask is not None:
         z = jnp.where(mask, z, -jnp.inf)
     zmax = jnp.max(z, axis=-1, keepdims=True)
@@ -461,12 +488,21 @@ def fuserl_sft_loss(
       Zhong et al, `FuseRL: Dense Preference Optimization for Heterogeneous Model Fusion
       <https://arxiv.org/abs/2504.06562>`_, 2025
     """
+    validation.check_hparam("temperature", temperature, lower=0.0, lower_open=True)
     lp = _logps(log_probs, "log_probs", ndim=2)
     r = _like(rewards, "rewards", lp, "log_probs")
     if lengths is not None:
-        lp = lp / _lengths(lengths, "lengths", lp)
-    w = jax.lax.stop_gradient(fuserl_weights(r, temperature=temperature, where=where))
+        lengths = _lengths(lengths, "lengths", lp)
     mask = _source_mask(where, lp.shape)
+    return _sft(lp, r, lengths, temperature, mask)
+
+
+@jax.jit
+def _sft(lp, r, lengths, temperature, mask):
+    lp = jnp.asarray(lp, jnp.float32)
+    if lengths is not None:
+        lp = lp / jnp.asarray(lengths, jnp.float32)
+    w = jax.lax.stop_gradient(_weights(r, temperature, mask))
     terms = w * lp if mask is None else jnp.where(mask, w * lp, 0.0)
     per_prompt = -jnp.sum(terms, axis=-1)
     rows = None if mask is None else jnp.any(mask, axis=-1)
@@ -528,9 +564,15 @@ def fuserl_po_loss(
     rc = _like(ref_chosen, "ref_chosen", pc, "policy_chosen")
     rr = _like(ref_rejected, "ref_rejected", pc, "policy_chosen")
     r = _like(rewards, "rewards", pc, "policy_chosen")
+    validation.check_hparam("temperature", temperature, lower=0.0, lower_open=True)
     mask = _source_mask(where, pc.shape)
-    w = jax.lax.stop_gradient(fuserl_weights(r, temperature=temperature, where=mask))
-    b = jnp.asarray(beta, jnp.float32)
+    return _fusepo(pc, pr, rc, rr, r, beta, temperature, label_smoothing, mask)
+
+
+@jax.jit
+def _fusepo(pc, pr, rc, rr, r, beta, temperature, label_smoothing, mask):
+    pc, pr, rc, rr, b = _f32(pc, pr, rc, rr, beta)
+    w = jax.lax.stop_gradient(_weights(r, temperature, mask))
     chosen = b * (pc - rc)
     rejected = b * (pr - rr)
     pair = _pair_losses(chosen - rejected, label_smoothing)

@@ -42,6 +42,8 @@ zero weight removes a source exactly).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,11 +154,24 @@ def selector_scores(
     if h.shape[-1] != d:
         raise ValueError(f"features must have last axis {d} (the selector's feature_dim), "
                          f"got shape {h.shape}.")
+    if key is not None and "noise" not in params:
+        key = None
+    return _scores(params, h, key)
+
+
+def _bias(b, ndim):
+    return b.reshape((1,) * (ndim - 1) + b.shape)
+
+
+@jax.jit
+def _scores(params, h, key):
     hp = jax.lax.Precision.HIGHEST
-    s = jnp.matmul(h, params["w1"], precision=hp) + params["b1"]
+    s = jnp.matmul(h, params["w1"], precision=hp)
+    s = s + _bias(params["b1"], s.ndim)
     if "w2" in params:
-        s = jnp.matmul(jax.nn.gelu(s), params["w2"], precision=hp) + params["b2"]
-    if key is not None and "noise" in params:
+        s = jnp.matmul(jax.nn.gelu(s), params["w2"], precision=hp)
+        s = s + _bias(params["b2"], s.ndim)
+    if key is not None:
         scale = jax.nn.softplus(jnp.matmul(h, params["noise"], precision=hp))
         s = s + jax.random.normal(key, s.shape, s.dtype) * scale
     return s
@@ -178,8 +193,14 @@ def top_k_mask(scores: ArrayLike, *, k: int) -> jax.Array:
     s = _floats(scores, "scores")
     m = s.shape[-1]
     k = validation.check_int("k", k, lower=1, upper=m)
+    return _top_k_mask(s, k)
+
+
+def _top_k_mask(s, k):
+    m = s.shape[-1]
     _, idx = jax.lax.top_k(s, k)
-    return jnp.any(idx[..., :, None] == jnp.arange(m, dtype=idx.dtype), axis=-2)
+    ids = jnp.arange(m, dtype=idx.dtype).reshape((1,) * idx.ndim + (m,))
+    return jnp.any(idx[..., None] == ids, axis=-2)
 
 
 def select_sources(
@@ -214,14 +235,21 @@ def select_sources(
       [0.0, 0.731, 0.269]
     """
     s = _floats(scores, "scores")
-    keep = top_k_mask(s, k=k)
-    z = jnp.where(keep, s, -jnp.inf)
+    k = validation.check_int("k", k, lower=1, upper=s.shape[-1])
+    q = None
     if strengths is not None:
         q = _floats(strengths, "strengths")
         if q.shape != s.shape:
             raise ValueError(f"strengths must have the shape of scores {s.shape}, got {q.shape}.")
         if validation.is_concrete(q) and np.any(np.asarray(q) < 0):
             raise ValueError("strengths must be non-negative.")
+    return _select(s, q, k)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _select(s, q, k):
+    z = jnp.where(_top_k_mask(s, k), s, -jnp.inf)
+    if q is not None:
         logq = jnp.where(q > 0, jnp.log(jnp.where(q > 0, q, 1.0)), -jnp.inf)
         z = z + logq
     zmax = jnp.max(z, axis=-1, keepdims=True)
