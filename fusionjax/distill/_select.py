@@ -284,6 +284,12 @@ def fuse_selected(log_probs: ArrayLike, weights: ArrayLike) -> jax.Array:
             f"weights must be [*batch, M] with M = {m} and *batch a prefix of "
             f"log_probs.shape[1:] = {lp.shape[1:]}, got {w.shape}."
         )
+    return _fuse(lp, w)
+
+
+@jax.jit
+def _fuse(lp, w):
+    m, batch = w.shape[-1], w.shape[:-1]
     wm = jnp.moveaxis(w, -1, 0).reshape((m, *batch) + (1,) * (lp.ndim - 1 - len(batch)))
     logw = jnp.where(wm > 0, jnp.log(jnp.where(wm > 0, wm, 1.0)), -jnp.inf)
     terms = jnp.where(wm > 0, logw + lp, -jnp.inf)
@@ -317,12 +323,18 @@ def selection_feedback_loss(weights: ArrayLike, *, where: ArrayLike | None = Non
       <https://arxiv.org/abs/1701.06538>`_, ICLR 2017
     """
     w = _floats(weights, "weights")
-    m = w.shape[-1]
     if where is not None:
         where = jnp.asarray(where)
         if where.dtype != jnp.bool_ or where.shape != w.shape[:-1]:
             raise ValueError(f"where must be a bool mask of shape {w.shape[:-1]}, got "
                              f"{where.dtype}{where.shape}.")
+    return _feedback(w, where)
+
+
+@jax.jit
+def _feedback(w, where):
+    m = w.shape[-1]
+    if where is not None:
         w = jnp.where(where[..., None], w, 0.0)
     imp = jnp.sum(w.reshape(-1, m), axis=0)
     mean = jnp.mean(imp)
@@ -405,9 +417,15 @@ def profuser_weights(
     r = _floats(rewards, "rewards")
     if c.shape != r.shape:
         raise ValueError(f"rewards must have the shape of ce {c.shape}, got {r.shape}.")
-    a_inf = inference_mode_advantage(r)
-    a_train = training_mode_advantage(c)
+    return _profuser(c, r, progress, switch, schedule)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _profuser(c, r, progress, switch, schedule):
+    m = c.shape[-1]
+    a_inf = jax.nn.one_hot(jnp.argmax(r, axis=-1), m, dtype=jnp.float32)
+    a_train = jax.nn.one_hot(jnp.argmin(c, axis=-1), m, dtype=jnp.float32)
     p = jnp.asarray(progress, jnp.float32)
     if schedule == "linear":
         return (1.0 - p) * a_inf + p * a_train
-    return jnp.where(p < jnp.float32(switch), a_inf, a_train)
+    return jnp.where(p < jnp.asarray(switch, jnp.float32), a_inf, a_train)
