@@ -248,7 +248,9 @@ def edit_distances(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
     chain within a row is a prefix minimum,
     :math:`d_{i,j} = j + \min_{k\le j}(e_{i,k} - k)` with
     :math:`e_{i,k} = \min(d_{i-1,k-1} + [a_i \ne b_k],\, d_{i-1,k} + 1)` (and
-    :math:`e_{i,0} = i`), so the work is :math:`|a| |b| \max\ell_a` vectorised steps.
+    :math:`e_{i,0} = i`). Strings are grouped by length on both sides, so a group of
+    ``a`` strings of length :math:`\ell` takes :math:`\ell` vectorised steps over arrays no
+    wider than its ``b`` group's length.
 
     Args:
       a: Strings (``A`` of them).
@@ -263,25 +265,28 @@ def edit_distances(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
     """
     ca, la = _codes(a, -1)
     cb, lb = _codes(b, -2)
-    wb = cb.shape[1]
-    ramp = np.arange(wb + 1, dtype=np.int64)
-    row = np.broadcast_to(ramp, (len(a), len(b), wb + 1)).copy()
-    out = np.empty((len(a), len(b)), np.int64)
-    cols = np.broadcast_to(lb, (len(a), len(b)))
+    out = np.empty((len(a), len(b)), np.int32)
+    for ell_b in np.unique(lb):
+        cols = np.flatnonzero(lb == ell_b)
+        for ell_a in np.unique(la):
+            rows = np.flatnonzero(la == ell_a)
+            out[np.ix_(rows, cols)] = _edit_block(ca[rows, :ell_a], cb[cols, :ell_b])
+    return out
 
-    def capture(i, row):
-        done = la == i
-        if done.any():
-            out[done] = np.take_along_axis(row[done], cols[done][..., None], axis=-1)[..., 0]
 
-    capture(0, row)
-    for i in range(1, ca.shape[1] + 1):
+def _edit_block(ca: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """Edit distances between equal-length code rows ``ca [A, la]`` and ``cb [B, lb]``."""
+    la, lb = ca.shape[1], cb.shape[1]
+    if la == 0 or lb == 0:
+        return np.full((ca.shape[0], cb.shape[0]), la + lb, np.int32)
+    ramp = np.arange(lb + 1, dtype=np.int64)
+    row = np.broadcast_to(ramp, (ca.shape[0], cb.shape[0], lb + 1))
+    for i in range(1, la + 1):
         mismatch = ca[:, None, i - 1, None] != cb[None, :, :]
         e = np.minimum(row[..., :-1] + mismatch, row[..., 1:] + 1)
         e = np.concatenate([np.full(e.shape[:-1] + (1,), i, np.int64), e], axis=-1)
         row = np.minimum.accumulate(e - ramp, axis=-1) + ramp
-        capture(i, row)
-    return out.astype(np.int32)
+    return row[..., -1].astype(np.int32)
 
 
 def _cost_matrix(source: Sequence[str], target: Sequence[str]) -> np.ndarray:
@@ -446,7 +451,12 @@ def align_tokens(
     if backend == "numpy":
         d = _dtw_numpy(cost)
     else:
-        d = np.asarray(_dtw_jax(jnp.asarray(cost, jnp.int32)))
+        # Pad to power-of-two buckets (one compile per bucket): cells right of or below the
+        # real ones never feed the real cells, so the real block of D is unchanged.
+        n, m = cost.shape
+        padded = np.zeros((1 << (n - 1).bit_length(), 1 << (m - 1).bit_length()), np.int32)
+        padded[:n, :m] = cost
+        d = np.asarray(_dtw_jax(jnp.asarray(padded)))[:n, :m]
     pairs = _backtrack(d)
     return TokenAlignment(pairs, cost[pairs[:, 0], pairs[:, 1]] == 0)
 

@@ -36,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 from typing import NamedTuple
@@ -282,6 +283,11 @@ def carry_top_k(
         raise ValueError(f"mapping must be 1-D [V_s], got shape {mapping.shape}.")
     if not jnp.issubdtype(mapping.dtype, jnp.integer):
         raise TypeError(f"mapping must hold integer target ids, got {mapping.dtype}.")
+    return _carry(top, mapping, unmapped == "renormalize")
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _carry(top: TopK, mapping: jax.Array, renormalize: bool) -> TopK:
     ids, lp = top.ids, top.log_probs
     valid = (ids >= 0) & (ids < mapping.shape[0])
     tgt = jnp.where(valid, mapping.astype(jnp.int32)[jnp.clip(ids, 0, mapping.shape[0] - 1)], -1)
@@ -290,13 +296,13 @@ def carry_top_k(
     same = (tgt[..., :, None] == tgt[..., None, :]) & live[..., :, None] & live[..., None, :]
     k = ids.shape[-1]
     earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [a, b]: b before a
-    dup = jnp.any(same & earlier, axis=-1)
+    dup = jnp.any(same & jnp.broadcast_to(earlier, same.shape), axis=-1)
     total = jax.nn.logsumexp(
         jnp.where(same, lp_live[..., None, :], -jnp.inf), axis=-1
     )
     keep = live & ~dup
     out_lp = jnp.where(keep, total, -jnp.inf)
-    if unmapped == "renormalize":
+    if renormalize:
         before = jax.nn.logsumexp(jnp.where(lp > -jnp.inf, lp, -jnp.inf), axis=-1, keepdims=True)
         after = jax.nn.logsumexp(out_lp, axis=-1, keepdims=True)
         shift = jnp.where(after > -jnp.inf, before - after, 0.0)
@@ -323,12 +329,16 @@ def dense_log_probs(top: TopK, vocab_size: int) -> jax.Array:
     """
     top = _check_top(top)
     validation.check_int("vocab_size", vocab_size, lower=1)
-    onehot = (top.ids[..., :, None] == jnp.arange(vocab_size, dtype=jnp.int32)) & (
-        top.ids[..., :, None] >= 0
-    )
-    return jax.nn.logsumexp(
-        jnp.where(onehot, top.log_probs[..., :, None], -jnp.inf), axis=-2
-    )
+    return _dense(top, vocab_size)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dense(top: TopK, vocab_size: int) -> jax.Array:
+    ids = top.ids[..., :, None]
+    vocab = jnp.arange(vocab_size, dtype=jnp.int32)
+    vocab = jnp.broadcast_to(vocab, ids.shape[:-1] + (vocab_size,))
+    onehot = (ids == vocab) & (ids >= 0)
+    return jax.nn.logsumexp(jnp.where(onehot, top.log_probs[..., :, None], -jnp.inf), axis=-2)
 
 
 class ProjectionOutput(NamedTuple):
@@ -375,23 +385,31 @@ def project_positions(top: TopK, source_index, *, fallback_ids=None) -> Projecti
             f"source_index [..., T] must share the batch shape of top [..., S, k]; got "
             f"{idx.shape} and {top.ids.shape}."
         )
-    s = top.ids.shape[-2]
-    where = (idx >= 0) & (idx < s)
-    gather = jnp.clip(idx, 0, s - 1).astype(jnp.int32)[..., None]
-    ids = jnp.take_along_axis(top.ids, gather, axis=-2)
-    lp = jnp.take_along_axis(top.log_probs, gather, axis=-2)
-    k = ids.shape[-1]
-    if fallback_ids is None:
-        empty_ids = jnp.full_like(ids, -1)
-        empty_lp = jnp.full_like(lp, -jnp.inf)
-    else:
+    fb = None
+    if fallback_ids is not None:
         fb = jnp.asarray(fallback_ids)
         if fb.shape != idx.shape:
             raise ValueError(
                 f"fallback_ids must have the shape of source_index {idx.shape}, got {fb.shape}."
             )
-        first = jnp.arange(k) == 0
-        empty_ids = jnp.where(first, fb[..., None].astype(jnp.int32), -1)
+        fb = fb.astype(jnp.int32)
+    return _project(top, idx.astype(jnp.int32), fb)
+
+
+@jax.jit
+def _project(top: TopK, idx: jax.Array, fb: jax.Array | None) -> ProjectionOutput:
+    s = top.ids.shape[-2]
+    where = (idx >= 0) & (idx < s)
+    gather = jnp.clip(idx, 0, s - 1)[..., None]
+    ids = jnp.take_along_axis(top.ids, gather, axis=-2)
+    lp = jnp.take_along_axis(top.log_probs, gather, axis=-2)
+    k = ids.shape[-1]
+    if fb is None:
+        empty_ids = jnp.full_like(ids, -1)
+        empty_lp = jnp.full_like(lp, -jnp.inf)
+    else:
+        first = jnp.broadcast_to(jnp.arange(k) == 0, ids.shape)
+        empty_ids = jnp.where(first, jnp.broadcast_to(fb[..., None], ids.shape), -1)
         empty_lp = jnp.where(first, jnp.zeros_like(lp), -jnp.inf)
     ids = jnp.where(where[..., None], ids, empty_ids)
     lp = jnp.where(where[..., None], lp, empty_lp)
