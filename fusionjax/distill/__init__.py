@@ -9,6 +9,16 @@ and masks, to be used inside the caller's optax loop.
 Shared types: :class:`TopK` (a truncated distribution) and :func:`top_k`.
 """
 
+from fusionjax.distill._align import AlignmentSpans
+from fusionjax.distill._align import TokenAlignment
+from fusionjax.distill._align import align_by_offsets
+from fusionjax.distill._align import align_by_text
+from fusionjax.distill._align import align_tokens
+from fusionjax.distill._align import align_tokens_batch
+from fusionjax.distill._align import dtw_reference
+from fusionjax.distill._align import edit_distances
+from fusionjax.distill._align import normalize_token
+from fusionjax.distill._align import stack_source_index
 from fusionjax.distill._preference import PreferenceOutput
 from fusionjax.distill._preference import dpo_loss
 from fusionjax.distill._preference import fuserl_po_loss
@@ -28,25 +38,49 @@ from fusionjax.distill._select import top_k_mask
 from fusionjax.distill._select import training_mode_advantage
 from fusionjax.distill._types import TopK
 from fusionjax.distill._types import top_k
+from fusionjax.distill._vocab import ProjectionOutput
+from fusionjax.distill._vocab import StatisticalMap
+from fusionjax.distill._vocab import carry_top_k
+from fusionjax.distill._vocab import dense_log_probs
+from fusionjax.distill._vocab import map_vocab
+from fusionjax.distill._vocab import project_positions
+from fusionjax.distill._vocab import statistical_map
 
 __all__ = [
+    "AlignmentSpans",
     "PreferenceOutput",
+    "ProjectionOutput",
+    "StatisticalMap",
+    "TokenAlignment",
+    "TopK",
+    "align_by_offsets",
+    "align_by_text",
+    "align_tokens",
+    "align_tokens_batch",
+    "carry_top_k",
+    "dense_log_probs",
     "dpo_loss",
+    "dtw_reference",
+    "edit_distances",
     "fuse_selected",
     "fuserl_po_loss",
     "fuserl_sft_loss",
     "fuserl_weights",
     "inference_mode_advantage",
     "init_selector",
+    "map_vocab",
+    "normalize_token",
     "profuser_weights",
+    "project_positions",
     "select_sources",
     "selection_feedback_loss",
     "selector_scores",
     "simpo_loss",
+    "stack_source_index",
+    "statistical_map",
+    "top_k",
     "top_k_mask",
     "training_mode_advantage",
     "wrpo_alpha",
     "wrpo_loss",
-    "TopK",
-    "top_k",
 ]
