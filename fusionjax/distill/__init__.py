@@ -9,10 +9,24 @@ and masks, to be used inside the caller's optax loop.
 Shared types: :class:`TopK` (a truncated distribution) and :func:`top_k`.
 """
 
+from fusionjax.distill._fuse import FuseLLMOutput
+from fusionjax.distill._fuse import clm_loss
+from fusionjax.distill._fuse import fuse_teachers
+from fusionjax.distill._fuse import fusellm_loss
+from fusionjax.distill._fuse import fusion_loss
+from fusionjax.distill._fuse import sequence_cross_entropy
+from fusionjax.distill._fuse import teacher_weights
 from fusionjax.distill._types import TopK
 from fusionjax.distill._types import top_k
 
 __all__ = [
+    "FuseLLMOutput",
     "TopK",
+    "clm_loss",
+    "fuse_teachers",
+    "fusellm_loss",
+    "fusion_loss",
+    "sequence_cross_entropy",
+    "teacher_weights",
     "top_k",
 ]
