@@ -303,7 +303,7 @@ def _weights(ce, available, method, weighting):
     if method == "min_ce":
         score = jnp.where(available, ce, jnp.inf)
         best = jnp.argmin(score, axis=0)
-        onehot = jnp.arange(ce.shape[0]).reshape((-1,) + (1,) * (ce.ndim - 1)) == best
+        onehot = jnp.arange(ce.shape[0]).reshape((-1,) + (1,) * (ce.ndim - 1)) == best[None]
         return jnp.where(onehot & available, 1.0, 0.0).astype(ce.dtype)
     reward = jnp.exp(-ce)
     logits = reward if weighting == "softmax_reward" else -ce
@@ -454,7 +454,7 @@ def _merge_repeated(ids, lp):
     same = (ids[..., :, None] == ids[..., None, :]) & live[..., :, None] & live[..., None, :]
     n = ids.shape[-1]
     earlier = jnp.tril(jnp.ones((n, n), bool), k=-1)  # earlier[i, j]: j < i
-    first = live & ~jnp.any(same & earlier, axis=-1)
+    first = live & ~jnp.any(same & jnp.broadcast_to(earlier, same.shape), axis=-1)
     total = _logsumexp(jnp.where(same, lp[..., None, :], -jnp.inf), axis=-1)
     total = jnp.where(first, total, -jnp.inf)
     out_lp, order = jax.lax.top_k(total, n)
