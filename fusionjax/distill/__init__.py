@@ -18,15 +18,23 @@ from fusionjax.distill._fuse import sequence_cross_entropy
 from fusionjax.distill._fuse import teacher_weights
 from fusionjax.distill._types import TopK
 from fusionjax.distill._types import top_k
+from fusionjax.distill._uld import ULDOutput
+from fusionjax.distill._uld import infifusion_loss
+from fusionjax.distill._uld import uld_distance
+from fusionjax.distill._uld import uld_loss
 
 __all__ = [
     "FuseLLMOutput",
     "TopK",
+    "ULDOutput",
     "clm_loss",
     "fuse_teachers",
     "fusellm_loss",
     "fusion_loss",
+    "infifusion_loss",
     "sequence_cross_entropy",
     "teacher_weights",
     "top_k",
+    "uld_distance",
+    "uld_loss",
 ]
