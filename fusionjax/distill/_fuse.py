@@ -106,9 +106,9 @@ def _check_topk(t: TopK, name: str, min_ndim: int) -> TopK:
     return TopK(ids, lp)
 
 
-def _check_where(where, shape: tuple[int, ...], name: str = "where") -> jax.Array:
+def _check_where(where, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
     if where is None:
-        return jnp.ones(shape, bool)
+        return None  # made inside the compiled kernel (no eager op per shape)
     w = jnp.asarray(where)
     if w.dtype != jnp.bool_:
         raise TypeError(f"{name} must be a boolean mask (True = position counts), got {w.dtype}.")
@@ -129,6 +129,11 @@ def _check_temperature(temperature) -> None:
     validation.check_hparam("temperature", temperature, lower=0.0, lower_open=True)
     if validation.is_concrete(temperature) and np.ndim(temperature) != 0:
         raise ValueError(f"temperature must be a scalar, got shape {np.shape(temperature)}.")
+
+
+def _all(where, shape):
+    """``where``, or an all-True mask of ``shape`` when it is ``None`` (inside a kernel)."""
+    return jnp.ones(shape, bool) if where is None else where
 
 
 def _masked_mean(values: jax.Array, counted: jax.Array, axis=None) -> jax.Array:
@@ -227,7 +232,7 @@ def sequence_cross_entropy(
 @jax.jit
 def _dense_ce(log_probs, labels, where):
     lp = jax.nn.log_softmax(log_probs, axis=-1)
-    counted = jnp.broadcast_to(where & (labels >= 0), lp.shape[:-1])
+    counted = jnp.broadcast_to(_all(where, labels.shape) & (labels >= 0), lp.shape[:-1])
     safe = jnp.clip(labels, 0, lp.shape[-1] - 1)
     picked = jnp.take_along_axis(
         lp, jnp.broadcast_to(safe, lp.shape[:-1])[..., None], axis=-1
@@ -237,7 +242,7 @@ def _dense_ce(log_probs, labels, where):
 
 @functools.partial(jax.jit, static_argnames=("vocab_size",))
 def _topk_ce(ids, log_probs, labels, where, vocab_size):
-    counted = jnp.broadcast_to(where & (labels >= 0), ids.shape[:-1])
+    counted = jnp.broadcast_to(_all(where, labels.shape) & (labels >= 0), ids.shape[:-1])
     floor = float(np.log(np.finfo(np.float32).tiny))
     lab = jnp.broadcast_to(labels, ids.shape[:-1])[..., None]
     hit = (ids == lab) & (ids >= 0)
@@ -547,7 +552,7 @@ def _dense_terms(z, p, kind):
 @functools.partial(jax.jit, static_argnames=("kind",))
 def _fusion_dense(z, p, where, kind):
     per_pos, has_mass = _dense_terms(z, p, kind)
-    return _masked_mean(per_pos, where & has_mass)
+    return _masked_mean(per_pos, _all(where, has_mass.shape) & has_mass)
 
 
 def _topk_terms(z, ids, log_probs, kind):
@@ -566,7 +571,7 @@ def _topk_terms(z, ids, log_probs, kind):
 @functools.partial(jax.jit, static_argnames=("kind",))
 def _fusion_topk(z, ids, log_probs, where, kind):
     per_pos, has_mass = _topk_terms(z, ids, log_probs, kind)
-    return _masked_mean(per_pos, where & has_mass)
+    return _masked_mean(per_pos, _all(where, has_mass.shape) & has_mass)
 
 
 def clm_loss(student_logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None):
@@ -608,7 +613,7 @@ def _check_labels(labels, z):
 
 @jax.jit
 def _clm(z, labels, where):
-    counted = where & (labels >= 0)
+    counted = _all(where, labels.shape) & (labels >= 0)
     per_pos = optax.softmax_cross_entropy_with_integer_labels(z, jnp.maximum(labels, 0))
     return _masked_mean(per_pos, counted)
 
@@ -693,6 +698,7 @@ def fusellm_loss(
 
 @functools.partial(jax.jit, static_argnames=("kind",))
 def _fusellm(z, labels, fused, lam, where, kind):
+    where = _all(where, labels.shape)
     clm = _clm(z, labels, where)
     if isinstance(fused, TopK):
         per_pos, has_mass = _topk_terms(z, fused.ids, fused.log_probs, kind)

@@ -94,9 +94,9 @@ def _float_array(x, name: str, min_ndim: int = 2) -> jax.Array:
     return x.astype(validation.compute_dtype(x.dtype))
 
 
-def _check_where(where, shape) -> jax.Array:
+def _check_where(where, shape) -> jax.Array | None:
     if where is None:
-        return jnp.ones(shape, bool)
+        return None  # made inside the compiled kernel
     w = jnp.asarray(where)
     if w.dtype != jnp.bool_:
         raise TypeError(f"where must be a boolean mask (True = position counts), got {w.dtype}.")
@@ -140,7 +140,7 @@ def _teacher_list(teachers, z: jax.Array) -> tuple[jax.Array, ...]:
             f"positions {z.shape[:-1]} after the teacher axis, got {stacked.shape}; pass "
             "teachers of different vocabulary sizes as a list."
         )
-    return tuple(stacked[i] for i in range(stacked.shape[0]))
+    return stacked  # split inside the compiled kernel
 
 
 def _teacher_weights(weights, m: int, batch: tuple[int, ...]) -> jax.Array | None:
@@ -193,6 +193,10 @@ def _l1_padded(a, b):
     return jnp.sum(jnp.abs(a - b), axis=-1)
 
 
+def _all(where, shape):
+    return jnp.ones(shape, bool) if where is None else where
+
+
 def _masked_mean(values, counted):
     total = jnp.sum(jnp.where(counted, values, 0.0))
     return total / jnp.maximum(jnp.sum(counted), 1).astype(values.dtype)
@@ -200,6 +204,8 @@ def _masked_mean(values, counted):
 
 def _distill_terms(z, teachers, weights, where, st, tt, k, standardize):
     """Per-position teacher-weighted ULD ``[..., L]`` (weights normalised over teachers)."""
+    if not isinstance(teachers, tuple):
+        teachers = tuple(teachers[i] for i in range(teachers.shape[0]))
     s = _sorted_probs(z, st, k, standardize)
     d = jnp.stack([_l1_padded(s, _sorted_probs(t, tt, k, standardize)) for t in teachers])
     m = len(teachers)
@@ -214,12 +220,13 @@ def _distill_terms(z, teachers, weights, where, st, tt, k, standardize):
 @functools.partial(jax.jit, static_argnames=("k", "standardize"))
 def _distance(z, teachers, weights, where, st, tt, k, standardize):
     per_pos = _distill_terms(z, teachers, weights, where, st, tt, k, standardize)
-    return _masked_mean(per_pos, where)
+    return _masked_mean(per_pos, _all(where, per_pos.shape))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "standardize"))
 def _objective(z, labels, teachers, weights, where, st, tt, cw, dw, k, standardize):
     per_pos = _distill_terms(z, teachers, weights, where, st, tt, k, standardize)
+    where = _all(where, per_pos.shape)
     distill = _masked_mean(per_pos, where)
     counted = where & (labels >= 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(z, jnp.maximum(labels, 0))
@@ -287,10 +294,14 @@ def uld_distance(
     k = _check_k(k)
     _check_positive_scalar("student_temperature", student_temperature)
     _check_positive_scalar("teacher_temperature", teacher_temperature)
-    w = _teacher_weights(weights, len(teachers), z.shape[:-2])
+    w = _teacher_weights(weights, _count(teachers), z.shape[:-2])
     where = _check_where(where, z.shape[:-1])
     return _distance(z, teachers, w, where, student_temperature, teacher_temperature, k,
                      bool(standardize))
+
+
+def _count(teachers) -> int:
+    return len(teachers) if isinstance(teachers, tuple) else teachers.shape[0]
 
 
 def _prepare_teachers(teacher_logits, z):
@@ -447,7 +458,7 @@ def _objective_entry(student_logits, labels, teacher_logits, *, where, clm_weigh
     _check_positive_scalar("teacher_temperature", teacher_temperature)
     validation.check_hparam("clm_weight", clm_weight, lower=0.0)
     validation.check_hparam("distill_weight", distill_weight, lower=0.0)
-    w = _teacher_weights(weights, len(teachers), z.shape[:-2])
+    w = _teacher_weights(weights, _count(teachers), z.shape[:-2])
     where = _check_where(where, z.shape[:-1])
     return _objective(z, labels, teachers, w, where, student_temperature, teacher_temperature,
                       clm_weight, distill_weight, k, bool(standardize))
