@@ -96,8 +96,8 @@ def test_infifusion_standardisation_is_invariant_to_logit_shift_and_scale():
     got = distill.infifusion_loss(zs * scale - shift, y, moved, k=5, temperature=0.7).distill
     _close(got, base, rtol=1e-5, atol=1e-6)
     # Without standardisation the scale matters.
-    plain = distill.infifusion_loss(zs, y, teachers, k=5, standardize=False).distill
-    plain_moved = distill.infifusion_loss(zs, y, moved, k=5, standardize=False).distill
+    plain = distill.uld_distance(zs, teachers, k=5)
+    plain_moved = distill.uld_distance(zs, moved, k=5)
     assert abs(float(plain) - float(plain_moved)) > 1e-3
 
 
@@ -107,18 +107,22 @@ def test_infifusion_averages_teachers_with_weights():
     y = np.zeros((B, L), np.int32)
     d1 = _np_uld(zs, t1, np.ones((B, L), bool), k=3, standardize=True)
     d2 = _np_uld(zs, t2, np.ones((B, L), bool), k=3, standardize=True)
-    out = distill.infifusion_loss(zs, y, [t1, t2], k=3, weights=np.array([1.0, 3.0]))
+    # Per-teacher weights, given per sequence (one compile for both checks).
+    w13 = np.array([[1.0, 1.0], [3.0, 3.0]], np.float32)
+    out = distill.infifusion_loss(zs, y, [t1, t2], k=3, weights=w13)
     _close(out.distill, 0.25 * d1 + 0.75 * d2, rtol=1e-5)
     # Per-sequence weights: one-hot per sequence picks that teacher for that sequence.
-    w = np.array([[1.0, 0.0], [0.0, 1.0]])
+    w = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
     per_seq = distill.infifusion_loss(zs, y, [t1, t2], k=3, weights=w).distill
     e1 = _np_uld(zs[:1], t1[:1], np.ones((1, L), bool), k=3, standardize=True)
     e2 = _np_uld(zs[1:], t2[1:], np.ones((1, L), bool), k=3, standardize=True)
     _close(per_seq, (e1 + e2) / 2, rtol=1e-5)
-    # Stacked teachers of one size equal the list.
+    # Stacked teachers of one size equal the list, and [M] weights act like [M, B] ones.
     same = [t2, _normal(19, (B, L, VS))]
-    _close(distill.infifusion_loss(zs, y, np.stack(same), k=3).distill,
-           distill.infifusion_loss(zs, y, same, k=3).distill, rtol=1e-6)
+    w = np.array([1.0, 3.0], np.float32)
+    _close(distill.uld_distance(zs, np.stack(same), k=3, standardize=True, weights=w),
+           distill.uld_distance(zs, same, k=3, standardize=True, weights=w[:, None] + 0 * w13),
+           rtol=1e-6)
 
 
 def test_bad_input_raises_clear_errors():
