@@ -19,6 +19,13 @@ from fusionjax.distill._align import dtw_reference
 from fusionjax.distill._align import edit_distances
 from fusionjax.distill._align import normalize_token
 from fusionjax.distill._align import stack_source_index
+from fusionjax.distill._fuse import FuseLLMOutput
+from fusionjax.distill._fuse import clm_loss
+from fusionjax.distill._fuse import fuse_teachers
+from fusionjax.distill._fuse import fusellm_loss
+from fusionjax.distill._fuse import fusion_loss
+from fusionjax.distill._fuse import sequence_cross_entropy
+from fusionjax.distill._fuse import teacher_weights
 from fusionjax.distill._preference import PreferenceOutput
 from fusionjax.distill._preference import dpo_loss
 from fusionjax.distill._preference import fuserl_po_loss
@@ -38,6 +45,10 @@ from fusionjax.distill._select import top_k_mask
 from fusionjax.distill._select import training_mode_advantage
 from fusionjax.distill._types import TopK
 from fusionjax.distill._types import top_k
+from fusionjax.distill._uld import ULDOutput
+from fusionjax.distill._uld import infifusion_loss
+from fusionjax.distill._uld import uld_distance
+from fusionjax.distill._uld import uld_loss
 from fusionjax.distill._vocab import ProjectionOutput
 from fusionjax.distill._vocab import StatisticalMap
 from fusionjax.distill._vocab import carry_top_k
@@ -48,25 +59,32 @@ from fusionjax.distill._vocab import statistical_map
 
 __all__ = [
     "AlignmentSpans",
+    "FuseLLMOutput",
     "PreferenceOutput",
     "ProjectionOutput",
     "StatisticalMap",
     "TokenAlignment",
     "TopK",
+    "ULDOutput",
     "align_by_offsets",
     "align_by_text",
     "align_tokens",
     "align_tokens_batch",
     "carry_top_k",
+    "clm_loss",
     "dense_log_probs",
     "dpo_loss",
     "dtw_reference",
     "edit_distances",
     "fuse_selected",
+    "fuse_teachers",
+    "fusellm_loss",
     "fuserl_po_loss",
     "fuserl_sft_loss",
     "fuserl_weights",
+    "fusion_loss",
     "inference_mode_advantage",
+    "infifusion_loss",
     "init_selector",
     "map_vocab",
     "normalize_token",
@@ -75,12 +93,16 @@ __all__ = [
     "select_sources",
     "selection_feedback_loss",
     "selector_scores",
+    "sequence_cross_entropy",
     "simpo_loss",
     "stack_source_index",
     "statistical_map",
+    "teacher_weights",
     "top_k",
     "top_k_mask",
     "training_mode_advantage",
+    "uld_distance",
+    "uld_loss",
     "wrpo_alpha",
     "wrpo_loss",
 ]
