@@ -40,6 +40,8 @@ _HEAVY_FIXTURES = {
     "suite": "digits",
     "language_testbeds": "language",
     "language_log_probs": "language",
+    "knowledge_testbeds": "knowledge",
+    "knowledge_runs": "knowledge",
     "barriers": "alignment",
     "fusions": "alignment",
     "spec_results": "alignment",
