@@ -40,6 +40,9 @@ _HEAVY_FIXTURES = {
     "suite": "digits",
     "language_testbeds": "language",
     "language_log_probs": "language",
+    "knowledge_testbeds": "knowledge",
+    "knowledge_runs": "knowledge",
+    "knowledge_tables": "knowledge",
     "barriers": "alignment",
     "fusions": "alignment",
     "spec_results": "alignment",
@@ -82,6 +85,20 @@ def language_testbeds():
     from fusionjax.testbed import language
 
     return {seed: language.load(seed=seed) for seed in SEEDS}
+
+
+@pytest.fixture(scope="session")
+def knowledge_testbeds():
+    """``{seed: KnowledgeTestbed}``: BPE and byte teachers of every seed, loaded once."""
+    from fusionjax.testbed import knowledge
+
+    return {seed: knowledge.load(seed=seed) for seed in SEEDS}
+
+
+@pytest.fixture(scope="session")
+def knowledge_tables(knowledge_testbeds):
+    """``{seed: {model: {corpus: bits per byte}}}``: teachers and base, held out."""
+    return {seed: tb.bits_table() for seed, tb in knowledge_testbeds.items()}
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,10 @@ from fusionjax.distill._align import dtw_reference
 from fusionjax.distill._align import edit_distances
 from fusionjax.distill._align import normalize_token
 from fusionjax.distill._align import stack_source_index
+from fusionjax.distill._bytes import ByteTargetsOutput
+from fusionjax.distill._bytes import TokenBytes
+from fusionjax.distill._bytes import next_byte_distributions
+from fusionjax.distill._bytes import token_bytes
 from fusionjax.distill._fuse import FuseLLMOutput
 from fusionjax.distill._fuse import clm_loss
 from fusionjax.distill._fuse import fuse_teachers
@@ -26,6 +30,9 @@ from fusionjax.distill._fuse import fusellm_loss
 from fusionjax.distill._fuse import fusion_loss
 from fusionjax.distill._fuse import sequence_cross_entropy
 from fusionjax.distill._fuse import teacher_weights
+from fusionjax.distill._loop import DistillOutput
+from fusionjax.distill._loop import distill
+from fusionjax.distill._loop import sample_batch
 from fusionjax.distill._preference import PreferenceOutput
 from fusionjax.distill._preference import dpo_loss
 from fusionjax.distill._preference import fuserl_po_loss
@@ -59,11 +66,14 @@ from fusionjax.distill._vocab import statistical_map
 
 __all__ = [
     "AlignmentSpans",
+    "ByteTargetsOutput",
+    "DistillOutput",
     "FuseLLMOutput",
     "PreferenceOutput",
     "ProjectionOutput",
     "StatisticalMap",
     "TokenAlignment",
+    "TokenBytes",
     "TopK",
     "ULDOutput",
     "align_by_offsets",
@@ -73,6 +83,7 @@ __all__ = [
     "carry_top_k",
     "clm_loss",
     "dense_log_probs",
+    "distill",
     "dpo_loss",
     "dtw_reference",
     "edit_distances",
@@ -87,9 +98,11 @@ __all__ = [
     "infifusion_loss",
     "init_selector",
     "map_vocab",
+    "next_byte_distributions",
     "normalize_token",
     "profuser_weights",
     "project_positions",
+    "sample_batch",
     "select_sources",
     "selection_feedback_loss",
     "selector_scores",
@@ -98,6 +111,7 @@ __all__ = [
     "stack_source_index",
     "statistical_map",
     "teacher_weights",
+    "token_bytes",
     "top_k",
     "top_k_mask",
     "training_mode_advantage",

@@ -60,10 +60,11 @@ Examples:
 
 from fusionjax.testbed import _classifiers as classifiers
 from fusionjax.testbed import _language as language
+from fusionjax.testbed import knowledge
 from fusionjax.testbed._model import Encoder
 from fusionjax.testbed._tasks import Task
 from fusionjax.testbed._testbed import Testbed
 from fusionjax.testbed._testbed import load
 from fusionjax.testbed._train import Config
 
-__all__ = ["Config", "Encoder", "Task", "Testbed", "classifiers", "language", "load"]
+__all__ = ["Config", "Encoder", "Task", "Testbed", "classifiers", "knowledge", "language", "load"]
