@@ -51,13 +51,20 @@ they put every model's graph on the same scale (entries in :math:`[0, 1]`).
 wording reads. The paper's own normalisation could not be read from its code (not
 public at the time of writing); this is our choice and is stated here.
 
-Checked against exact values (``tests/distill/graph_test.py``; figures measured on
-co-activation graphs of random logits, :math:`k = 4..7`, 5 seeds each, teacher graph = a
-node-permuted, noisy copy of the student's): the sorted cost is never below the exact
-permutation GW, is within a ratio of 1.0 (exact recovery) when the noise keeps the degree
-order, and within :math:`1.9\times` of it (+ :math:`10^{-6}` absolute) over all the
-cases measured, noise up to 30 % of the entries included; against ott-jax's entropic GW
-(``epsilon=1e-3``) it is within the same ratio of ott's cost.
+Checked against exact values (``tests/distill/graph_test.py``), on co-activation graphs
+of random logits (:math:`k = 4..7`, 30 seeds each, max-scaled), the teacher graph being
+a node-permuted copy of the student's with multiplicative noise on its entries:
+
+* the sorted cost is never below the exact permutation GW (:func:`permutation_gw`);
+* its additive error is at most :math:`0.47\,\overline{A\circ A}` (the mean squared
+  entry of the graph) in every case measured;
+* with 5 % noise the matching is exact in 50–83 % of the cases; where two nodes have
+  nearly equal degrees the noise can swap them while the exact value stays near 0, and
+  the *ratio* then reaches 138 — the error is additive, not relative;
+* with 30 % noise the ratio to the exact value is at most 9.9 (median 1.0–2.4);
+* against ott-jax's entropic GW (``epsilon=1e-3``, :math:`k = 6`; its plan scored by
+  :func:`gw_cost`), the sorted cost has median ratio 1.0 (5 % noise) and 1.02 (30 %),
+  and lies from 0.07× (ott stuck in a worse local optimum) to 8× of it.
 
 What costs time, and what is done about it: the graph is one ``[L, k]ᵀ[L, k]`` matmul
 per sequence after one ``top_k`` over the vocabulary; the sorted GW is two
@@ -182,7 +189,9 @@ def _as_graphs(g_student: ArrayLike, g_teacher: ArrayLike) -> tuple[jax.Array, j
 # ----------------------------------------------------------------------------- graph
 
 
-def _graph(x: jax.Array, w: jax.Array | None, k: int, values: str, temperature) -> CoactivationOutput:
+def _graph(
+    x: jax.Array, w: jax.Array | None, k: int, values: str, temperature
+) -> CoactivationOutput:
     """Kernel of :func:`coactivation_graph`: x ``[..., L, V]``, w ``[..., L]`` or None."""
     scaled = x / jnp.asarray(temperature, x.dtype)
     probs = jax.nn.softmax(scaled, axis=-1)
@@ -363,7 +372,7 @@ def gw_cost(g_student: ArrayLike, g_teacher: ArrayLike, coupling: ArrayLike) -> 
     return term_a + term_b - 2.0 * cross
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _permutations(n: int) -> np.ndarray:
     return np.asarray(list(itertools.permutations(range(n))), np.int32)
 
@@ -403,10 +412,17 @@ def permutation_gw(g_student: ArrayLike, g_teacher: ArrayLike) -> jax.Array:
             f"permutation_gw enumerates n! couplings and takes n <= {_MAX_EXACT}, got n = {n}; "
             "use sorted_gw or an entropic solver for larger graphs."
         )
-    perms = jnp.asarray(_permutations(n))  # [P, n]
+    return _permutation_gw_jit(a, b)
+
+
+def _permutation_gw(a: jax.Array, b: jax.Array) -> jax.Array:
+    perms = jnp.asarray(_permutations(a.shape[-1]))  # [P, n], a constant of the program
     permuted = b[..., perms[:, :, None], perms[:, None, :]]  # [..., P, n, n]
     costs = jnp.mean(jnp.square(a[..., None, :, :] - permuted), axis=(-2, -1))
     return jnp.min(costs, axis=-1)
+
+
+_permutation_gw_jit = jax.jit(_permutation_gw)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -609,7 +625,7 @@ def infigfusion_objective(
     values: str = "probs",
     temperature: ArrayLike = 1.0,
 ) -> InfiGFusionOutput:
-    r"""The training objective :math:`\lambda\,\mathcal L_{\mathrm{CLM}} + (1-\lambda)\,\mathcal L_{\mathrm{GLD}}`.
+    r"""The objective :math:`\lambda\mathcal L_{\mathrm{CLM}} + (1-\lambda)\mathcal L_{\mathrm{GLD}}`.
 
     :math:`\mathcal L_{\mathrm{CLM}}` is the student's mean next-token negative
     log-likelihood of ``targets`` over counted positions; :math:`\mathcal L_{\mathrm{GLD}}`
