@@ -625,7 +625,7 @@ def infigfusion_objective(
     values: str = "probs",
     temperature: ArrayLike = 1.0,
 ) -> InfiGFusionOutput:
-    r"""The objective :math:`\lambda\mathcal L_{\mathrm{CLM}} + (1-\lambda)\mathcal L_{\mathrm{GLD}}`.
+    r"""The InfiGFusion objective: :math:`\lambda` CLM plus :math:`1-\lambda` graph loss.
 
     :math:`\mathcal L_{\mathrm{CLM}}` is the student's mean next-token negative
     log-likelihood of ``targets`` over counted positions; :math:`\mathcal L_{\mathrm{GLD}}`
