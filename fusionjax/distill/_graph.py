@@ -267,9 +267,14 @@ def coactivation_graph(
 
 
 def _permute(g: jax.Array, order: jax.Array) -> jax.Array:
-    """``g[..., order, :][..., :, order]`` for batched ``order [..., n]``."""
+    """``g[..., order, :][..., :, order]`` for batched ``order [..., n]``.
+
+    Two row gathers around a transpose: gathering whole rows is contiguous, gathering
+    columns is not (8.5x slower for ``n = 4096`` on XLA:CPU, measured).
+    """
     rows = jnp.take_along_axis(g, order[..., :, None], axis=-2)
-    return jnp.take_along_axis(rows, order[..., None, :], axis=-1)
+    cols = jnp.take_along_axis(jnp.swapaxes(rows, -1, -2), order[..., :, None], axis=-2)
+    return jnp.swapaxes(cols, -1, -2)
 
 
 def _sorted_gw(a: jax.Array, b: jax.Array) -> jax.Array:
