@@ -208,8 +208,9 @@ def test_loss_zero_for_same_model_and_grads_finite(jit):
     assert float(fn(student, student)) == 0.0
     loss = fn(student, teacher)
     assert float(loss) > 0
-    grad = jax.grad(fn)(student, teacher)
-    assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
+    if jit:  # one compiled gradient is enough
+        grad = jax.jit(jax.grad(fn))(student, teacher)
+        assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
     # one sequence per batch entry: the loss is the mean of per-sequence sorted GW
     gs = distill.coactivation_graph(student, k=6).graph
     gt = distill.coactivation_graph(teacher, k=6).graph
@@ -217,22 +218,24 @@ def test_loss_zero_for_same_model_and_grads_finite(jit):
 
 
 def test_multi_teacher_weights_and_masks():
-    s = _normal(11, (3, 8, 20))
-    t1 = _normal(12, (3, 8, 12))
-    t2 = _normal(13, (3, 8, 20), scale=3.0)
-    where = jnp.array([[True] * 8, [True] * 4 + [False] * 4, [False] * 8])
+    s = _normal(11, (2, 8, 20))
+    t1 = _normal(12, (2, 8, 12))
+    t2 = _normal(13, (2, 8, 20), scale=3.0)
+    where = jnp.array([[True] * 5 + [False] * 3, [False] * 8])
     l1 = distill.infigfusion_loss(s, t1, k=6, where=where)
     l2 = distill.infigfusion_loss(s, t2, k=6, where=where)
-    both = distill.multi_teacher_infigfusion_loss(s, [t1, t2], k=6, weights=jnp.array([1.0, 3.0]), where=where)
+    weights = jnp.array([1.0, 3.0])
+    both = distill.multi_teacher_infigfusion_loss(s, [t1, t2], k=6, weights=weights, where=where)
     np.testing.assert_allclose(both, (l1 + 3 * l2) / 4, rtol=1e-5)
-    only = distill.multi_teacher_infigfusion_loss(s, (t1, t2), k=6, weights=jnp.array([0.0, 2.0]), where=where)
+    weights = jnp.array([0.0, 2.0])
+    only = distill.multi_teacher_infigfusion_loss(s, (t1, t2), k=6, weights=weights, where=where)
     np.testing.assert_allclose(only, l2, rtol=1e-6)
-    # the fully masked sequence does not count: the mean is over the first two
+    # the fully masked sequence does not count: the loss is the first sequence's
     per = distill.sorted_gw(
         distill.coactivation_graph(s, k=6, where=where).graph,
         distill.coactivation_graph(t1, k=6, where=where).graph,
     )
-    np.testing.assert_allclose(l1, (per[0] + per[1]) / 2, rtol=1e-5)
+    np.testing.assert_allclose(l1, per[0], rtol=1e-5)
 
 
 def test_objective_composes_clm_and_graph():
