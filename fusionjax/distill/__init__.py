@@ -30,6 +30,15 @@ from fusionjax.distill._fuse import fusellm_loss
 from fusionjax.distill._fuse import fusion_loss
 from fusionjax.distill._fuse import sequence_cross_entropy
 from fusionjax.distill._fuse import teacher_weights
+from fusionjax.distill._graph import CoactivationOutput
+from fusionjax.distill._graph import InfiGFusionOutput
+from fusionjax.distill._graph import coactivation_graph
+from fusionjax.distill._graph import gw_cost
+from fusionjax.distill._graph import infigfusion_loss
+from fusionjax.distill._graph import infigfusion_objective
+from fusionjax.distill._graph import multi_teacher_infigfusion_loss
+from fusionjax.distill._graph import permutation_gw
+from fusionjax.distill._graph import sorted_gw
 from fusionjax.distill._loop import DistillOutput
 from fusionjax.distill._loop import distill
 from fusionjax.distill._loop import sample_batch
@@ -67,8 +76,10 @@ from fusionjax.distill._vocab import statistical_map
 __all__ = [
     "AlignmentSpans",
     "ByteTargetsOutput",
+    "CoactivationOutput",
     "DistillOutput",
     "FuseLLMOutput",
+    "InfiGFusionOutput",
     "PreferenceOutput",
     "ProjectionOutput",
     "StatisticalMap",
@@ -82,6 +93,7 @@ __all__ = [
     "align_tokens_batch",
     "carry_top_k",
     "clm_loss",
+    "coactivation_graph",
     "dense_log_probs",
     "distill",
     "dpo_loss",
@@ -94,12 +106,17 @@ __all__ = [
     "fuserl_sft_loss",
     "fuserl_weights",
     "fusion_loss",
+    "gw_cost",
     "inference_mode_advantage",
     "infifusion_loss",
+    "infigfusion_loss",
+    "infigfusion_objective",
     "init_selector",
     "map_vocab",
+    "multi_teacher_infigfusion_loss",
     "next_byte_distributions",
     "normalize_token",
+    "permutation_gw",
     "profuser_weights",
     "project_positions",
     "sample_batch",
@@ -108,6 +125,7 @@ __all__ = [
     "selector_scores",
     "sequence_cross_entropy",
     "simpo_loss",
+    "sorted_gw",
     "stack_source_index",
     "statistical_map",
     "teacher_weights",
