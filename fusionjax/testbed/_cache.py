@@ -79,8 +79,9 @@ def building(file: str) -> Iterator[None]:
     Two processes that need the same uncached testbed at once (pytest-xdist workers, a
     notebook kernel next to the tests) would both train it; under this lock the second
     waits for the first and then reads its file. The lock is an ``flock`` on
-    ``file + ".lock"``, released when the block ends or the process dies; where ``fcntl``
-    is missing (Windows) the block runs unlocked.
+    ``.locks/NAME.lock`` in the cache folder (kept: deleting a lock file another process
+    may be waiting on would let a third one build alongside), released when the block
+    ends or the process dies; where ``fcntl`` is missing (Windows) the block runs unlocked.
 
     Args:
       file: The cache file about to be read or built.
@@ -90,8 +91,9 @@ def building(file: str) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    os.makedirs(os.path.dirname(file), exist_ok=True)
-    with open(file + ".lock", "a") as lock:
+    folder = os.path.join(os.path.dirname(file), ".locks")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, os.path.basename(file) + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
