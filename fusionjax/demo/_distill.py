@@ -1,0 +1,273 @@
+r"""Knowledge fusion on the knowledge testbed: the table ``fusionjax demo distill`` prints.
+
+The setting of FuseLLM (Wan et al. 2024) on :mod:`fusionjax.testbed.knowledge`: three
+teachers of different architectures and tokenizers (a BPE model per domain, a byte-level
+general model), a byte-level target initialised from the small base. Every student is
+trained from that base on the same distillation set (``windows`` training windows of the
+general corpus and of each domain), for the same steps, with the same optimizer and
+batches, under :func:`fusionjax.distill.fusellm_loss`,
+:math:`\lambda\,\mathrm{CLM} + (1-\lambda)\,\mathrm{CE}(P^\star, q_\theta)`, where the
+target :math:`P^\star` is:
+
+* ``CLM only``: none (:math:`\lambda = 1`);
+* ``teacher <name>``: one teacher's next-byte distributions;
+* ``FuseLLM MinCE`` / ``FuseLLM AvgCE``: :func:`fusionjax.distill.fuse_teachers` over the
+  three, weighted per window by each teacher's cross-entropy on it (its own bits per
+  byte: the teachers tokenize differently, so per-token scores would not compare);
+* ``FuseChat pair[d]``: FuseChat's first stage, MinCE over the pair (BPE teacher of
+  domain ``d``, byte teacher) — one target per source, each sharing the pivot;
+* ``FuseChat <merge>``: its second stage, the two pair targets merged into one with
+  :func:`fusionjax.merging.varm` and :func:`fusionjax.merging.sce` (FuseChat v1 and v2)
+  and, for comparison, task arithmetic (the average) and TIES.
+
+The teachers' distributions are precomputed once (as FuseLLM does): BPE teachers over
+their whole vocabulary, converted to next-byte distributions by
+:func:`fusionjax.distill.next_byte_distributions`, and the ``k`` most likely bytes kept.
+Scores are held-out bits per byte of every corpus.
+
+What costs time, and what is done about it: the students' training, one run per row (the
+merges are free). Every run shares one compiled loop (:func:`fusionjax.distill.distill`
+with a :class:`jax.tree_util.Partial` loss whose :math:`\lambda` is an array, targets of one
+width), so the rows cost their steps only; the teachers' targets are computed once per
+seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.tree_util import Partial
+
+import fusionjax as fj
+from fusionjax import distill
+from fusionjax import merging
+from fusionjax._src import training
+
+_LN2 = float(np.log(2.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSetup:
+    r"""How every student of the table is trained.
+
+    Attributes:
+      windows: Training windows per corpus (general and each domain).
+      k: Byte slots kept of each teacher distribution.
+      steps: Optimizer steps of every student.
+      batch_size: Windows per step.
+      lam: :math:`\lambda`, the CLM share of the loss (``CLM only`` uses 1).
+      learning_rate: Peak learning rate (10 warm-up steps, cosine decay to a tenth).
+    """
+
+    windows: int = 256
+    k: int = 32
+    steps: int = 120
+    batch_size: int = 16
+    lam: float = 0.5
+    learning_rate: float = 2e-3
+
+
+class DistillRow(NamedTuple):
+    """One row of the table.
+
+    Attributes:
+      name: What the target was trained or built with.
+      bits: ``{corpus: held-out bits per byte}``.
+      losses: The training loss of every step (``None`` for teachers and merges).
+      note: A short remark (e.g. the model's role).
+    """
+
+    name: str
+    bits: dict[str, float]
+    losses: np.ndarray | None
+    note: str = ""
+
+
+def mean_bits(row: DistillRow) -> float:
+    """The mean of a row's bits per byte over the corpora.
+
+    Args:
+      row: A :class:`DistillRow`.
+
+    Returns:
+      The unweighted mean over its corpora.
+    """
+    return float(np.mean(list(row.bits.values())))
+
+
+@functools.cache
+def _optimizer(learning_rate: float, steps: int) -> optax.GradientTransformation:
+    # One object per (rate, steps): the compiled loop is keyed by it.
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, 10, steps, learning_rate / 10
+    )
+    return training.standard_promotion(
+        optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+    )
+
+
+def _apply(module, params, batch):
+    return module.apply({"params": params}, batch["windows"])
+
+
+def _loss(lam, logits, batch):
+    # Row j of the logits and of the targets predicts byte j + 1.
+    target = distill.TopK(batch["ids"][:, :-1], batch["log_probs"][:, :-1])
+    out = distill.fusellm_loss(logits[:, :-1], batch["windows"][:, 1:], target, lam=lam)
+    return out.loss, out
+
+
+def _pad(top: distill.TopK, width: int) -> distill.TopK:
+    extra = width - top.ids.shape[-1]
+    pad = [(0, 0)] * (top.ids.ndim - 1) + [(0, extra)]
+    ids = np.pad(np.asarray(top.ids), pad, constant_values=-1)
+    lp = np.pad(np.asarray(top.log_probs), pad, constant_values=-np.inf)
+    return distill.TopK(ids.astype(np.int32), lp.astype(np.float32))
+
+
+def teacher_targets(tb, data: dict[str, np.ndarray]) -> tuple[distill.TopK, np.ndarray]:
+    """The teachers' byte targets ``[M, N, L, k]`` (empty where masked) and CE ``[M, N]``.
+
+    Args:
+      tb: A :class:`fusionjax.testbed.knowledge.KnowledgeTestbed`.
+      data: Its :meth:`distillation_data`.
+
+    Returns:
+      ``(TopK, ce)``: ``ce`` in nats per byte, each teacher's own score of each window.
+    """
+    where = np.moveaxis(data["where"], 1, 0)[..., None]
+    ids = np.where(where, np.moveaxis(data["ids"], 1, 0), -1).astype(np.int32)
+    lp = np.where(where, np.moveaxis(data["log_probs"], 1, 0), -np.inf).astype(np.float32)
+    return distill.TopK(ids, lp), np.asarray(data["bits"].T * _LN2, np.float32)
+
+
+def fused_targets(tb, data: dict[str, np.ndarray]) -> dict[str, tuple[distill.TopK, float]]:
+    """``{row name: (target TopK [N, L, width], lam)}`` of every trained row.
+
+    Args:
+      tb: A :class:`fusionjax.testbed.knowledge.KnowledgeTestbed`.
+      data: Its :meth:`distillation_data`.
+
+    Returns:
+      Targets padded to one width (so every run shares a compilation).
+    """
+    tops, ce = teacher_targets(tb, data)
+    names = tb.teacher_names()
+    width = len(names) * tops.ids.shape[-1]
+
+    def fuse(members, method):
+        idx = [names.index(n) for n in members]
+        sub = distill.TopK(tops.ids[idx], tops.log_probs[idx])
+        out = distill.fuse_teachers(sub, ce[idx], method=method)
+        return distill.TopK(np.asarray(out.ids), np.asarray(out.log_probs))
+
+    singles = {
+        f"teacher {name}": (distill.TopK(tops.ids[m], tops.log_probs[m]), None)
+        for m, name in enumerate(names)
+    }
+    # CLM only: lam = 1 gives the target no weight (any one keeps the shapes shared).
+    out = {"CLM only": (singles[f"teacher {names[-1]}"][0], 1.0), **singles}
+    out["FuseLLM MinCE"] = (fuse(names, "min_ce"), None)
+    out["FuseLLM AvgCE"] = (fuse(names, "avg_ce"), None)
+    for d in tb.domains:
+        out[f"FuseChat pair[{d}]"] = (fuse([f"bpe[{d}]", "byte"], "min_ce"), None)
+    return {n: (_pad(t, width), lam) for n, (t, lam) in out.items()}
+
+
+def train_student(tb, data, target: distill.TopK, lam: float, setup: DistillSetup, key):
+    r"""Trains one student from the target's base on ``data`` and ``target``.
+
+    Args:
+      tb: The knowledge testbed.
+      data: Its :meth:`distillation_data`.
+      target: ``TopK [N, L, width]`` next-byte targets.
+      lam: The CLM share :math:`\lambda`.
+      setup: The :class:`DistillSetup`.
+      key: PRNG key of the batch draws (the same for every row of a seed).
+
+    Returns:
+      A :class:`fusionjax.distill.DistillOutput`.
+    """
+    batch = {"windows": data["windows"], "ids": target.ids, "log_probs": target.log_probs}
+    return distill.distill(
+        Partial(_apply, tb.target_module),
+        tb.base,
+        batch,
+        Partial(_loss, jnp.float32(lam)),
+        optimizer=_optimizer(setup.learning_rate, setup.steps),
+        steps=setup.steps,
+        batch_size=setup.batch_size,
+        key=key,
+    )
+
+
+MERGES: dict[str, Callable[[], Any]] = {
+    "FuseChat VaRM": merging.varm,
+    "FuseChat SCE": merging.sce,
+    "task arithmetic (average)": lambda: merging.task_arithmetic(scaling=0.5),
+    "TIES": lambda: merging.ties(density=0.2, scaling=1.0),
+}
+"""The second stage's merges of the pair targets (each a factory of a merger)."""
+
+
+def distillation_rows(
+    tb,
+    setup: DistillSetup = DistillSetup(),
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> list[DistillRow]:
+    """Every row of the table for one seed: teachers, base, students and merges.
+
+    Args:
+      tb: A :class:`fusionjax.testbed.knowledge.KnowledgeTestbed`.
+      setup: How the students are trained.
+      progress: Called with each row's name before it is computed.
+
+    Returns:
+      The rows, teachers first.
+    """
+    rows = [DistillRow(name, bits, None, "teacher") for name, bits in tb.bits_table().items()]
+    rows[-1] = rows[-1]._replace(note="the target's initialisation")
+    data = tb.distillation_data(setup.windows, k=setup.k)
+    targets = fused_targets(tb, data)
+    key = jax.random.key(tb.seed)
+    students = {}
+    for name, (target, lam) in targets.items():
+        if progress is not None:
+            progress(name)
+        out = train_student(tb, data, target, setup.lam if lam is None else lam, setup, key)
+        students[name] = out.params
+        rows.append(DistillRow(name, tb.evaluate(out.params), np.asarray(out.losses)))
+    pairs = [students[f"FuseChat pair[{d}]"] for d in tb.domains]
+    for name, factory in MERGES.items():
+        if progress is not None:
+            progress(name)
+        merged = fj.merge(tb.base, pairs, factory())
+        rows.append(DistillRow(name, tb.evaluate(merged), None, "merge of the pair targets"))
+    return rows
+
+
+def format_distill_table(rows: list[DistillRow]) -> str:
+    """The rows as a text table of bits per byte, with the mean over the corpora.
+
+    Args:
+      rows: :class:`DistillRow` s (one seed).
+
+    Returns:
+      The table.
+    """
+    corpora = list(rows[0].bits)
+    head = f"{'model':<28}" + "".join(f"{c:>9}" for c in corpora) + f"{'mean':>9}  note"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = "".join(f"{r.bits[c]:>9.3f}" for c in corpora)
+        lines.append(f"{r.name:<28}{cells}{mean_bits(r):>9.3f}  {r.note}")
+    return "\n".join(lines)
