@@ -41,7 +41,7 @@ _HEAVY_FIXTURES = {
     "language_testbeds": "language",
     "language_log_probs": "language",
     "knowledge_testbeds": "knowledge",
-    "knowledge_runs": "knowledge",
+    "knowledge_rows": "knowledge",
     "knowledge_tables": "knowledge",
     "barriers": "alignment",
     "fusions": "alignment",
@@ -99,6 +99,17 @@ def knowledge_testbeds():
 def knowledge_tables(knowledge_testbeds):
     """``{seed: {model: {corpus: bits per byte}}}``: teachers and base, held out."""
     return {seed: tb.bits_table() for seed, tb in knowledge_testbeds.items()}
+
+
+@pytest.fixture(scope="session")
+def knowledge_rows(knowledge_testbeds):
+    """``{seed: [DistillRow]}``: the knowledge-fusion table of every seed (``demo distill``).
+
+    Every student of the table trained once per session (about a minute per seed).
+    """
+    from fusionjax.demo import _distill
+
+    return {seed: _distill.distillation_rows(tb) for seed, tb in knowledge_testbeds.items()}
 
 
 @pytest.fixture(scope="session")

@@ -353,7 +353,11 @@ class KnowledgeTestbed:
         tokens = teacher.encode_windows(windows)
         vocab_size = teacher.module.vocab_size
         token_k = vocab_size if token_k is None else min(max(k, token_k), vocab_size)
-        ids, vals = _teacher_top_k(teacher.module, teacher.params, tokens, token_k)
+        if token_k == vocab_size:  # the whole distribution: no sort needed (top_k is one)
+            vals = _language.log_probs(teacher.module, teacher.params, np.maximum(tokens, 0))
+            ids = np.broadcast_to(np.arange(vocab_size, dtype=np.int32), vals.shape)
+        else:
+            ids, vals = _teacher_top_k(teacher.module, teacher.params, tokens, token_k)
         out = _bytes.next_byte_distributions(
             TopK(ids, vals), tokens, teacher.vocab, num_bytes=length
         )

@@ -1,157 +1,101 @@
-"""Evidence on the knowledge testbed: the target distilled from fused teachers (FuseLLM).
+"""Evidence on the knowledge testbed (FuseLLM, FuseChat): the table of ``demo distill``.
 
-Per seed, the byte-level target (the language testbed's small base) is trained on the
-same distillation set (256 windows of general, code and docs training text each) for the
-same steps with the same optimizer, under one loss, ``lam * CLM + (1 - lam) * fusion``,
-where the fusion term is the cross-entropy to a mixture of the teachers' next-byte top-8
-distributions with per-window weights:
+Every student starts from the byte-level small base and is trained on the same windows,
+steps and batches (:mod:`fusionjax.demo._distill`); scores are held-out bits per byte.
+"The domains" are ``code`` and ``docs``; ``general`` is the pretraining corpus, where the
+byte teacher is the only teacher better than the base. Margins sit below the smallest
+value measured over seeds 0, 1, 2 (given in each docstring as seed 0 / 1 / 2).
 
-* ``clm``: ``lam = 1`` (plain causal LM training);
-* ``bpe[code]``, ``bpe[docs]``, ``byte``: one teacher (weight 1 on it);
-* ``minCE``: the teacher with the lowest bits per byte on the window (FuseLLM's MinCE);
-* ``avgCE``: teachers weighted by ``exp(-CE)`` (CE in nats per byte), FuseLLM's AvgCE.
-
-Every run shares one compilation (the weights and ``lam`` are arrays of the data and of
-the loss ``Partial``). Scored on held-out windows of every corpus in bits per byte.
+Measured and not asserted, because it does not hold on every seed:
+- fused beating every single teacher on the *three* corpora together: MinCE by
+  0.0035 / 0.0060 / 0.0019 bits, AvgCE by 0.0012 / -0.0025 / -0.0060 (the byte teacher's
+  student is better on general text, where MinCE often picks the docs teacher, whose
+  training-window score there is lower but whose byte targets are worse);
+- a FuseChat merge beating the better of its two pair targets on all corpora: VaRM by
+  0.0043 / -0.0032 / -0.0020;
+- each single teacher's student being best on its teacher's corpus: on seed 1 the byte
+  teacher's student is better on docs (3.523) than the docs teacher's (3.534): the byte
+  teacher's targets are its own next-byte distributions, the BPE teachers' are converted
+  from tokens and condition on the tokenization (see :mod:`fusionjax.distill._bytes`).
 """
 
-import time
-
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-import pytest
-from jax.tree_util import Partial
 
-from fusionjax import distill
-from fusionjax.testbed import knowledge
+from fusionjax.demo import _distill
 
-LAM = 0.5
-STEPS = 120
-BATCH = 16
-WINDOWS = 256
-METHODS = ("clm", "bpe[code]", "bpe[docs]", "byte", "minCE", "avgCE")
-_OPTIMIZER = optax.chain(
-    optax.clip_by_global_norm(1.0),
-    optax.adam(optax.warmup_cosine_decay_schedule(0.0, 2e-3, 10, STEPS, 2e-4)),
-)
+DOMAINS = ("code", "docs")
+SINGLES = ("teacher bpe[code]", "teacher bpe[docs]", "teacher byte")
+MERGES = ("FuseChat VaRM", "FuseChat SCE")
 
 
-def _apply(module, params, batch):
-    return module.apply({"params": params}, batch["windows"])
+def _rows(rows):
+    return {r.name: r for r in rows}
 
 
-def fusion_loss(logits, batch, *, lam):
-    """``lam * CLM + (1 - lam) * CE(fused teachers, student)`` over counted positions."""
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, :-1]  # [B, L-1, V]
-    gold = batch["windows"][:, 1:]
-    clm = -jnp.mean(jnp.take_along_axis(lp, gold[..., None], axis=-1))
-    where = batch["where"][:, :, :-1]  # [B, M, L-1]
-    ids = batch["ids"][:, :, :-1]  # [B, M, L-1, k]
-    q = jax.nn.softmax(batch["log_probs"][:, :, :-1], axis=-1)  # renormalised top-k
-    q = jnp.where(ids >= 0, q, 0.0)
-    w = batch["weights"][:, :, None] * where.astype(jnp.float32)  # [B, M, L-1]
-    total = jnp.sum(w, axis=1)  # [B, L-1]
-    full = jnp.broadcast_to(lp[:, None], (*ids.shape[:3], lp.shape[-1]))
-    student = jnp.take_along_axis(full, jnp.maximum(ids, 0), axis=-1)  # [B, M, L-1, k]
-    ce = -jnp.sum(q * student, axis=-1)  # [B, M, L-1]
-    fused = jnp.sum(w * ce, axis=1) / jnp.where(total > 0, total, 1.0)
-    counted = total > 0
-    count = jnp.maximum(jnp.sum(counted), 1).astype(jnp.float32)
-    fusion = jnp.sum(jnp.where(counted, fused, 0.0)) / count
-    return lam * clm + (1.0 - lam) * fusion, (clm, fusion)
+def _domains(row):
+    return float(np.mean([row.bits[c] for c in DOMAINS]))
 
 
-def method_weights(bits, method, names):
-    """``[N, M]`` per-window teacher weights of a method."""
-    n, m = bits.shape
-    if method == "minCE":
-        return np.eye(m, dtype=np.float32)[np.argmin(bits, axis=1)]
-    if method == "avgCE":
-        nats = bits * np.log(2.0)
-        w = np.exp(-(nats - nats.min(1, keepdims=True)))
-        return (w / w.sum(1, keepdims=True)).astype(np.float32)
-    if method == "clm":
-        return np.full((n, m), 1.0 / m, np.float32)
-    return np.tile(np.eye(m, dtype=np.float32)[names.index(method)], (n, 1))
+def _all(row):
+    return _distill.mean_bits(row)
 
 
-@pytest.fixture(scope="session")
-def knowledge_runs(knowledge_testbeds):
-    """``{seed: {method: {corpus: bits per byte}}}`` plus ``"teachers"`` rows and timings."""
-    out = {}
-    for seed, tb in knowledge_testbeds.items():
-        t0 = time.perf_counter()
-        data = tb.distillation_data(WINDOWS)
-        names = tb.teacher_names()
-        apply = Partial(_apply, tb.target_module)
-        base = {c: float(np.mean(b)) for c, b in _base_bits(tb).items()}
-        rows = {"base": base}
-        timings = {"data": time.perf_counter() - t0}
-        for method in METHODS:
-            t0 = time.perf_counter()
-            batch_data = {
-                "windows": data["windows"],
-                "ids": data["ids"],
-                "log_probs": data["log_probs"],
-                "where": data["where"],
-                "weights": method_weights(data["bits"], method, names),
-            }
-            lam = 1.0 if method == "clm" else LAM
-            res = distill.distill(
-                apply,
-                tb.base,
-                batch_data,
-                Partial(fusion_loss, lam=jnp.float32(lam)),
-                optimizer=_OPTIMIZER,
-                steps=STEPS,
-                batch_size=BATCH,
-                key=jax.random.key(seed),
-            )
-            rows[method] = tb.evaluate(res.params)
-            timings[method] = time.perf_counter() - t0
-        rows["_timings"] = timings
-        out[seed] = rows
-    return out
+def test_fused_teachers_beat_clm_alone(knowledge_rows):
+    """FuseLLM's claim. Bits saved against CLM only, all corpora: MinCE 0.020 / 0.023 /
+    0.021, AvgCE 0.018 / 0.014 / 0.013; on the domains: MinCE 0.017 / 0.024 / 0.020, AvgCE
+    0.010 / 0.014 / 0.007."""
+    for seed, rows in knowledge_rows.items():
+        r = _rows(rows)
+        clm = r["CLM only"]
+        assert _all(r["FuseLLM MinCE"]) < _all(clm) - 0.015, seed
+        assert _domains(r["FuseLLM MinCE"]) < _domains(clm) - 0.012, seed
+        assert _all(r["FuseLLM AvgCE"]) < _all(clm) - 0.01, seed
+        assert _domains(r["FuseLLM AvgCE"]) < _domains(clm) - 0.005, seed
 
 
-def _base_bits(tb):
-    return {c: knowledge.window_bits_bytes(tb.target_module, tb.base, w) for c, w in tb.heldout.items()}
+def test_fused_teachers_beat_every_single_teacher_on_the_domains(knowledge_rows):
+    """Against the best single-teacher student on code and docs together: MinCE 0.026 /
+    0.026 / 0.029 bits better, AvgCE 0.019 / 0.015 / 0.016."""
+    for seed, rows in knowledge_rows.items():
+        r = _rows(rows)
+        best = min(_domains(r[s]) for s in SINGLES)
+        assert _domains(r["FuseLLM MinCE"]) < best - 0.02, seed
+        assert _domains(r["FuseLLM AvgCE"]) < best - 0.01, seed
 
 
-def _mean(row):
-    return float(np.mean([row[c] for c in ("general", "code", "docs")]))
+def test_min_ce_beats_avg_ce(knowledge_rows):
+    """As in FuseLLM's ablation: on the domains by 0.0067 / 0.0109 / 0.0129 bits. AvgCE
+    here is FuseLLM's code (softmax of the rewards exp(-CE)), which weighs three teachers
+    within a factor e of each other: close to their plain average."""
+    for seed, rows in knowledge_rows.items():
+        r = _rows(rows)
+        assert _domains(r["FuseLLM MinCE"]) < _domains(r["FuseLLM AvgCE"]) - 0.004, seed
 
 
-def test_print_table(knowledge_runs):
-    for seed, rows in knowledge_runs.items():
-        print(f"seed {seed}: timings {rows['_timings']}")
-        for name, row in rows.items():
-            if name.startswith("_"):
-                continue
-            print(f"  {name:<10}" + "".join(f"{row[c]:8.3f}" for c in row) + f"  mean {_mean(row):.3f}")
+def test_fusechat_merges_of_the_pair_targets(knowledge_rows):
+    """FuseChat's second stage, all corpora: VaRM and SCE beat TIES by 0.060-0.070 bits,
+    CLM only by 0.027-0.030 and FuseLLM MinCE (one fused target) by 0.0043-0.0095; they
+    equal task arithmetic's average within 0.0007 (two targets that share the pivot
+    teacher change every matrix by similar amounts, so VaRM's per-matrix weights are near
+    1/2 and SCE's selection keeps all at density 1)."""
+    for seed, rows in knowledge_rows.items():
+        r = _rows(rows)
+        for m in MERGES:
+            assert _all(r[m]) < _all(r["TIES"]) - 0.05, (seed, m)
+            assert _all(r[m]) < _all(r["CLM only"]) - 0.02, (seed, m)
+            assert _all(r[m]) < _all(r["FuseLLM MinCE"]) - 0.003, (seed, m)
+            assert abs(_all(r[m]) - _all(r["task arithmetic (average)"])) < 0.002, (seed, m)
 
 
-def test_avgce_fusion_beats_every_single_teacher_on_the_corpora_together(knowledge_runs):
-    """Measured (mean bits per byte over general, code, docs; seeds 0/1/2): avgCE beats
-    the best single teacher (always ``byte``) by 0.034 / 0.030 / 0.026; margin 0.02."""
-    for seed, rows in knowledge_runs.items():
-        for single in ("bpe[code]", "bpe[docs]", "byte"):
-            assert _mean(rows["avgCE"]) < _mean(rows[single]) - 0.02, (seed, single, rows)
-
-
-def test_fused_targets_learn_each_domain_from_its_teacher(knowledge_runs):
-    """Both fusions beat the other BPE teacher's student on each domain (measured margins
-    >= 0.22) and stay within 0.06 bits of the code teacher's student on code (measured
-    0.012-0.043 behind it)."""
-    for seed, rows in knowledge_runs.items():
-        for fused in ("minCE", "avgCE"):
-            assert rows[fused]["code"] < rows["bpe[docs]"]["code"] - 0.15, (seed, fused)
-            assert rows[fused]["docs"] < rows["bpe[code]"]["docs"] - 0.15, (seed, fused)
-            assert rows[fused]["code"] < rows["bpe[code]"]["code"] + 0.06, (seed, fused)
-
-
-# Not asserted, because it does not reproduce here (see the report / module docstring):
-# the fused target beating CLM alone. Measured mean bits per byte, seeds 0/1/2:
-# clm 3.538/3.561/3.562, avgCE 3.541/3.568/3.573, minCE 3.572/3.591/3.602.
+def test_table_is_complete_and_students_learn(knowledge_rows):
+    """Every row is present and every student improves on its initialisation."""
+    names = [r.name for r in knowledge_rows[0]]
+    assert names[:4] == ["bpe[code]", "bpe[docs]", "byte", "base"]
+    assert {"CLM only", *SINGLES, "FuseLLM MinCE", "FuseLLM AvgCE", *MERGES} <= set(names)
+    for seed, rows in knowledge_rows.items():
+        r = _rows(rows)
+        for row in rows:
+            if row.losses is not None:
+                assert np.all(np.isfinite(row.losses)), (seed, row.name)
+                assert _all(row) < _all(r["base"]) - 0.05, (seed, row.name)
+    print("\n" + _distill.format_distill_table(knowledge_rows[0]))
