@@ -3,10 +3,33 @@ r"""Knowledge fusion: distilling several heterogeneous models into one.
 When the models to combine differ in architecture and tokenizer, their weights cannot be
 merged, and fusing their logits at inference costs every model's forward pass. Knowledge
 fusion distils them into one target instead (FuseLLM, FuseChat, InfiFusion, InfiGFusion,
-ProFuser, WRPO, FuseRL). Every loss here is a pure function of logits or log-probabilities
-and masks, to be used inside the caller's optax loop.
+ProFuser, WRPO, FuseRL). Every loss is a pure function of logits or log-probabilities and
+masks, for the caller's optax loop; :func:`distill` is a ready compiled loop.
 
-Shared types: :class:`TopK` (a truncated distribution) and :func:`top_k`.
+- **Token alignment** of two tokenizations of one text: FuseLLM's DTW
+  (:func:`align_tokens`, :func:`align_tokens_batch`, :func:`dtw_reference`) and exact
+  alignments from character offsets or spellings (:func:`align_by_offsets`,
+  :func:`align_by_text`); :class:`TokenAlignment` with its 1:1 / 1:n / n:1 spans.
+- **Vocabulary mapping**: exact and minimum-edit-distance (:func:`map_vocab`), from
+  co-occurrence counts (:func:`statistical_map`); a teacher's top-k carried into the
+  target vocabulary and onto the target's positions (:func:`carry_top_k`,
+  :func:`project_positions`, :func:`dense_log_probs`); for byte-level students, a token
+  distribution's exact next-byte distributions (:func:`next_byte_distributions`).
+- **Fused teachers and FuseLLM's objective**: :func:`sequence_cross_entropy`,
+  :func:`teacher_weights`, :func:`fuse_teachers` (MinCE, AvgCE), :func:`fusion_loss`,
+  :func:`clm_loss`, :func:`fusellm_loss`.
+- **Vocabulary-free distillation**: :func:`uld_distance`, :func:`uld_loss`,
+  :func:`infifusion_loss`; InfiGFusion's graphs on logits and sorting-based
+  Gromov-Wasserstein (:func:`coactivation_graph`, :func:`sorted_gw`,
+  :func:`infigfusion_loss`, ...).
+- **Source selection**: a selector network with top-k routing and its balancing
+  feedback loss, ProFuser's training- and inference-mode advantages.
+- **Preference route**: :func:`dpo_loss`, :func:`simpo_loss`, :func:`wrpo_loss` with
+  :func:`wrpo_alpha`, FuseRL's :func:`fuserl_weights`, :func:`fuserl_sft_loss`,
+  :func:`fuserl_po_loss`.
+
+FuseChat's second stage merges the distilled targets with :func:`fusionjax.merging.varm`
+and :func:`fusionjax.merging.sce`. Shared types: :class:`TopK` and :func:`top_k`.
 """
 
 from fusionjax.distill._align import AlignmentSpans
