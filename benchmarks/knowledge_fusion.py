@@ -1,6 +1,10 @@
 """Knowledge fusion: token alignment throughput, and the fused objective's cost per step.
 
-Run: ``PYTHONPATH=. python benchmarks/knowledge_fusion.py``. Text: docstrings of stdlib
+Run: ``PYTHONPATH=. python benchmarks/knowledge_fusion.py [--gw-sizes 1024 4096 16384]
+[--ott-timeout 300]``. Sections: token alignment; InfiGFusion's sorting-based GW against
+ott-jax's entropic GW (:mod:`knowledge_fusion_gw`, ott in a child process with a time
+limit); one distillation step of FuseLLM's objective against the plain CLM step (the last
+line). Text: docstrings of stdlib
 modules (ASCII), tokenized by a byte-level BPE trained here on the same text (Hugging Face
 ``tokenizers``) and by characters (the byte-level model's view). Each section is one
 function returning its figures; :func:`main` prints them with the device.
@@ -11,12 +15,14 @@ quadratic with a Python edit distance per cell, so it is timed on a 128-token pr
 its per-cell rate is what the speed-up compares.
 """
 
+import argparse
 import functools
 import inspect
 import time
 
 import jax
 import jax.numpy as jnp
+import knowledge_fusion_gw
 import numpy as np
 import optax
 
@@ -198,8 +204,8 @@ def distillation_step_overhead(
     return out
 
 
-def main() -> None:
-    """Runs every section and prints its figures."""
+def main(gw_sizes=(1024, 4096, 16384), ott_timeout: float = 300.0) -> None:
+    """Runs every section and prints its figures; the last line is the fusion overhead."""
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})")
     for name, r in alignment_throughput().items():
         speedup = r["numpy_tokens_per_s"] / r["reference_tokens_per_s"]
@@ -211,6 +217,7 @@ def main() -> None:
             f"(measured {r['reference_s']:.2f} s at {r['reference_shape'][0]}x"
             f"{r['reference_shape'][1]}); speed-up {speedup:,.0f}x"
         )
+    knowledge_fusion_gw.main(gw_sizes, ott_timeout)
     r = distillation_step_overhead()
     print(
         f"distillation step (batch 32 x 64 bytes, 3 teachers top-10, MinCE, lam 0.9): "
@@ -220,4 +227,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gw-sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--ott-timeout", type=float, default=300.0)
+    args = parser.parse_args()
+    main(args.gw_sizes, args.ott_timeout)
