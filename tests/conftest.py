@@ -43,6 +43,7 @@ _HEAVY_FIXTURES = {
     "knowledge_testbeds": "knowledge",
     "knowledge_runs": "knowledge",
     "knowledge_tables": "knowledge",
+    "knowledge_rows": "knowledge",
     "barriers": "alignment",
     "fusions": "alignment",
     "spec_results": "alignment",
@@ -99,6 +100,14 @@ def knowledge_testbeds():
 def knowledge_tables(knowledge_testbeds):
     """``{seed: {model: {corpus: bits per byte}}}``: teachers and base, held out."""
     return {seed: tb.bits_table() for seed, tb in knowledge_testbeds.items()}
+
+
+@pytest.fixture(scope="session")
+def knowledge_rows(knowledge_testbeds):
+    """``{seed: [DistillRow]}``: the rows of ``fusionjax demo distill`` (about a minute a seed)."""
+    from fusionjax.demo import _distill
+
+    return {seed: _distill.distillation_rows(tb) for seed, tb in knowledge_testbeds.items()}
 
 
 @pytest.fixture(scope="session")
