@@ -180,7 +180,7 @@ def run_distill(args: argparse.Namespace) -> int:
     tb = knowledge.load(seed=args.seed, cache=not args.no_cache)
     print(
         f"fusionjax demo distill: knowledge testbed (seed {args.seed}), ready in "
-        f"{time.perf_counter() - start:.1f}s; every student: the byte-level base "
+        f"{time.perf_counter() - start:.1f}s\nevery student: the byte-level base "
         f"({_shape(tb.target_module)}) trained {setup.steps} steps of {setup.batch_size} "
         f"windows on {setup.windows} windows per corpus, λ = {setup.lam}"
     )
