@@ -1,4 +1,4 @@
-"""``fusionjax demo``: merging and alignment on the digits testbeds, logit fusion on text."""
+"""``fusionjax demo``: merging and alignment on digits; logit and knowledge fusion on text."""
 
 from __future__ import annotations
 
@@ -158,3 +158,95 @@ def run_logits(args: argparse.Namespace) -> int:
 
 def _stderr_progress(stage: str) -> None:
     print(f"  {stage} ...", file=sys.stderr)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    """``fusionjax demo distill``: knowledge fusion of three teachers into one byte-level model.
+
+    Args:
+      args: The parsed ``seed``, ``no_cache`` and ``fast`` (fewer windows and steps).
+
+    Returns:
+      The exit status, 0.
+    """
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+    from fusionjax.demo import _distill  # pylint: disable=g-import-not-at-top
+    from fusionjax.testbed import knowledge  # pylint: disable=g-import-not-at-top
+
+    setup = _distill.DistillSetup(**(FAST_DISTILL if args.fast else {}))
+    start = time.perf_counter()
+    _stderr_progress(f"knowledge testbed (seed {args.seed})")
+    tb = knowledge.load(seed=args.seed, cache=not args.no_cache)
+    print(
+        f"fusionjax demo distill: knowledge testbed (seed {args.seed}), ready in "
+        f"{time.perf_counter() - start:.1f}s\nevery student: the byte-level base "
+        f"({_shape(tb.target_module)}) trained {setup.steps} steps of {setup.batch_size} "
+        f"windows on {setup.windows} windows per corpus, λ = {setup.lam}"
+    )
+    # The rows' count is not known up front (the table grows with the library): the bar
+    # counts finished rows and names the one being computed.
+    with tqdm(desc="distill", unit="row", leave=False, file=sys.stderr) as bar:
+        started = []
+
+        def progress(name):
+            if started:
+                bar.update(1)
+            started.append(name)
+            bar.set_postfix_str(name)
+
+        rows = _distill.distillation_rows(tb, setup, progress=progress)
+        if started:
+            bar.update(1)
+    print("\n1. The teachers (different tokenizers and architectures) and the target's base:")
+    print(format_teachers(tb, rows))
+    print(
+        "\n2. Held-out bits per byte (lower is better) of the base after distillation "
+        "from each target:"
+    )
+    print(_distill.format_distill_table(rows))
+    print(f"\ndone in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+FAST_DISTILL = {"windows": 64, "steps": 60}
+"""``fusionjax demo distill --fast``: the :class:`DistillSetup` fields it changes."""
+
+
+def _shape(module) -> str:
+    return f"width {module.dim}, depth {module.depth}"
+
+
+def format_teachers(tb, rows) -> str:
+    """The knowledge testbed's models: tokenizer, size, bytes per token and bits per byte.
+
+    Args:
+      tb: A :class:`fusionjax.testbed.knowledge.KnowledgeTestbed`.
+      rows: The table's rows (:func:`fusionjax.demo._distill.distillation_rows`); the
+        teachers' and the base's bits per byte are read from the rows of those names.
+
+    Returns:
+      A text table, one line per teacher and one for the base.
+    """
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    bits = {r.name: r.bits for r in rows}
+    corpora = list(next(iter(bits.values())))
+    held = np.concatenate([tb.heldout[c] for c in corpora])
+    models = []
+    for d in tb.domains:
+        teacher = tb.teachers[d]
+        tokens = sum(len(t) for t in teacher.encode_batch(list(held)))
+        vocab = f"BPE {teacher.module.vocab_size}"
+        models.append((f"bpe[{d}]", vocab, _shape(teacher.module), held.size / tokens))
+    models.append(("byte", "bytes 256", _shape(tb.language.strong_module), 1.0))
+    models.append(("base", "bytes 256", _shape(tb.target_module), 1.0))
+    head = (
+        f"{'model':<11}{'tokenizer':<11}{'size':<18}{'bytes/token':>12}"
+        + "".join(f"{c:>9}" for c in corpora)
+    )
+    lines = [head, "-" * len(head)]
+    for name, tokenizer, size, per_token in models:
+        cells = "".join(f"{bits[name][c]:>9.3f}" for c in corpora) if name in bits else ""
+        lines.append(f"{name:<11}{tokenizer:<11}{size:<18}{per_token:>12.2f}{cells}")
+    return "\n".join(lines)

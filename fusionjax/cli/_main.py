@@ -58,20 +58,24 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="merge fine-tuned models (default), align independently trained ones, or fuse "
-        "language models' logits",
+        help="merge fine-tuned models (default), align independently trained ones, fuse "
+        "language models' logits, or distil teachers of different tokenizers into one model",
         description="Merge fine-tuned models on the multi-task digits testbed (merge, the "
-        "default), align independently trained models (align), or fuse the next-byte "
-        "predictions of language models on the byte-level text testbed (logits).",
+        "default), align independently trained models (align), fuse the next-byte "
+        "predictions of language models on the byte-level text testbed (logits), or distil "
+        "teachers of different tokenizers and architectures into one byte-level model "
+        "(distill: FuseLLM, FuseChat and the vocabulary-free losses).",
     )
     demo.add_argument(
         "suite",
         nargs="?",
-        choices=("merge", "align", "logits"),
+        choices=("merge", "align", "logits", "distill"),
         default="merge",
         help="merge: weight merging on the multi-task testbed (default); "
         "align: permutation alignment and OT fusion of independently trained models; "
-        "logits: proxy-tuning, DExperts, contrastive decoding and Dynamic Logit Fusion",
+        "logits: proxy-tuning, DExperts, contrastive decoding and Dynamic Logit Fusion; "
+        "distill: knowledge fusion of BPE and byte-level teachers into one student "
+        "(a table of held-out bits per byte, about a minute of training)",
     )
     demo.add_argument("--seed", type=int, default=0, help="testbed seed (default 0)")
     demo.add_argument(
@@ -106,7 +110,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--fast",
         action="store_true",
         help="merge: skip the learned methods (AdaMerging, aTLAS, ...); "
-        "align: skip the ResNet/transformer spec comparison",
+        "align: skip the ResNet/transformer spec comparison; "
+        "distill: 64 windows per corpus and 60 steps per student (instead of 256 and 120)",
     )
     return parser, demo
 
@@ -163,10 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "merge":
         return _run_merge(args)
-    if args.suite in ("align", "logits"):
+    if args.suite in ("align", "logits", "distill"):
         if args.methods is not None:
             demo.error("--methods applies to the merge suite only")
-        return _demo.run_align(args) if args.suite == "align" else _demo.run_logits(args)
+        run = {"align": _demo.run_align, "logits": _demo.run_logits, "distill": _demo.run_distill}
+        return run[args.suite](args)
     try:
         _demo.select_methods(args.methods, fast=args.fast)  # checked before any training
     except ValueError as e:

@@ -90,6 +90,7 @@ def test_demo_help_is_plain_text(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--seed" in out and "--methods" in out and "--fast" in out and "align" in out
+    assert "distill" in out and "--no-cache" in out
     assert "``" not in out
 
 
@@ -116,6 +117,7 @@ def test_version(capsys):
         (["demo", "--methods", "ties", "nope"], "no method matches 'nope'"),
         (["demo", "--methods", "adamerging", "--fast"], "--fast leaves out every"),
         (["demo", "align", "--methods", "ties"], "--methods applies to the merge suite"),
+        (["demo", "distill", "--methods", "ties"], "--methods applies to the merge suite"),
         (["demo", "nosuchsuite"], "invalid choice"),
         ([], "required"),
     ],
@@ -126,6 +128,7 @@ def test_usage_errors_exit_2_before_any_work(capsys, monkeypatch, argv, needle):
 
     monkeypatch.setattr(_demo, "run_merge", fail)
     monkeypatch.setattr(_demo, "run_align", fail)
+    monkeypatch.setattr(_demo, "run_distill", fail)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
@@ -170,3 +173,57 @@ def test_demo_logits_rejects_methods():
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", "logits", "--methods", "ties"])
     assert e.value.code == 2
+
+
+def _cached_distillation(monkeypatch, knowledge_rows):
+    # The rows come from the session's knowledge_rows (the same call on seed 0): the CLI's own
+    # work is loading the testbed, naming the rows on the progress bar and printing.
+    from fusionjax.demo import _distill
+
+    calls = []
+
+    def cached_rows(tb, setup=None, *, progress=None):
+        calls.append((tb.seed, setup))
+        rows = knowledge_rows[tb.seed]
+        for row in rows:
+            if row.name not in (*tb.teacher_names(), "base"):
+                progress(row.name)
+        return rows
+
+    monkeypatch.setattr(_distill, "distillation_rows", cached_rows)
+    return calls
+
+
+def test_demo_distill_prints_the_teachers_and_the_table(capsys, monkeypatch, knowledge_rows):
+    calls = _cached_distillation(monkeypatch, knowledge_rows)
+    assert cli.main(["demo", "distill"]) == 0
+    from fusionjax.demo import _distill
+
+    assert calls == [(0, _distill.DistillSetup())]
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    rows = {r.name: r for r in knowledge_rows[0]}
+    # Every row is printed in the table with its bits per byte and their mean.
+    for name, row in rows.items():
+        cells = [f"{v:.3f}" for v in (*row.bits.values(), _distill.mean_bits(row))]
+        printed = [x[len(name) :].split()[: len(cells)] for x in lines if x.startswith(name + " ")]
+        assert cells in printed, name
+    # The teacher table: BPE tokens hold more than a byte each, and the teachers' bits per
+    # byte are the table's.
+    teachers = {x.split()[0]: x.split() for x in lines if x.startswith(("bpe[", "byte ", "base "))}
+    for name in ("bpe[code]", "bpe[docs]"):
+        row = next(x.split() for x in lines if x.startswith(name) and "BPE" in x)
+        per_token = float(row[row.index("depth") + 2])
+        assert 1.5 < per_token < 6.0, (name, per_token)
+        assert [float(v) for v in row[-3:]] == pytest.approx(list(rows[name].bits.values()), abs=1e-3)
+    assert "byte" in teachers and "FuseLLM MinCE" in captured.out
+    # The progress bar on stderr names each trained row and merge as it starts.
+    assert "knowledge testbed (seed 0)" in captured.err
+    assert all(name in captured.err for name in ("CLM only", "FuseLLM MinCE", "TIES"))
+
+
+def test_demo_distill_fast_trains_a_smaller_setup(capsys, monkeypatch, knowledge_rows):
+    calls = _cached_distillation(monkeypatch, knowledge_rows)
+    assert cli.main(["demo", "distill", "--fast"]) == 0
+    assert calls[0][1].windows == 64 and calls[0][1].steps == 60
+    assert "60 steps" in capsys.readouterr().out
