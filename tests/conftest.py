@@ -43,6 +43,7 @@ _HEAVY_FIXTURES = {
     "knowledge_testbeds": "knowledge",
     "knowledge_runs": "knowledge",
     "knowledge_tables": "knowledge",
+    "knowledge_rows": "knowledge",
     "barriers": "alignment",
     "fusions": "alignment",
     "spec_results": "alignment",
@@ -93,6 +94,14 @@ def knowledge_testbeds():
     from fusionjax.testbed import knowledge
 
     return {seed: knowledge.load(seed=seed) for seed in SEEDS}
+
+
+@pytest.fixture(scope="session")
+def knowledge_rows(knowledge_testbeds):
+    """``{seed: [DistillRow]}``: the knowledge-fusion table of every seed (``demo distill``)."""
+    from fusionjax.demo import _distill
+
+    return {seed: _distill.distillation_rows(tb) for seed, tb in knowledge_testbeds.items()}
 
 
 @pytest.fixture(scope="session")

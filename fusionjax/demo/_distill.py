@@ -20,6 +20,30 @@ target :math:`P^\star` is:
   :func:`fusionjax.merging.varm` and :func:`fusionjax.merging.sce` (FuseChat v1 and v2)
   and, for comparison, task arithmetic (the average) and TIES.
 
+The **vocabulary-free** rows need no vocabulary mapping, only positions: at row ``j``
+(predicting byte ``j + 1``) each teacher's distribution over *its own* vocabulary at the
+token row that predicts the token holding byte ``j + 1`` (the row the byte conversion
+uses; the byte teacher's own next-byte distribution),
+:meth:`fusionjax.testbed.knowledge.KnowledgeTestbed.token_targets`. Their objective is
+:math:`\lambda\,\mathrm{CLM} + (1-\lambda)\,D` with the same :math:`\lambda` (the CLM
+term over every position, as in the other rows; :math:`D` over the rows the teachers
+hold):
+
+* ``ULD (MinCE teacher)``: Universal Logit Distillation (Boizard et al. 2024) is a
+  single-teacher loss; with three teachers, each window is distilled from the one
+  FuseLLM's MinCE picks (lowest bits per byte on it). :math:`D` is
+  :func:`fusionjax.distill.uld_distance` over the whole sorted vectors; the teacher's
+  head keeps its 256 most likely tokens (:attr:`DistillSetup.uld_k`), as many as the
+  student has bytes, so the student's gradient is exact (the tail only adds a constant);
+* ``InfiFusion``: its unified form (Yan et al. 2025), :func:`fusionjax.distill.infifusion_loss`
+  against all three teachers with equal weights, logits standardised (statistics over
+  each whole vocabulary), top :math:`K = 64` (:attr:`DistillSetup.infifusion_k`),
+  :math:`\tau = 1`; :math:`D` counts the rows every teacher holds.
+
+The teachers' heads are exact (computed from the full logits, normalised over the whole
+vocabulary) and precomputed once, passed to the losses as
+:class:`fusionjax.distill.TopK` (see :func:`fusionjax.distill.uld_teacher_targets`).
+
 The teachers' distributions are precomputed once (as FuseLLM does): BPE teachers over
 their whole vocabulary, converted to next-byte distributions by
 :func:`fusionjax.distill.next_byte_distributions`, and the ``k`` most likely bytes kept.
