@@ -50,3 +50,41 @@ def test_standardised_head_is_the_librarys(heads):
         out["byte"].standardized.log_probs[where], np.asarray(ref.log_probs)[where],
         rtol=1e-5, atol=1e-5,
     )
+
+
+def _means(rows):
+    return {r.name: _distill.mean_bits(r) for r in rows}
+
+
+# Measured (seeds 0, 1, 2; mean held-out bits per byte over the three corpora):
+#   InfiFusion - CLM only:              +0.018 +0.017 +0.017
+#   InfiFusion - best of MinCE/AvgCE:   +0.036 +0.031 +0.030
+#   ULD (MinCE teacher) - InfiFusion:   +0.225 +0.115 +0.128
+#   ULD (MinCE teacher) - CLM only:     +0.243 +0.132 +0.145
+# The vocabulary-free losses do not reproduce FuseLLM's gain here: the student is
+# byte-level, so most of its rows sit inside a teacher token, where the teacher's
+# distribution is over whole tokens (flat: its top 64 hold 52-75 % of the mass) while the
+# student's next byte is nearly certain; matching sorted values then pulls the student's
+# confidence towards the token distribution's, whatever the bytes.
+
+
+def test_vocabulary_free_rows_trail_clm_and_the_mapped_fusion(knowledge_rows):
+    for seed, rows in knowledge_rows.items():
+        m = _means(rows)
+        infi, uld = m["InfiFusion"], m["ULD (MinCE teacher)"]
+        assert infi > m["CLM only"] + 0.010, (seed, infi, m["CLM only"])
+        assert infi > min(m["FuseLLM MinCE"], m["FuseLLM AvgCE"]) + 0.020, (seed, m)
+        assert uld > infi + 0.080, (seed, uld, infi)
+        assert uld > m["CLM only"] + 0.080, (seed, uld, m["CLM only"])
+
+
+def test_vocabulary_free_students_learn(knowledge_rows):
+    # Not a diverged run: the distillation term falls and InfiFusion stays within 0.1 bit
+    # of CLM only on every corpus (measured: 0.015-0.020).
+    for seed, rows in knowledge_rows.items():
+        by = {r.name: r for r in rows}
+        for name in ("InfiFusion", "ULD (MinCE teacher)"):
+            losses = by[name].losses
+            assert np.all(np.isfinite(losses)) and losses[-10:].mean() < losses[:10].mean()
+        for c, b in by["InfiFusion"].bits.items():
+            assert b < by["CLM only"].bits[c] + 0.1, (seed, c)
