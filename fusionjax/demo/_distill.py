@@ -20,6 +20,30 @@ target :math:`P^\star` is:
   :func:`fusionjax.merging.varm` and :func:`fusionjax.merging.sce` (FuseChat v1 and v2)
   and, for comparison, task arithmetic (the average) and TIES.
 
+The **vocabulary-free** rows need no vocabulary mapping, only positions: at row ``j``
+(predicting byte ``j + 1``) each teacher's distribution over *its own* vocabulary at the
+token row that predicts the token holding byte ``j + 1`` (the row the byte conversion
+uses; the byte teacher's own next-byte distribution),
+:meth:`fusionjax.testbed.knowledge.KnowledgeTestbed.token_targets`. Their objective is
+:math:`\lambda\,\mathrm{CLM} + (1-\lambda)\,D` with the same :math:`\lambda` (the CLM
+term over every position, as in the other rows; :math:`D` over the rows the teachers
+hold):
+
+* ``ULD (MinCE teacher)``: Universal Logit Distillation (Boizard et al. 2024) is a
+  single-teacher loss; with three teachers, each window is distilled from the one
+  FuseLLM's MinCE picks (lowest bits per byte on it). :math:`D` is
+  :func:`fusionjax.distill.uld_distance` over the whole sorted vectors; the teacher's
+  head keeps its 256 most likely tokens (:attr:`DistillSetup.uld_k`), as many as the
+  student has bytes, so the student's gradient is exact (the tail only adds a constant);
+* ``InfiFusion``: its unified form (Yan et al. 2025), :func:`fusionjax.distill.infifusion_loss`
+  against all three teachers with equal weights, logits standardised (statistics over
+  each whole vocabulary), top :math:`K = 64` (:attr:`DistillSetup.infifusion_k`),
+  :math:`\tau = 1`; :math:`D` counts the rows every teacher holds.
+
+The teachers' heads are exact (computed from the full logits, normalised over the whole
+vocabulary) and precomputed once, passed to the losses as
+:class:`fusionjax.distill.TopK` (see :func:`fusionjax.distill.uld_teacher_targets`).
+
 The teachers' distributions are precomputed once (as FuseLLM does): BPE teachers over
 their whole vocabulary, converted to next-byte distributions by
 :func:`fusionjax.distill.next_byte_distributions`, and the ``k`` most likely bytes kept.
@@ -65,6 +89,9 @@ class DistillSetup:
       batch_size: Windows per step.
       lam: :math:`\lambda`, the CLM share of the loss (``CLM only`` uses 1).
       learning_rate: Peak learning rate (10 warm-up steps, cosine decay to a tenth).
+      uld_k: Slots of each teacher's head kept for ULD (its own vocabulary); at least the
+        student's 256 bytes, so the ULD gradient is exact.
+      infifusion_k: InfiFusion's :math:`K` (top-K of the standardised distributions).
     """
 
     windows: int = 256
@@ -73,6 +100,8 @@ class DistillSetup:
     batch_size: int = 16
     lam: float = 0.5
     learning_rate: float = 2e-3
+    uld_k: int = 256
+    infifusion_k: int = 64
 
 
 class DistillRow(NamedTuple):
@@ -209,6 +238,99 @@ def train_student(tb, data, target: distill.TopK, lam: float, setup: DistillSetu
     )
 
 
+# ------------------------------------------------------------------ vocabulary-free rows
+
+
+def _clm_term(logits, windows):
+    return distill.clm_loss(logits[:, :-1], windows[:, 1:])
+
+
+def _uld_loss(lam, logits, batch):
+    # ULD (Boizard et al.): the full sorted vectors (the head holds >= 256 = the student's
+    # vocabulary, so the student's gradient is exact), the MinCE-selected teacher.
+    head = distill.TopK(jnp.zeros((), jnp.int32), batch["uld_lp"][:, :-1])  # ids unused
+    d = distill.uld_distance(logits[:, :-1], head, where=batch["uld_where"][:, :-1])
+    clm = _clm_term(logits, batch["windows"])
+    return lam * clm + (1.0 - lam) * d, (clm, d)
+
+
+def _infifusion_loss(lam, logits, batch):
+    # InfiFusion (unified): ULD against every teacher, equal weights, top-K of the
+    # standardised distributions (teachers' heads precomputed with the same settings).
+    lp = batch["infi_lp"][:, :, :-1]  # [B, M, L-1, K]
+    heads = [distill.TopK(jnp.zeros((), jnp.int32), lp[:, m]) for m in range(lp.shape[1])]
+    where = jnp.all(batch["infi_where"][:, :, :-1], axis=1)
+    out = distill.infifusion_loss(
+        logits[:, :-1], batch["windows"][:, 1:], heads, where=where, k=lp.shape[-1],
+        clm_weight=0.0, distill_weight=1.0,
+    )
+    clm = _clm_term(logits, batch["windows"])
+    return lam * clm + (1.0 - lam) * out.distill, (clm, out.distill)
+
+
+def vocab_free_data(tb, data: dict[str, np.ndarray], setup: DistillSetup) -> dict[str, Any]:
+    """The teachers' heads over their own vocabularies, at the byte positions of ``data``.
+
+    Args:
+      tb: The knowledge testbed.
+      data: Its :meth:`distillation_data`.
+      setup: The :class:`DistillSetup` (``uld_k``, ``infifusion_k``).
+
+    Returns:
+      ``{"uld_lp": [N, L, uld_k], "uld_where": [N, L]}`` — the head of each window's
+      MinCE teacher (lowest bits per byte on it, as FuseLLM's MinCE picks) — and
+      ``{"infi_lp": [N, M, L, K], "infi_where": [N, M, L]}``, every teacher's
+      standardised head.
+    """
+    names = tb.teacher_names()
+    heads = [tb.token_targets(n, data["windows"], k=setup.uld_k) for n in names]
+    best = np.argmin(data["bits"], axis=1)  # [N]
+    n = np.arange(len(best))
+    raw = np.stack([h.targets.log_probs for h in heads], 1)
+    where = np.stack([h.where for h in heads], 1)
+    kk = setup.infifusion_k
+    std = np.stack([h.standardized.log_probs[..., :kk] for h in heads], 1)
+    return {
+        "uld_lp": np.ascontiguousarray(raw[n, best]),
+        "uld_where": where[n, best],
+        "infi_lp": np.ascontiguousarray(std),
+        "infi_where": where,
+    }
+
+
+VOCAB_FREE: dict[str, Callable] = {"ULD (MinCE teacher)": _uld_loss, "InfiFusion": _infifusion_loss}
+"""The vocabulary-free rows and their losses ``loss(lam, logits, batch)``."""
+
+
+def train_vocab_free(tb, data, vf, name: str, setup: DistillSetup, key):
+    r"""Trains one vocabulary-free student (as :func:`train_student`, its own loss).
+
+    Args:
+      tb: The knowledge testbed.
+      data: Its :meth:`distillation_data`.
+      vf: :func:`vocab_free_data`.
+      name: A key of :data:`VOCAB_FREE`.
+      setup: The :class:`DistillSetup`.
+      key: PRNG key of the batch draws (the same for every row of a seed).
+
+    Returns:
+      A :class:`fusionjax.distill.DistillOutput`.
+    """
+    loss = VOCAB_FREE[name]
+    keys = {_uld_loss: ("uld_lp", "uld_where"), _infifusion_loss: ("infi_lp", "infi_where")}
+    batch = {"windows": data["windows"], **{k: vf[k] for k in keys[loss]}}
+    return distill.distill(
+        Partial(_apply, tb.target_module),
+        tb.base,
+        batch,
+        Partial(loss, jnp.float32(setup.lam)),
+        optimizer=_optimizer(setup.learning_rate, setup.steps),
+        steps=setup.steps,
+        batch_size=setup.batch_size,
+        key=key,
+    )
+
+
 MERGES: dict[str, Callable[[], Any]] = {
     "FuseChat VaRM": merging.varm,
     "FuseChat SCE": merging.sce,
@@ -246,6 +368,13 @@ def distillation_rows(
         out = train_student(tb, data, target, setup.lam if lam is None else lam, setup, key)
         students[name] = out.params
         rows.append(DistillRow(name, tb.evaluate(out.params), np.asarray(out.losses)))
+    vf = vocab_free_data(tb, data, setup)
+    for name in VOCAB_FREE:
+        if progress is not None:
+            progress(name)
+        out = train_vocab_free(tb, data, vf, name, setup, key)
+        rows.append(DistillRow(name, tb.evaluate(out.params), np.asarray(out.losses),
+                               "vocabulary-free"))
     pairs = [students[f"FuseChat pair[{d}]"] for d in tb.domains]
     for name, factory in MERGES.items():
         if progress is not None:

@@ -88,6 +88,7 @@ from fusionjax.distill._uld import ULDOutput
 from fusionjax.distill._uld import infifusion_loss
 from fusionjax.distill._uld import uld_distance
 from fusionjax.distill._uld import uld_loss
+from fusionjax.distill._uld import uld_teacher_targets
 from fusionjax.distill._vocab import ProjectionOutput
 from fusionjax.distill._vocab import StatisticalMap
 from fusionjax.distill._vocab import carry_top_k
@@ -158,6 +159,7 @@ __all__ = [
     "training_mode_advantage",
     "uld_distance",
     "uld_loss",
+    "uld_teacher_targets",
     "wrpo_alpha",
     "wrpo_loss",
 ]

@@ -32,6 +32,18 @@ Teachers of different vocabulary sizes cannot be stacked: pass them as a list (e
 ``[..., L, V_m]``), or stacked ``[M, ..., L, V]`` when they share a size (e.g. padded with
 ``-inf`` logits, which add zero-probability entries and change nothing).
 
+**Precomputed teachers.** Distillation sets usually store each teacher's head, not its
+logits (FuseLLM keeps the top 10 per position). A teacher may be given as a
+:class:`fusionjax.distill.TopK` instead of logits: its ``log_probs [..., L, k_t]`` are
+taken as the teacher's *final* log-probabilities (after any standardisation and
+temperature, normalised over its whole vocabulary, not over the slots) and its ``ids``
+are not used (the loss is blind to them). :func:`uld_teacher_targets` computes exactly
+that from logits, so a loss on ``uld_teacher_targets(z, k=k_t, ...)`` equals the loss on
+``z`` whenever ``k_t >= k`` (or, with ``k=None``, when ``k_t`` covers the teacher's
+nonzero probabilities; otherwise the missing tail counts as zeros, which changes the
+value by a constant and the student's gradient not at all as long as
+``k_t >= V_s``, the student's vocabulary size).
+
 What costs time, and what is done about it: a softmax over each vocabulary and one sort per
 position (:math:`O(V \log V)`); with ``k`` the sort becomes ``jax.lax.top_k``
 (:math:`O(V \log k)`), and the :math:`L_1` works on ``k`` values. The student's sorted
@@ -61,6 +73,7 @@ import optax
 
 from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike
+from fusionjax.distill._types import TopK
 
 
 class ULDOutput(NamedTuple):
@@ -118,7 +131,15 @@ def _check_k(k) -> int | None:
     return None if k is None else validation.check_int("k", k, lower=1)
 
 
-def _check_teacher(t, name: str, z: jax.Array) -> jax.Array:
+def _check_teacher(t, name: str, z: jax.Array) -> jax.Array | TopK:
+    if isinstance(t, TopK):
+        lp = _float_array(t.log_probs, f"{name}.log_probs")
+        if lp.shape[:-1] != z.shape[:-1]:
+            raise ValueError(
+                f"{name}.log_probs must have the student's positions {z.shape[:-1]} before "
+                f"its slot axis (align positions first), got shape {lp.shape}."
+            )
+        return TopK(jnp.zeros((), jnp.int32), lp)  # ids are not used: vocabulary-free
     t = _float_array(t, name)
     if t.shape[:-1] != z.shape[:-1]:
         raise ValueError(
@@ -129,6 +150,8 @@ def _check_teacher(t, name: str, z: jax.Array) -> jax.Array:
 
 
 def _teacher_list(teachers, z: jax.Array) -> tuple[jax.Array, ...]:
+    if isinstance(teachers, TopK):
+        return (_check_teacher(teachers, "teacher_logits", z),)
     if isinstance(teachers, (list, tuple)):
         if len(teachers) == 0:
             raise ValueError("teacher_logits is empty: at least one teacher is needed.")
@@ -175,10 +198,16 @@ def _standardize(z: jax.Array) -> jax.Array:
 
 
 def _sorted_probs(z, temperature, k, standardize):
-    """Probabilities sorted in decreasing order ``[..., L, min(k, V)]`` (the top ``k``)."""
-    if standardize:
-        z = _standardize(z)
-    p = jax.nn.softmax(z / temperature, axis=-1)
+    """Probabilities sorted in decreasing order ``[..., L, min(k, V)]`` (the top ``k``).
+
+    A :class:`TopK` ``z`` holds final log-probabilities: used as they are.
+    """
+    if isinstance(z, TopK):
+        p = jnp.where(jnp.isfinite(z.log_probs), jnp.exp(z.log_probs), 0.0)
+    else:
+        if standardize:
+            z = _standardize(z)
+        p = jax.nn.softmax(z / temperature, axis=-1)
     if k is None:
         return -jnp.sort(-p, axis=-1)
     return jax.lax.top_k(p, min(k, p.shape[-1]))[0]
@@ -260,7 +289,9 @@ def uld_distance(
     Args:
       student_logits: ``[..., L, V_s]`` student logits.
       teacher_logits: ``[..., L, V_t]`` logits of one teacher, a list of such arrays (the
-        vocabulary sizes may differ), or ``[M, ..., L, V]`` stacked teachers.
+        vocabulary sizes may differ), or ``[M, ..., L, V]`` stacked teachers. A teacher
+        may be a precomputed :class:`fusionjax.distill.TopK` (:func:`uld_teacher_targets`;
+        its log-probabilities are used as they are, see the module docstring).
       where: Optional ``[..., L]`` bool mask of counted positions.
       student_temperature: :math:`\tau_s > 0` for the student's softmax.
       teacher_temperature: :math:`\tau_t > 0` for the teachers' softmax.
@@ -305,6 +336,8 @@ def _count(teachers) -> int:
 
 
 def _prepare_teachers(teacher_logits, z):
+    if isinstance(teacher_logits, TopK):
+        return (_check_teacher(teacher_logits, "teacher_logits", z),)
     if not isinstance(teacher_logits, (list, tuple)):
         t = jnp.asarray(teacher_logits)
         if t.ndim == z.ndim:  # one teacher
@@ -333,7 +366,8 @@ def uld_loss(
     Args:
       student_logits: ``[..., L, V_s]`` student logits.
       labels: ``[..., L]`` int student next tokens (negative = not counted in the CLM term).
-      teacher_logits: ``[..., L, V_t]`` teacher logits at the same (aligned) positions.
+      teacher_logits: ``[..., L, V_t]`` teacher logits at the same (aligned) positions,
+        or a precomputed :class:`fusionjax.distill.TopK` (:func:`uld_teacher_targets`).
       where: Optional ``[..., L]`` bool mask of counted positions.
       clm_weight: :math:`\alpha \ge 0` (the reference code's ``crossentropy_weight``).
       distill_weight: :math:`\beta \ge 0` (``distillation_weight``).
@@ -398,7 +432,9 @@ def infifusion_loss(
       student_logits: ``[..., L, V_s]`` student logits.
       labels: ``[..., L]`` int student next tokens (negative = not counted in the CLM term).
       teacher_logits: A list of ``[..., L, V_m]`` teacher logits (vocabularies may differ)
-        or ``[M, ..., L, V]`` stacked, at the student's aligned positions.
+        or ``[M, ..., L, V]`` stacked, at the student's aligned positions. A teacher may be
+        a precomputed :class:`fusionjax.distill.TopK` from :func:`uld_teacher_targets`
+        (with the same ``standardize`` and ``temperature``; used as it is).
       where: Optional ``[..., L]`` bool mask of counted positions.
       k: :math:`K`, how many of the largest probabilities are compared (``None``: all).
       temperature: :math:`\tau > 0` after standardisation (for student and teachers).
@@ -462,3 +498,66 @@ def _objective_entry(student_logits, labels, teacher_logits, *, where, clm_weigh
     where = _check_where(where, z.shape[:-1])
     return _objective(z, labels, teachers, w, where, student_temperature, teacher_temperature,
                       clm_weight, distill_weight, k, bool(standardize))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "standardize"))
+def _teacher_targets(z, temperature, k, standardize):
+    if standardize:
+        z = _standardize(z)
+    lp = jax.nn.log_softmax(z / temperature, axis=-1)
+    vals, ids = jax.lax.top_k(lp, k)
+    return TopK(ids.astype(jnp.int32), vals)
+
+
+def uld_teacher_targets(
+    teacher_logits: ArrayLike,
+    *,
+    k: int,
+    temperature: float = 1.0,
+    standardize: bool = False,
+) -> TopK:
+    r"""A teacher's head for the vocabulary-free losses, computed once before training.
+
+    The ``k`` largest of :math:`\log \mathrm{softmax}(\tilde z / \tau)` per position
+    (:math:`\tilde z` the z-scored logits when ``standardize``, else :math:`z`),
+    normalised over the *whole* vocabulary. Passed as a teacher to :func:`uld_distance`,
+    :func:`uld_loss` or :func:`infifusion_loss`, it gives the value those compute from
+    ``teacher_logits`` with the same ``temperature`` and ``standardize`` whenever the
+    loss compares at most ``k`` values (see the module docstring for ``k=None``). Storing
+    it costs ``2k`` numbers per position instead of the vocabulary.
+
+    Args:
+      teacher_logits: ``[..., L, V_t]`` teacher logits (or log-probabilities: both the
+        softmax and the standardisation ignore a per-position shift).
+      k: Slots kept, ``1 <= k <= V_t``.
+      temperature: :math:`\tau > 0`.
+      standardize: Z-score each position's logits first (InfiFusion).
+
+    Returns:
+      :class:`fusionjax.distill.TopK` ``(ids [..., L, k] int32, log_probs [..., L, k])``,
+      most likely first.
+
+    Raises:
+      TypeError: If ``teacher_logits`` is not floating point.
+      ValueError: If ``k`` is not in ``[1, V_t]`` or ``temperature`` is not positive.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from fusionjax import distill
+      >>> s, t = jnp.zeros((1, 2, 4)), jnp.log(jnp.array([[[0.5, 0.3, 0.2]] * 2]))
+      >>> head = distill.uld_teacher_targets(t, k=2)
+      >>> a = distill.uld_distance(s, t, k=2)
+      >>> bool(jnp.allclose(a, distill.uld_distance(s, head, k=2)))
+      True
+
+    References:
+      Boizard et al., `Towards Cross-Tokenizer Distillation: the Universal Logit
+      Distillation Loss for LLMs <https://arxiv.org/abs/2402.12030>`_, TMLR 2025.
+      Yan et al., `InfiFusion <https://arxiv.org/abs/2501.02795>`_, 2025.
+    """
+    z = _float_array(teacher_logits, "teacher_logits")
+    k = validation.check_int("k", k, lower=1)
+    if k > z.shape[-1]:
+        raise ValueError(f"k must be at most the teacher's vocabulary size {z.shape[-1]}, got {k}.")
+    _check_positive_scalar("temperature", temperature)
+    return _teacher_targets(z, temperature, k, bool(standardize))

@@ -64,6 +64,7 @@ import sys
 import time
 import zipfile
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +91,7 @@ __all__ = [
     "KnowledgeConfig",
     "KnowledgeTestbed",
     "Teacher",
+    "TokenTargetsOutput",
     "bits_per_byte",
     "bytes_to_unicode",
     "load",
@@ -263,6 +265,24 @@ class Teacher:
         return out
 
 
+class TokenTargetsOutput(NamedTuple):
+    r"""A teacher's head over its *own* vocabulary at every byte position (vocabulary-free losses).
+
+    Attributes:
+      targets: :class:`fusionjax.distill.TopK` ``[N, L, k]``: the ``k`` largest
+        log-probabilities (temperature 1, normalised over the whole vocabulary) and their
+        token ids, most likely first.
+      standardized: ``[N, L, k]`` TopK of :math:`\log\mathrm{softmax}(\tilde z/\tau)`,
+        :math:`\tilde z` the z-scored logits (InfiFusion's standardisation, statistics
+        over the whole vocabulary), normalised over the whole vocabulary.
+      where: ``[N, L]`` bool, ``True`` where row ``j`` holds a distribution.
+    """
+
+    targets: TopK
+    standardized: TopK
+    where: np.ndarray
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class KnowledgeTestbed:
     """BPE teachers per domain, the byte-level strong teacher and the byte-level target base.
@@ -364,6 +384,52 @@ class KnowledgeTestbed:
         top = TopK(out.targets.ids[..., :k], out.targets.log_probs[..., :k])
         return ByteTargetsOutput(top, out.where)
 
+    def token_targets(
+        self, name: str, windows: np.ndarray, *, k: int = 64, temperature: float = 1.0
+    ) -> TokenTargetsOutput:
+        r"""A teacher's top-``k`` next-token distribution over its own vocabulary, per byte.
+
+        What the vocabulary-free losses (ULD, InfiFusion, InfiGFusion) need: no vocabulary
+        mapping, only positions. Row ``j`` (the student predicting byte ``j + 1``) holds
+        the teacher's distribution at the token row that predicts the token holding byte
+        ``j + 1`` — the row :func:`fusionjax.distill.next_byte_distributions` converts —
+        so every byte of a token shares its row. The byte teacher's row ``j`` is its own
+        next-byte distribution. Rows are masked (``where``) as in :meth:`byte_targets`:
+        bytes of a window's first token (nothing predicts it), bytes past the teacher's
+        context, and the last row.
+
+        Both heads are exact (:func:`fusionjax.distill.uld_teacher_targets`: computed from
+        the full logits, normalised over the whole vocabulary); the only cut is ``k``.
+
+        Args:
+          name: ``"bpe[code]"``, ``"bpe[docs]"`` or ``"byte"``.
+          windows: ``[N, L]`` byte windows.
+          k: Slots kept per position (at most the teacher's vocabulary size).
+          temperature: :math:`\tau` of the standardised head.
+
+        Returns:
+          A :class:`TokenTargetsOutput` of ``[N, L, k]`` heads (``[N, L]`` mask).
+        """
+        windows = np.asarray(windows, np.int32)
+        n, length = windows.shape
+        if name == "byte":
+            lp = _language.log_probs(self.language.strong_module, self.language.strong, windows)
+            rows = np.broadcast_to(np.arange(length), (n, length))
+            where = np.ones((n, length), bool)
+            where[:, -1] = False
+        else:
+            teacher = self.teachers[_domain_of(name)]
+            tokens = teacher.encode_windows(windows)
+            lp = _language.log_probs(teacher.module, teacher.params, np.maximum(tokens, 0))
+            rows, where = _byte_rows(tokens, teacher.vocab.lengths, length)
+        heads = []
+        for h in _heads(np.asarray(lp), min(k, lp.shape[-1]), float(temperature)):
+            ids = np.take_along_axis(np.asarray(h.ids), rows[..., None], axis=1)
+            vals = np.take_along_axis(np.asarray(h.log_probs), rows[..., None], axis=1)
+            heads.append(TopK(np.where(where[..., None], ids, -1).astype(np.int32),
+                              np.where(where[..., None], vals, -np.inf).astype(np.float32)))
+        return TokenTargetsOutput(heads[0], heads[1], where)
+
     def distillation_data(self, count: int = 256, *, k: int = 8) -> dict[str, np.ndarray]:
         """The distillation set: training windows with every teacher's byte targets.
 
@@ -464,6 +530,23 @@ class KnowledgeTestbed:
         return "\n".join(lines)
 
 
+def _byte_rows(tokens: np.ndarray, lengths: np.ndarray, num_bytes: int):
+    """Teacher rows ``[N, n]`` and mask for student rows ``j`` (predicting byte ``j + 1``).
+
+    Byte ``m`` is held by token ``h`` (``starts[h] <= m < ends[h]``), predicted by the
+    teacher's row ``h - 1``; bytes of the first token and past the last are masked.
+    """
+    valid = tokens >= 0
+    ends = np.cumsum(np.where(valid, lengths[np.maximum(tokens, 0)], 0), axis=-1)
+    m = np.arange(num_bytes)
+    holder = np.sum(ends[:, None, :] <= m[None, :, None], axis=-1)  # tokens ending at or before m
+    held = (m[None, :] < ends[:, -1:]) & (holder >= 1)
+    src = np.maximum(holder - 1, 0)
+    rows = np.concatenate([src[:, 1:], np.zeros_like(src[:, :1])], 1)
+    where = np.concatenate([held[:, 1:], np.zeros_like(held[:, :1])], 1)
+    return rows, where
+
+
 def _domain_of(name: str) -> str:
     match = re.fullmatch(r"bpe\[(\w+)\]", name)
     if not match or match.group(1) not in DOMAINS:
@@ -498,6 +581,34 @@ def window_bits_bytes(module: Decoder, params: Params, windows: np.ndarray) -> n
     lp = _language.log_probs(module, params, windows)
     gold = np.take_along_axis(lp[:, :-1], windows[:, 1:, None].astype(np.int64), -1)[..., 0]
     return -np.mean(gold, -1, dtype=np.float64) / _LN2
+
+
+def _heads(lp: np.ndarray, k: int, temperature: float) -> tuple[TopK, TopK]:
+    r"""The two heads of :meth:`KnowledgeTestbed.token_targets` from log-probs ``[..., V]``.
+
+    Host NumPy (XLA's CPU sort and ``top_k`` were the slow part): one ``argpartition``
+    finds the ``k`` largest, which are also the largest standardised ones (the z-score
+    and the temperature are increasing maps), whose log-probabilities follow from the
+    per-position mean, standard deviation and log-normaliser of
+    :math:`\tilde z / \tau` over the whole vocabulary — the values
+    :func:`fusionjax.distill.uld_teacher_targets` computes.
+    """
+    lp = lp.astype(np.float32)
+    if k < lp.shape[-1]:
+        part = np.argpartition(-lp, k - 1, axis=-1)[..., :k]
+        vals = np.take_along_axis(lp, part, axis=-1)
+    else:
+        part, vals = np.broadcast_to(np.arange(k), lp.shape), lp
+    order = np.argsort(-vals, axis=-1)
+    ids = np.take_along_axis(part, order, axis=-1).astype(np.int32)
+    vals = np.take_along_axis(vals, order, axis=-1)
+    mean = lp.mean(-1, keepdims=True)
+    std = lp.std(-1, keepdims=True)
+    scale = np.where(std > 0, std, 1.0) * temperature
+    top = vals[..., :1]  # the largest standardised logit is the largest log-prob's
+    lse = (top - mean) / scale + np.log(np.sum(np.exp((lp - top) / scale), -1, keepdims=True))
+    svals = (vals - mean) / scale - lse
+    return TopK(ids, vals), TopK(ids, svals.astype(np.float32))
 
 
 @functools.partial(jax.jit, static_argnums=1)

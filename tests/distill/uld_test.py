@@ -148,3 +148,31 @@ def test_bad_input_raises_clear_errors():
         distill.uld_loss(zs, y, zt, clm_weight=-1.0)
     with pytest.raises(ValueError, match="labels"):
         distill.uld_loss(zs, y[:, :-1], zt)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_precomputed_teacher_head_gives_the_logits_value(standardize):
+    zs, zt = _normal(20, (B, L, VS)), _normal(21, (B, L, VT))
+    head = distill.uld_teacher_targets(zt, k=5, temperature=2.0, standardize=standardize)
+    assert head.ids.shape == (B, L, 5) and head.log_probs.shape == (B, L, 5)
+    kw = dict(k=4, standardize=standardize, where=WHERE)
+    full = distill.infifusion_loss(zs, np.zeros((B, L), np.int32), [zt], temperature=2.0, **kw)
+    pre = distill.infifusion_loss(zs, np.zeros((B, L), np.int32), [head], temperature=2.0, **kw)
+    _close(pre.distill, full.distill, rtol=1e-5, atol=1e-6)
+    # Without k the missing tail counts as zeros: the value moves, the student's gradient
+    # does not while the head is at least the student's vocabulary size.
+    wide = distill.uld_teacher_targets(zt, k=VS)
+    grad = jax.grad(lambda z, t: distill.uld_distance(z, t))
+    _close(grad(zs, wide), grad(zs, zt), rtol=1e-5, atol=1e-6)
+    tail = 1.0 - np.exp(np.asarray(wide.log_probs, np.float64)).sum(-1).mean()
+    gap = float(distill.uld_distance(zs, zt)) - float(distill.uld_distance(zs, wide))
+    np.testing.assert_allclose(gap, tail, rtol=1e-4, atol=1e-6)
+
+
+def test_precomputed_teacher_head_errors():
+    zs = _normal(22, (B, L, VS))
+    with pytest.raises(ValueError, match="k must be at most"):
+        distill.uld_teacher_targets(zs, k=VS + 1)
+    bad = distill.TopK(np.zeros((B, L + 1, 3), np.int32), np.zeros((B, L + 1, 3), np.float32))
+    with pytest.raises(ValueError, match="teacher_logits.log_probs"):
+        distill.uld_distance(zs, bad)
