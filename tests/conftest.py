@@ -98,14 +98,6 @@ def knowledge_testbeds():
 
 
 @pytest.fixture(scope="session")
-def knowledge_rows(knowledge_testbeds):
-    """``{seed: [DistillRow]}``: the knowledge-fusion table of every seed (``demo distill``)."""
-    from fusionjax.demo import _distill
-
-    return {seed: _distill.distillation_rows(tb) for seed, tb in knowledge_testbeds.items()}
-
-
-@pytest.fixture(scope="session")
 def knowledge_tables(knowledge_testbeds):
     """``{seed: {model: {corpus: bits per byte}}}``: teachers and base, held out."""
     return {seed: tb.bits_table() for seed, tb in knowledge_testbeds.items()}
