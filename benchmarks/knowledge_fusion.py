@@ -133,7 +133,13 @@ def _loop(step, state, batches):
 
 
 def distillation_step_overhead(
-    *, batch_size: int = 32, length: int = 64, teachers: int = 3, k: int = 10, steps: int = 20
+    *,
+    batch_size: int = 32,
+    length: int = 64,
+    teachers: int = 3,
+    k: int = 10,
+    steps: int = 20,
+    repeats: int = 7,
 ) -> dict:
     """One training step of FuseLLM's fused objective against the plain CLM step.
 
@@ -143,7 +149,7 @@ def distillation_step_overhead(
     (FuseLLM precomputes them offline and so does this), scores each teacher by its
     sequence cross-entropy on the labels, fuses them by MinCE and adds the fusion term:
     ``fusellm_loss(lam=0.9)``. Both run ``steps`` updates inside one ``lax.scan``, compiled
-    first; the figure is the median of 3 timed runs.
+    first; the figure is the median of ``repeats`` timed runs of each, interleaved.
 
     Args:
       batch_size: Windows per step.
@@ -151,6 +157,7 @@ def distillation_step_overhead(
       teachers: Number of teachers.
       k: Slots per teacher distribution.
       steps: Updates per timed run.
+      repeats: Timed runs of each step.
 
     Returns:
       ``{"clm_ms": ..., "fused_ms": ..., "overhead": ...}`` per step.
@@ -191,15 +198,21 @@ def distillation_step_overhead(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
-    out = {}
+    runs = {}
     for name, step, batches in [
         ("clm", clm_step, {"tokens": tokens}),
         ("fused", fused_step, {"tokens": tokens, "ids": ids, "log_probs": lp}),
     ]:
         run = jax.jit(functools.partial(_loop, step))
         jax.block_until_ready(run(state, batches))  # compile and warm up
-        seconds = _median(lambda run=run, b=batches: jax.block_until_ready(run(state, b)))
-        out[f"{name}_ms"] = seconds / steps * 1e3
+        runs[name] = (run, batches)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):  # interleaved, so a slow spell of the machine hits both
+        for name, (run, batches) in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(state, batches))
+            times[name].append(time.perf_counter() - t0)
+    out = {f"{n}_ms": float(np.median(t)) / steps * 1e3 for n, t in times.items()}
     out["overhead"] = out["fused_ms"] / out["clm_ms"] - 1.0
     return out
 
