@@ -43,6 +43,24 @@ def finite_each(xs) -> jax.Array:
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])
 
 
+def masked_mean(values, counted=None, axis=None):
+    """Mean of ``values`` over the ``counted`` entries (all if ``None``); 0 where none count.
+
+    Args:
+      values: A floating array.
+      counted: ``None`` or a boolean array broadcastable to ``values``.
+      axis: Axes to reduce (all if ``None``).
+
+    Returns:
+      ``sum(values * counted) / max(count, 1)`` over ``axis``.
+    """
+    if counted is None:
+        return jnp.mean(values, axis=axis)
+    total = jnp.sum(jnp.where(counted, values, 0.0), axis=axis)
+    count = jnp.sum(counted, axis=axis).astype(values.dtype)
+    return total / jnp.maximum(count, 1.0)
+
+
 def to_device(x):
     """A leaf as a :class:`jax.Array`, like :func:`jax.numpy.asarray`, copied at most once.
 

@@ -356,6 +356,93 @@ def check_int(name: str, value: Any, *, lower: int | None = None, upper: int | N
     return int(value)
 
 
+def float_array(x: Any, name: str, min_ndim: int = 0) -> jax.Array:
+    """``x`` as a floating array in its compute dtype; ``TypeError``/``ValueError`` otherwise.
+
+    Lists and tuples are refused (a list of per-model arrays passed where a stacked array
+    is expected would otherwise be stacked silently).
+
+    Args:
+      x: An array-like of a floating dtype.
+      name: Parameter name for the messages.
+      min_ndim: Fewest axes ``x`` may have.
+
+    Returns:
+      ``x`` cast to :func:`compute_dtype` of its dtype (float32 at least).
+    """
+    if isinstance(x, (list, tuple)):
+        raise TypeError(f"{name} must be an array, got a {type(x).__name__}.")
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must be floating point, got {dtype}.")
+    x = jnp.asarray(x)
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} axes, got shape {x.shape}.")
+    return x.astype(compute_dtype(x.dtype))
+
+
+def int_array(x: Any, name: str) -> jax.Array:
+    """``x`` as an int32 array of ids; ``TypeError`` if its dtype is not an integer one.
+
+    Args:
+      x: An array-like of an integer dtype.
+      name: Parameter name for the message.
+
+    Returns:
+      ``x`` as int32.
+    """
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{name} must be integer token ids, got {dtype}.")
+    return jnp.asarray(x).astype(jnp.int32)
+
+
+def bool_mask(where: Any, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
+    """``where`` checked as a boolean mask of ``shape`` (``None`` passes through).
+
+    Args:
+      where: ``None`` or a boolean array (``True`` = the position counts).
+      shape: The shape it must have (the positions' shape).
+      name: Parameter name for the messages.
+
+    Returns:
+      ``where`` as an array, or ``None``.
+    """
+    if where is None:
+        return None
+    w = jnp.asarray(where)
+    if w.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a boolean mask (True = position counts), got {w.dtype}.")
+    if w.shape != tuple(shape):
+        raise ValueError(
+            f"{name} must have shape {tuple(shape)} (the positions' shape), got {w.shape}."
+        )
+    return w
+
+
+def string_list(name: str, values: Any) -> list[str]:
+    """``values`` as a non-empty list of ``str``; ``TypeError``/``ValueError`` otherwise.
+
+    A bare string is refused (it would be read as a sequence of characters).
+
+    Args:
+      name: Parameter name for the messages.
+      values: A sequence of strings (tokens, a vocabulary).
+
+    Returns:
+      The strings as a list.
+    """
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a sequence of token strings, got one str.")
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name} is empty.")
+    for i, t in enumerate(values):
+        if not isinstance(t, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}.")
+    return values
+
+
 def check_examples(inputs: Any, batch_size: int | None, name: str = "inputs") -> tuple[int, int]:
     """Checks a pytree of examples with a shared leading axis and a batch size.
 

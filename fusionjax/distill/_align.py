@@ -64,6 +64,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionjax._src import validation
+
 Normalizer = Callable[[str], str]
 
 _MARKERS = str.maketrans({"Ġ": " ", "▁": " ", "Ċ": "\n", "ĉ": "\t"})
@@ -390,18 +392,6 @@ def dtw_reference(source: Sequence[str], target: Sequence[str]) -> np.ndarray:
     return _backtrack(np.array([r[1:] for r in d[1:]]))
 
 
-def _check_tokens(name: str, tokens) -> list[str]:
-    if isinstance(tokens, str):
-        raise TypeError(f"{name} must be a sequence of token strings, got one str.")
-    tokens = list(tokens)
-    if len(tokens) == 0:
-        raise ValueError(f"{name} is empty: alignment needs at least one token on each side.")
-    for i, t in enumerate(tokens):
-        if not isinstance(t, str):
-            raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}.")
-    return tokens
-
-
 def align_tokens(
     source: Sequence[str],
     target: Sequence[str],
@@ -442,8 +432,8 @@ def align_tokens(
       Wan et al., `Knowledge Fusion of Large Language Models
       <https://arxiv.org/abs/2401.10491>`_, ICLR 2024.
     """
-    source = _check_tokens("source", source)
-    target = _check_tokens("target", target)
+    source = validation.string_list("source", source)
+    target = validation.string_list("target", target)
     if backend not in ("numpy", "jax"):
         raise ValueError(f"backend must be 'numpy' or 'jax', got {backend!r}.")
     if normalize is not None:
@@ -489,8 +479,8 @@ def align_tokens_batch(
         raise ValueError(f"sources and targets differ in length: {len(sources)} != {len(targets)}.")
     if len(sources) == 0:
         raise ValueError("sources is empty: need at least one sequence.")
-    srcs = [_check_tokens(f"sources[{b}]", s) for b, s in enumerate(sources)]
-    tgts = [_check_tokens(f"targets[{b}]", t) for b, t in enumerate(targets)]
+    srcs = [validation.string_list(f"sources[{b}]", s) for b, s in enumerate(sources)]
+    tgts = [validation.string_list(f"targets[{b}]", t) for b, t in enumerate(targets)]
     if normalize is not None:
         srcs = [[normalize(t) for t in s] for s in srcs]
         tgts = [[normalize(t) for t in s] for s in tgts]
@@ -608,8 +598,8 @@ def align_by_text(
       >>> align_by_text(["Ġthe", "Ġcat"], [" ", "t", "he", " ", "cat"]).pairs.tolist()
       [[0, 0], [0, 1], [0, 2], [1, 3], [1, 4]]
     """
-    source = _check_tokens("source", source)
-    target = _check_tokens("target", target)
+    source = validation.string_list("source", source)
+    target = validation.string_list("target", target)
     if normalize is not None:
         source = [normalize(t) for t in source]
         target = [normalize(t) for t in target]

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fusionjax._src import kernels
 from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike
 from fusionjax.distill._types import TopK
@@ -76,47 +77,15 @@ class FuseLLMOutput(NamedTuple):
 # ----------------------------------------------------------------------------- checks
 
 
-def _float_array(x, name: str, min_ndim: int) -> jax.Array:
-    if isinstance(x, (list, tuple)):
-        raise TypeError(f"{name} must be an array, got a {type(x).__name__}.")
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{name} must be floating point, got {dtype}.")
-    x = jnp.asarray(x)
-    if x.ndim < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} axes, got shape {x.shape}.")
-    return x.astype(validation.compute_dtype(x.dtype))
-
-
-def _int_array(x, name: str) -> jax.Array:
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"{name} must be integer token ids, got {dtype}.")
-    return jnp.asarray(x).astype(jnp.int32)
-
-
 def _check_topk(t: TopK, name: str, min_ndim: int) -> TopK:
-    ids = _int_array(t.ids, f"{name}.ids")
-    lp = _float_array(t.log_probs, f"{name}.log_probs", min_ndim)
+    ids = validation.int_array(t.ids, f"{name}.ids")
+    lp = validation.float_array(t.log_probs, f"{name}.log_probs", min_ndim)
     if ids.shape != lp.shape:
         raise ValueError(
             f"{name}.ids and {name}.log_probs must have the same shape, got {ids.shape} and "
             f"{lp.shape}."
         )
     return TopK(ids, lp)
-
-
-def _check_where(where, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
-    if where is None:
-        return None  # made inside the compiled kernel (no eager op per shape)
-    w = jnp.asarray(where)
-    if w.dtype != jnp.bool_:
-        raise TypeError(f"{name} must be a boolean mask (True = position counts), got {w.dtype}.")
-    if w.shape != tuple(shape):
-        raise ValueError(
-            f"{name} must have shape {tuple(shape)} (one per position), got {w.shape}."
-        )
-    return w
 
 
 def _check_choice(name: str, value, choices) -> str:
@@ -134,12 +103,6 @@ def _check_temperature(temperature) -> None:
 def _all(where, shape):
     """``where``, or an all-True mask of ``shape`` when it is ``None`` (inside a kernel)."""
     return jnp.ones(shape, bool) if where is None else where
-
-
-def _masked_mean(values: jax.Array, counted: jax.Array, axis=None) -> jax.Array:
-    total = jnp.sum(jnp.where(counted, values, 0.0), axis=axis)
-    count = jnp.sum(counted, axis=axis).astype(values.dtype)
-    return total / jnp.maximum(count, 1.0)
 
 
 # ------------------------------------------------------------------ sequence cross-entropy
@@ -206,7 +169,7 @@ def sequence_cross_entropy(
       Wan et al., `Knowledge Fusion of Large Language Models
       <https://arxiv.org/abs/2401.10491>`_, ICLR 2024, Sec. 3.3.
     """
-    labels = _int_array(labels, "labels")
+    labels = validation.int_array(labels, "labels")
     if isinstance(log_probs, TopK):
         t = _check_topk(log_probs, "log_probs", 2)
         shape = t.log_probs.shape
@@ -214,14 +177,14 @@ def sequence_cross_entropy(
         if vocab_size is not None:
             vocab_size = validation.check_int("vocab_size", vocab_size, lower=k)
     else:
-        x = _float_array(log_probs, "log_probs", 2)
+        x = validation.float_array(log_probs, "log_probs", 2)
         shape = x.shape
     if labels.shape not in (shape[:-1], shape[1:-1]):
         raise ValueError(
             f"labels must have the positions' shape [B, L] = {shape[1:-1]} of stacked teachers "
             f"[M, B, L, V] = {shape} (or {shape[:-1]} for one teacher), got {labels.shape}."
         )
-    where = _check_where(where, labels.shape)
+    where = validation.bool_mask(where, labels.shape)
     if isinstance(log_probs, TopK):
         out = _topk_ce(t.ids, t.log_probs, labels, where, vocab_size)
     else:
@@ -237,7 +200,7 @@ def _dense_ce(log_probs, labels, where):
     picked = jnp.take_along_axis(
         lp, jnp.broadcast_to(safe, lp.shape[:-1])[..., None], axis=-1
     )[..., 0]
-    return _masked_mean(-picked, counted, axis=-1)
+    return kernels.masked_mean(-picked, counted, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("vocab_size",))
@@ -256,7 +219,7 @@ def _topk_ce(ids, log_probs, labels, where, vocab_size):
     rest_lp = jnp.log(jnp.maximum(leftover, np.finfo(np.float32).tiny))
     picked = jnp.where(in_top, label_lp, rest_lp)
     picked = jnp.maximum(picked, floor)
-    return _masked_mean(-picked, counted, axis=-1)
+    return kernels.masked_mean(-picked, counted, axis=-1)
 
 
 # ----------------------------------------------------------------------- teacher weights
@@ -299,7 +262,7 @@ def teacher_weights(
     """
     _check_choice("method", method, _METHODS)
     _check_choice("weighting", weighting, _WEIGHTINGS)
-    ce = _float_array(ce, "ce", 1)
+    ce = validation.float_array(ce, "ce", 1)
     return _weights(ce, jnp.ones(ce.shape, bool), method, weighting)
 
 
@@ -381,12 +344,12 @@ def fuse_teachers(
     _check_choice("method", method, _METHODS)
     _check_choice("weighting", weighting, _WEIGHTINGS)
     _check_temperature(temperature)
-    ce = _float_array(ce, "ce", 1)
+    ce = validation.float_array(ce, "ce", 1)
     if isinstance(teachers, TopK):
         t = _check_topk(teachers, "teachers", 3)
         shape = t.log_probs.shape
     else:
-        x = _float_array(teachers, "teachers", 3)
+        x = validation.float_array(teachers, "teachers", 3)
         shape = x.shape
     if ce.shape != shape[:-2]:
         raise ValueError(
@@ -518,7 +481,7 @@ def fusion_loss(
       <https://arxiv.org/abs/2401.10491>`_, ICLR 2024, Eq. 4.
     """
     _check_choice("kind", kind, _KINDS)
-    z = _float_array(student_logits, "student_logits", 2)
+    z = validation.float_array(student_logits, "student_logits", 2)
     if isinstance(target, TopK):
         t = _check_topk(target, "target", 2)
         if t.ids.shape[:-1] != z.shape[:-1]:
@@ -526,15 +489,15 @@ def fusion_loss(
                 f"target must have the student's positions {z.shape[:-1]} on its leading axes, "
                 f"got TopK fields of shape {t.ids.shape}."
             )
-        where = _check_where(where, z.shape[:-1])
+        where = validation.bool_mask(where, z.shape[:-1])
         return _fusion_topk(z, t.ids, t.log_probs, where, kind)
-    p = _float_array(target, "target", 2)
+    p = validation.float_array(target, "target", 2)
     if p.shape != z.shape:
         raise ValueError(
             f"target must have the student's shape {z.shape} (the same positions and "
             f"vocabulary), got {p.shape}; carry teachers into the student vocabulary first."
         )
-    where = _check_where(where, z.shape[:-1])
+    where = validation.bool_mask(where, z.shape[:-1])
     return _fusion_dense(z, p, where, kind)
 
 
@@ -552,7 +515,7 @@ def _dense_terms(z, p, kind):
 @functools.partial(jax.jit, static_argnames=("kind",))
 def _fusion_dense(z, p, where, kind):
     per_pos, has_mass = _dense_terms(z, p, kind)
-    return _masked_mean(per_pos, _all(where, has_mass.shape) & has_mass)
+    return kernels.masked_mean(per_pos, _all(where, has_mass.shape) & has_mass)
 
 
 def _topk_terms(z, ids, log_probs, kind):
@@ -571,7 +534,7 @@ def _topk_terms(z, ids, log_probs, kind):
 @functools.partial(jax.jit, static_argnames=("kind",))
 def _fusion_topk(z, ids, log_probs, where, kind):
     per_pos, has_mass = _topk_terms(z, ids, log_probs, kind)
-    return _masked_mean(per_pos, _all(where, has_mass.shape) & has_mass)
+    return kernels.masked_mean(per_pos, _all(where, has_mass.shape) & has_mass)
 
 
 def clm_loss(student_logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None):
@@ -596,14 +559,14 @@ def clm_loss(student_logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike |
       >>> round(float(distill.clm_loss(jnp.zeros((1, 2, 4)), jnp.array([[1, 3]]))), 4)
       1.3863
     """
-    z = _float_array(student_logits, "student_logits", 2)
+    z = validation.float_array(student_logits, "student_logits", 2)
     labels = _check_labels(labels, z)
-    where = _check_where(where, z.shape[:-1])
+    where = validation.bool_mask(where, z.shape[:-1])
     return _clm(z, labels, where)
 
 
 def _check_labels(labels, z):
-    labels = _int_array(labels, "labels")
+    labels = validation.int_array(labels, "labels")
     if labels.shape != z.shape[:-1]:
         raise ValueError(
             f"labels must have the student's positions shape {z.shape[:-1]}, got {labels.shape}."
@@ -615,7 +578,7 @@ def _check_labels(labels, z):
 def _clm(z, labels, where):
     counted = _all(where, labels.shape) & (labels >= 0)
     per_pos = optax.softmax_cross_entropy_with_integer_labels(z, jnp.maximum(labels, 0))
-    return _masked_mean(per_pos, counted)
+    return kernels.masked_mean(per_pos, counted)
 
 
 def fusellm_loss(
@@ -674,7 +637,7 @@ def fusellm_loss(
     if validation.is_concrete(lam) and np.ndim(lam) != 0:
         raise ValueError(f"lam must be a scalar, got shape {np.shape(lam)}.")
     _check_choice("kind", kind, _KINDS)
-    z = _float_array(student_logits, "student_logits", 2)
+    z = validation.float_array(student_logits, "student_logits", 2)
     labels = _check_labels(labels, z)
     if isinstance(fused, TopK):
         t = _check_topk(fused, "fused", 2)
@@ -685,13 +648,13 @@ def fusellm_loss(
             )
         fused = t
     else:
-        fused = _float_array(fused, "fused", 2)
+        fused = validation.float_array(fused, "fused", 2)
         if fused.shape != z.shape:
             raise ValueError(
                 f"fused must have the student's shape {z.shape} (the same positions and "
                 f"vocabulary), got {fused.shape}."
             )
-    where = _check_where(where, z.shape[:-1])
+    where = validation.bool_mask(where, z.shape[:-1])
     lam = jnp.asarray(lam, z.dtype)
     return _fusellm(z, labels, fused, lam, where, kind)
 
@@ -704,5 +667,5 @@ def _fusellm(z, labels, fused, lam, where, kind):
         per_pos, has_mass = _topk_terms(z, fused.ids, fused.log_probs, kind)
     else:
         per_pos, has_mass = _dense_terms(z, fused, kind)
-    fusion = _masked_mean(per_pos, where & has_mass)
+    fusion = kernels.masked_mean(per_pos, where & has_mass)
     return FuseLLMOutput(lam * clm + (1.0 - lam) * fusion, clm, fusion)

@@ -131,34 +131,11 @@ class InfiGFusionOutput(NamedTuple):
 # ----------------------------------------------------------------------------- checks
 
 
-def _as_float(x: ArrayLike, name: str, *, min_ndim: int) -> jax.Array:
-    if isinstance(x, (list, tuple)):
-        raise TypeError(f"{name} must be an array, got a {type(x).__name__}.")
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{name} must be floating point, got {dtype}.")
-    x = jnp.asarray(x)
-    if x.ndim < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} axes, got shape {x.shape}.")
-    return x.astype(validation.compute_dtype(x.dtype))
-
-
 def _as_logits(x: ArrayLike, name: str) -> jax.Array:
-    x = _as_float(x, name, min_ndim=2)
+    x = validation.float_array(x, name, min_ndim=2)
     if x.shape[-1] == 0 or x.shape[-2] == 0:
         raise ValueError(f"{name} must be [..., L, V] with L, V >= 1, got shape {x.shape}.")
     return x
-
-
-def _check_where(where, shape: tuple[int, ...], name: str = "where") -> jax.Array | None:
-    if where is None:
-        return None
-    w = jnp.asarray(where)
-    if w.dtype != jnp.bool_:
-        raise TypeError(f"{name} must be a boolean mask (True = position counts), got {w.dtype}.")
-    if w.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape [..., L] = {tuple(shape)}, got {w.shape}.")
-    return w
 
 
 def _check_options(k, vocab: int, values: str, temperature, name: str = "logits") -> int:
@@ -172,8 +149,8 @@ def _check_options(k, vocab: int, values: str, temperature, name: str = "logits"
 
 
 def _as_graphs(g_student: ArrayLike, g_teacher: ArrayLike) -> tuple[jax.Array, jax.Array]:
-    a = _as_float(g_student, "g_student", min_ndim=2)
-    b = _as_float(g_teacher, "g_teacher", min_ndim=2)
+    a = validation.float_array(g_student, "g_student", min_ndim=2)
+    b = validation.float_array(g_teacher, "g_teacher", min_ndim=2)
     for g, name in ((a, "g_student"), (b, "g_teacher")):
         if g.shape[-1] != g.shape[-2] or g.shape[-1] == 0:
             raise ValueError(f"{name} must be square graphs [..., n, n], got shape {g.shape}.")
@@ -259,7 +236,7 @@ def coactivation_graph(
     """
     x = _as_logits(logits, "logits")
     k = _check_options(k, x.shape[-1], values, temperature)
-    w = _check_where(where, x.shape[:-1])
+    w = validation.bool_mask(where, x.shape[:-1])
     return _graph_jit(x, w, k, values, temperature)
 
 
@@ -360,9 +337,9 @@ def gw_cost(g_student: ArrayLike, g_teacher: ArrayLike, coupling: ArrayLike) -> 
       >>> float(distill.gw_cost(a, a, jnp.eye(2) / 2))
       0.0
     """
-    a = _as_float(g_student, "g_student", min_ndim=2)
-    b = _as_float(g_teacher, "g_teacher", min_ndim=2)
-    t = _as_float(coupling, "coupling", min_ndim=2)
+    a = validation.float_array(g_student, "g_student", min_ndim=2)
+    b = validation.float_array(g_teacher, "g_teacher", min_ndim=2)
+    t = validation.float_array(coupling, "coupling", min_ndim=2)
     n, m = a.shape[-1], b.shape[-1]
     if a.shape[-2] != n or b.shape[-2] != m:
         raise ValueError(f"graphs must be square, got {a.shape} and {b.shape}.")
@@ -474,7 +451,7 @@ def _prepare(student_logits, teacher_logits, weights, where, k, values, temperat
         _check_options(k, xt.shape[-1], values, temperature, f"teacher_logits[{i}]")
         teachers.append(xt.astype(xs.dtype))
     k = _check_options(k, xs.shape[-1], values, temperature, "student_logits")
-    w = _check_where(where, xs.shape[:-1])
+    w = validation.bool_mask(where, xs.shape[:-1])
     m = len(teachers)
     if weights is None:
         wt = jnp.ones((m,), xs.dtype)

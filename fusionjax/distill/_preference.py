@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionjax._src import kernels
 from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike
 
@@ -117,13 +118,6 @@ def _smoothing(label_smoothing) -> None:
     validation.check_hparam("label_smoothing", label_smoothing, lower=0.0, upper=0.5)
 
 
-def _masked_mean(x: jax.Array, where: jax.Array | None) -> jax.Array:
-    if where is None:
-        return jnp.mean(x)
-    count = jnp.sum(where).astype(x.dtype)
-    return jnp.sum(jnp.where(where, x, 0.0)) / jnp.maximum(count, 1.0)
-
-
 def _pair_losses(logits: jax.Array, label_smoothing) -> jax.Array:
     eps = jnp.asarray(label_smoothing, jnp.float32)
     return -(1.0 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)
@@ -137,8 +131,9 @@ def _output(losses, chosen, rejected, where) -> PreferenceOutput:
     if where is not None:
         losses = jnp.where(where, losses, 0.0)
     margins = chosen - rejected
-    acc = _masked_mean((margins > 0).astype(jnp.float32), where)
-    return PreferenceOutput(_masked_mean(losses, where), losses, chosen, rejected, margins, acc)
+    acc = kernels.masked_mean((margins > 0).astype(jnp.float32), where)
+    loss = kernels.masked_mean(losses, where)
+    return PreferenceOutput(loss, losses, chosen, rejected, margins, acc)
 
 
 # -- DPO and SimPO -------------------------------------------------------------
@@ -506,7 +501,7 @@ def _sft(lp, r, lengths, temperature, mask):
     terms = w * lp if mask is None else jnp.where(mask, w * lp, 0.0)
     per_prompt = -jnp.sum(terms, axis=-1)
     rows = None if mask is None else jnp.any(mask, axis=-1)
-    return _masked_mean(per_prompt, rows)
+    return kernels.masked_mean(per_prompt, rows)
 
 
 def fuserl_po_loss(

@@ -71,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fusionjax._src import kernels
 from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike
 from fusionjax.distill._types import TopK
@@ -93,34 +94,6 @@ class ULDOutput(NamedTuple):
 # ----------------------------------------------------------------------------- checks
 
 
-def _float_array(x, name: str, min_ndim: int = 2) -> jax.Array:
-    if isinstance(x, (list, tuple)):
-        raise TypeError(f"{name} must be an array, got a {type(x).__name__}.")
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{name} must be floating point, got {dtype}.")
-    x = jnp.asarray(x)
-    if x.ndim < min_ndim:
-        raise ValueError(
-            f"{name} must have at least {min_ndim} axes ([..., L, V]), got shape {x.shape}."
-        )
-    return x.astype(validation.compute_dtype(x.dtype))
-
-
-def _check_where(where, shape) -> jax.Array | None:
-    if where is None:
-        return None  # made inside the compiled kernel
-    w = jnp.asarray(where)
-    if w.dtype != jnp.bool_:
-        raise TypeError(f"where must be a boolean mask (True = position counts), got {w.dtype}.")
-    if w.shape != tuple(shape):
-        raise ValueError(
-            f"where must have the positions' shape {tuple(shape)} (the student's logits "
-            f"without the vocabulary axis), got {w.shape}."
-        )
-    return w
-
-
 def _check_positive_scalar(name: str, value) -> None:
     validation.check_hparam(name, value, lower=0.0, lower_open=True)
     if validation.is_concrete(value) and np.ndim(value) != 0:
@@ -133,14 +106,14 @@ def _check_k(k) -> int | None:
 
 def _check_teacher(t, name: str, z: jax.Array) -> jax.Array | TopK:
     if isinstance(t, TopK):
-        lp = _float_array(t.log_probs, f"{name}.log_probs")
+        lp = validation.float_array(t.log_probs, f"{name}.log_probs", 2)
         if lp.shape[:-1] != z.shape[:-1]:
             raise ValueError(
                 f"{name}.log_probs must have the student's positions {z.shape[:-1]} before "
                 f"its slot axis (align positions first), got shape {lp.shape}."
             )
         return TopK(jnp.zeros((), jnp.int32), lp)  # ids are not used: vocabulary-free
-    t = _float_array(t, name)
+    t = validation.float_array(t, name, 2)
     if t.shape[:-1] != z.shape[:-1]:
         raise ValueError(
             f"{name} must have the student's positions {z.shape[:-1]} before its vocabulary "
@@ -156,7 +129,7 @@ def _teacher_list(teachers, z: jax.Array) -> tuple[jax.Array, ...]:
         if len(teachers) == 0:
             raise ValueError("teacher_logits is empty: at least one teacher is needed.")
         return tuple(_check_teacher(t, f"teacher_logits[{i}]", z) for i, t in enumerate(teachers))
-    stacked = _float_array(teachers, "teacher_logits", 3)
+    stacked = validation.float_array(teachers, "teacher_logits", 3)
     if stacked.shape[1:-1] != z.shape[:-1]:
         raise ValueError(
             f"stacked teacher_logits must have shape [M, ..., L, V] with the student's "
@@ -226,11 +199,6 @@ def _all(where, shape):
     return jnp.ones(shape, bool) if where is None else where
 
 
-def _masked_mean(values, counted):
-    total = jnp.sum(jnp.where(counted, values, 0.0))
-    return total / jnp.maximum(jnp.sum(counted), 1).astype(values.dtype)
-
-
 def _distill_terms(z, teachers, weights, where, st, tt, k, standardize):
     """Per-position teacher-weighted ULD ``[..., L]`` (weights normalised over teachers)."""
     if not isinstance(teachers, tuple):
@@ -249,17 +217,17 @@ def _distill_terms(z, teachers, weights, where, st, tt, k, standardize):
 @functools.partial(jax.jit, static_argnames=("k", "standardize"))
 def _distance(z, teachers, weights, where, st, tt, k, standardize):
     per_pos = _distill_terms(z, teachers, weights, where, st, tt, k, standardize)
-    return _masked_mean(per_pos, _all(where, per_pos.shape))
+    return kernels.masked_mean(per_pos, _all(where, per_pos.shape))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "standardize"))
 def _objective(z, labels, teachers, weights, where, st, tt, cw, dw, k, standardize):
     per_pos = _distill_terms(z, teachers, weights, where, st, tt, k, standardize)
     where = _all(where, per_pos.shape)
-    distill = _masked_mean(per_pos, where)
+    distill = kernels.masked_mean(per_pos, where)
     counted = where & (labels >= 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(z, jnp.maximum(labels, 0))
-    clm = _masked_mean(ce, counted)
+    clm = kernels.masked_mean(ce, counted)
     return ULDOutput(cw * clm + dw * distill, clm, distill)
 
 
@@ -320,13 +288,13 @@ def uld_distance(
       Boizard et al., `Towards Cross-Tokenizer Distillation: the Universal Logit
       Distillation Loss for LLMs <https://arxiv.org/abs/2402.12030>`_, TMLR 2025, Eq. 5.
     """
-    z = _float_array(student_logits, "student_logits")
+    z = validation.float_array(student_logits, "student_logits", 2)
     teachers = _prepare_teachers(teacher_logits, z)
     k = _check_k(k)
     _check_positive_scalar("student_temperature", student_temperature)
     _check_positive_scalar("teacher_temperature", teacher_temperature)
     w = _teacher_weights(weights, _count(teachers), z.shape[:-2])
-    where = _check_where(where, z.shape[:-1])
+    where = validation.bool_mask(where, z.shape[:-1])
     return _distance(z, teachers, w, where, student_temperature, teacher_temperature, k,
                      bool(standardize))
 
@@ -479,7 +447,7 @@ def infifusion_loss(
 def _objective_entry(student_logits, labels, teacher_logits, *, where, clm_weight,
                      distill_weight, student_temperature, teacher_temperature, k,
                      standardize, weights) -> ULDOutput:
-    z = _float_array(student_logits, "student_logits")
+    z = validation.float_array(student_logits, "student_logits", 2)
     ldtype = jnp.result_type(labels)
     if not jnp.issubdtype(ldtype, jnp.integer):
         raise TypeError(f"labels must be integer token ids, got {ldtype}.")
@@ -495,7 +463,7 @@ def _objective_entry(student_logits, labels, teacher_logits, *, where, clm_weigh
     validation.check_hparam("clm_weight", clm_weight, lower=0.0)
     validation.check_hparam("distill_weight", distill_weight, lower=0.0)
     w = _teacher_weights(weights, _count(teachers), z.shape[:-2])
-    where = _check_where(where, z.shape[:-1])
+    where = validation.bool_mask(where, z.shape[:-1])
     return _objective(z, labels, teachers, w, where, student_temperature, teacher_temperature,
                       clm_weight, distill_weight, k, bool(standardize))
 
@@ -555,7 +523,7 @@ def uld_teacher_targets(
       Distillation Loss for LLMs <https://arxiv.org/abs/2402.12030>`_, TMLR 2025.
       Yan et al., `InfiFusion <https://arxiv.org/abs/2501.02795>`_, 2025.
     """
-    z = _float_array(teacher_logits, "teacher_logits")
+    z = validation.float_array(teacher_logits, "teacher_logits", 2)
     k = validation.check_int("k", k, lower=1)
     if k > z.shape[-1]:
         raise ValueError(f"k must be at most the teacher's vocabulary size {z.shape[-1]}, got {k}.")

@@ -53,18 +53,6 @@ from fusionjax.distill._align import normalize_token
 from fusionjax.distill._types import TopK
 
 
-def _check_vocab(name: str, vocab) -> list[str]:
-    if isinstance(vocab, str):
-        raise TypeError(f"{name} must be a sequence of token strings, got one str.")
-    vocab = list(vocab)
-    if len(vocab) == 0:
-        raise ValueError(f"{name} is empty.")
-    for i, t in enumerate(vocab):
-        if not isinstance(t, str):
-            raise TypeError(f"{name}[{i}] must be a str, got {type(t).__name__}.")
-    return vocab
-
-
 def map_vocab(
     source_vocab: Sequence[str],
     target_vocab: Sequence[str],
@@ -103,8 +91,8 @@ def map_vocab(
       Wan et al., `Knowledge Fusion of Large Language Models
       <https://arxiv.org/abs/2401.10491>`_, ICLR 2024.
     """
-    src = _check_vocab("source_vocab", source_vocab)
-    tgt = _check_vocab("target_vocab", target_vocab)
+    src = validation.string_list("source_vocab", source_vocab)
+    tgt = validation.string_list("target_vocab", target_vocab)
     if method not in ("exact", "min_edit"):
         raise ValueError(f"method must be 'exact' or 'min_edit', got {method!r}.")
     validation.check_int("chunk", chunk, lower=1)
