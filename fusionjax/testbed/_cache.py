@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
@@ -99,3 +101,40 @@ def building(file: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def load_or_build(
+    file: str,
+    *,
+    cache: bool,
+    restore: Callable[[str], Any],
+    build: Callable[[], Any],
+    save: Callable[[str, Any], None],
+) -> tuple[Any, bool]:
+    """Reads a testbed from ``file``, or builds it and writes it there, under its lock.
+
+    A file that cannot be read (truncated, corrupt, written by other code) is rebuilt and
+    replaced; with ``cache=False`` the file is neither read nor written, and nothing is
+    locked.
+
+    Args:
+      file: The cache file (:func:`path`).
+      cache: Whether to use the disk cache at all.
+      restore: ``restore(file) -> built``; raises ``OSError``, ``KeyError``,
+        ``ValueError``, ``EOFError`` or ``zipfile.BadZipFile`` on a bad file.
+      build: ``build() -> built``, the expensive part.
+      save: ``save(file, built)``, writing atomically (:func:`save`).
+
+    Returns:
+      ``(built, from_cache)``.
+    """
+    with building(file) if cache else contextlib.nullcontext():
+        if cache and os.path.exists(file):
+            try:
+                return restore(file), True
+            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+                pass  # corrupt: rebuilt below
+        built = build()
+        if cache:
+            save(file, built)
+        return built, False

@@ -54,15 +54,12 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
-import os
 import re
 import sys
 import time
-import zipfile
 from typing import Any
 from typing import NamedTuple
 
@@ -673,22 +670,19 @@ def _tokenizers_version() -> str:
 
 def _tokenized(config: KnowledgeConfig, cache: bool, timings: dict):
     """``{domain: (tokenizer_json, {"general": tokens, domain: tokens})}``, cached."""
-    path = _tokenizers_path(config)
-    with _cache.building(path) if cache else contextlib.nullcontext():
-        if cache and os.path.exists(path):
-            try:
-                with np.load(path) as data:
-                    return {
-                        d: (str(data[f"{d}/tokenizer"]), {
-                            c: np.asarray(data[f"{d}/{c}"]) for c in ("general", d)
-                        })
-                        for d in DOMAINS
-                    }
-            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-                pass
+    def restore(path):
+        with np.load(path) as data:
+            return {
+                d: (str(data[f"{d}/tokenizer"]), {
+                    c: np.asarray(data[f"{d}/{c}"]) for c in ("general", d)
+                })
+                for d in DOMAINS
+            }
+
+    def build():
         t0 = time.perf_counter()
         corpus = _corpus.load_corpus(config.language.corpus)
-        out, arrays = {}, {}
+        out = {}
         sizes = {"code": config.code_vocab, "docs": config.docs_vocab}
         for d in DOMAINS:
             texts = {c: corpus.train[c].tobytes().decode("utf-8", "surrogateescape")
@@ -703,12 +697,20 @@ def _tokenized(config: KnowledgeConfig, cache: bool, timings: dict):
                 pieces = [data[i : i + 65536] for i in range(0, len(data), 65536)]
                 streams[c] = np.concatenate(teacher.encode_batch(pieces)).astype(np.int16)
             out[d] = (tok_json, streams)
-            arrays[f"{d}/tokenizer"] = np.asarray(tok_json)
-            arrays.update({f"{d}/{c}": s for c, s in streams.items()})
         timings["tokenizers"] = time.perf_counter() - t0
-        if cache:
-            _cache.save(path, arrays)
         return out
+
+    def save(path, out):
+        arrays = {}
+        for d, (tok_json, streams) in out.items():
+            arrays[f"{d}/tokenizer"] = np.asarray(tok_json)
+            arrays.update({f"{d}/{c}": st for c, st in streams.items()})
+        _cache.save(path, arrays)
+
+    out, _ = _cache.load_or_build(
+        _tokenizers_path(config), cache=cache, restore=restore, build=build, save=save
+    )
+    return out
 
 
 def _build(config: KnowledgeConfig, seed: int, tokenized, timings):
@@ -804,17 +806,13 @@ def load(
     timings: dict[str, float] = {}
     tokenized = _tokenized(config, cache, timings)
     path = _cache_path(config, seed)
-    with _cache.building(path) if cache else contextlib.nullcontext():
-        params = None
-        if cache and os.path.exists(path):
-            try:
-                params, timings = _restore(path, config)
-            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-                params = None
-        if params is None:
-            params = _build(config, seed, tokenized, timings)
-            if cache:
-                _save(path, params, timings)
+    (params, timings), _ = _cache.load_or_build(
+        path,
+        cache=cache,
+        restore=lambda f: _restore(f, config),
+        build=lambda: (_build(config, seed, tokenized, timings), timings),
+        save=lambda f, built: _save(f, *built),
+    )
     teachers = {
         d: Teacher(d, tokenized[d][0], config.module(d), params[d]) for d in DOMAINS
     }

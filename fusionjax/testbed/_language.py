@@ -68,14 +68,12 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
 import sys
 import time
-import zipfile
 from typing import Any
 
 import jax
@@ -523,26 +521,25 @@ def load(
     """
     config = LanguageConfig() if config is None else config
     path = _cache_path(config, seed)
-    with _cache.building(path) if cache else contextlib.nullcontext():
-        built = None
-        if cache and os.path.exists(path):
-            try:
-                built = _restore(path, config)
-            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # corrupt
-                built = None
-            else:
-                bar = _Progress(progress, total=1, desc="language testbed")
-                bar.start("loaded from cache")
-                bar.done()
-                bar.close()
-        if built is None:
-            bar = _Progress(progress, total=2 + 2 * len(_corpus.DOMAINS), desc="language testbed")
-            try:
-                built = _build(config, seed, bar)
-            finally:
-                bar.close()
-            if cache:
-                _save(path, *built)
+    def build():
+        bar = _Progress(progress, total=2 + 2 * len(_corpus.DOMAINS), desc="language testbed")
+        try:
+            return _build(config, seed, bar)
+        finally:
+            bar.close()
+
+    built, cached = _cache.load_or_build(
+        path,
+        cache=cache,
+        restore=lambda f: _restore(f, config),
+        build=build,
+        save=lambda f, b: _save(f, *b),
+    )
+    if cached:
+        bar = _Progress(progress, total=1, desc="language testbed")
+        bar.start("loaded from cache")
+        bar.done()
+        bar.close()
     strong, base, experts, finetuned, heldout, timings = built
     return LanguageTestbed(
         config=config,

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import os
 import sys
-import zipfile
 from typing import Any
 
 import jax
@@ -292,26 +289,25 @@ def load(
     config = Config() if config is None else config
     tasks = _tasks.make_tasks(config.test_fraction)
     path = _cache_path(config, seed)
-    with _cache.building(path) if cache else contextlib.nullcontext():
-        built = None
-        if cache and os.path.exists(path):
-            try:
-                built = _restore(path, config, len(tasks))
-            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # corrupt
-                built = None
-            else:
-                bar = _Progress(progress, total=1, desc="testbed")
-                bar.start("loaded from cache")
-                bar.done()
-                bar.close()
-        if built is None:
-            bar = _Progress(progress, total=1 + len(tasks), desc="testbed")
-            try:
-                built = _build(config, seed, tasks, bar)
-            finally:
-                bar.close()
-            if cache:
-                _save(path, *built)
+    def build():
+        bar = _Progress(progress, total=1 + len(tasks), desc="testbed")
+        try:
+            return _build(config, seed, tasks, bar)
+        finally:
+            bar.close()
+
+    built, cached = _cache.load_or_build(
+        path,
+        cache=cache,
+        restore=lambda f: _restore(f, config, len(tasks)),
+        build=build,
+        save=lambda f, b: _save(f, *b),
+    )
+    if cached:
+        bar = _Progress(progress, total=1, desc="testbed")
+        bar.start("loaded from cache")
+        bar.done()
+        bar.close()
     pretrained, finetuned, heads = built
     return Testbed(
         tasks=tasks,
