@@ -9,7 +9,8 @@ and the data-aware :func:`fisher_merging` (with :func:`fisher_diagonal`) and
 Methods are chains of them (:func:`ties`, :func:`dare`, :func:`breadcrumbs`,
 :func:`della`, ...). mergekit's own methods: :func:`nuslerp`, :func:`multislerp`,
 :func:`karcher`, :func:`nearswap`, :func:`sce`, :func:`arcee_fusion`,
-:func:`della_linear`, :func:`dare_linear`, :func:`breadcrumbs_ties`.
+:func:`della_linear`, :func:`dare_linear`, :func:`breadcrumbs_ties`. FuseChat's
+merges of distilled targets: :func:`varm` and :func:`sce`.
 
 mergekit compatibility
 ----------------------
