@@ -51,6 +51,7 @@ _HEAVY_FIXTURES = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into nodeid suffixes
 def pytest_collection_modifyitems(config, items):
     """Puts each test that uses a heavy session fixture in that fixture's xdist group."""
     for item in items:
