@@ -88,6 +88,28 @@ def _check_topk(t: TopK, name: str, min_ndim: int) -> TopK:
     return TopK(ids, lp)
 
 
+def _check_target(target, z: jax.Array, name: str):
+    """A checked fused target for the student logits ``z`` ``[..., L, V]``.
+
+    A ``TopK`` on the student's positions, or dense log-probabilities of its shape.
+    """
+    if isinstance(target, TopK):
+        t = _check_topk(target, name, 2)
+        if t.ids.shape[:-1] != z.shape[:-1]:
+            raise ValueError(
+                f"{name} must have the student's positions {z.shape[:-1]} on its leading axes, "
+                f"got TopK fields of shape {t.ids.shape}."
+            )
+        return t
+    p = validation.float_array(target, name, 2)
+    if p.shape != z.shape:
+        raise ValueError(
+            f"{name} must have the student's shape {z.shape} (the same positions and "
+            f"vocabulary), got {p.shape}; carry teachers into the student vocabulary first."
+        )
+    return p
+
+
 def _check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
@@ -482,23 +504,11 @@ def fusion_loss(
     """
     _check_choice("kind", kind, _KINDS)
     z = validation.float_array(student_logits, "student_logits", 2)
-    if isinstance(target, TopK):
-        t = _check_topk(target, "target", 2)
-        if t.ids.shape[:-1] != z.shape[:-1]:
-            raise ValueError(
-                f"target must have the student's positions {z.shape[:-1]} on its leading axes, "
-                f"got TopK fields of shape {t.ids.shape}."
-            )
-        where = validation.bool_mask(where, z.shape[:-1])
-        return _fusion_topk(z, t.ids, t.log_probs, where, kind)
-    p = validation.float_array(target, "target", 2)
-    if p.shape != z.shape:
-        raise ValueError(
-            f"target must have the student's shape {z.shape} (the same positions and "
-            f"vocabulary), got {p.shape}; carry teachers into the student vocabulary first."
-        )
+    target = _check_target(target, z, "target")
     where = validation.bool_mask(where, z.shape[:-1])
-    return _fusion_dense(z, p, where, kind)
+    if isinstance(target, TopK):
+        return _fusion_topk(z, target.ids, target.log_probs, where, kind)
+    return _fusion_dense(z, target, where, kind)
 
 
 def _dense_terms(z, p, kind):
@@ -639,21 +649,7 @@ def fusellm_loss(
     _check_choice("kind", kind, _KINDS)
     z = validation.float_array(student_logits, "student_logits", 2)
     labels = _check_labels(labels, z)
-    if isinstance(fused, TopK):
-        t = _check_topk(fused, "fused", 2)
-        if t.ids.shape[:-1] != z.shape[:-1]:
-            raise ValueError(
-                f"fused must have the student's positions {z.shape[:-1]} on its leading axes, "
-                f"got TopK fields of shape {t.ids.shape}."
-            )
-        fused = t
-    else:
-        fused = validation.float_array(fused, "fused", 2)
-        if fused.shape != z.shape:
-            raise ValueError(
-                f"fused must have the student's shape {z.shape} (the same positions and "
-                f"vocabulary), got {fused.shape}."
-            )
+    fused = _check_target(fused, z, "fused")
     where = validation.bool_mask(where, z.shape[:-1])
     lam = jnp.asarray(lam, z.dtype)
     return _fusellm(z, labels, fused, lam, where, kind)

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from fusionjax._src.progress import Progress
+
 
 def root() -> str:
     """The cache folder: ``$FUSIONJAX_CACHE``, else ``~/.cache/fusionjax``."""
@@ -110,6 +112,8 @@ def load_or_build(
     restore: Callable[[str], Any],
     build: Callable[[], Any],
     save: Callable[[str, Any], None],
+    progress: Any | None = None,
+    desc: str = "testbed",
 ) -> tuple[Any, bool]:
     """Reads a testbed from ``file``, or builds it and writes it there, under its lock.
 
@@ -124,6 +128,10 @@ def load_or_build(
         ``ValueError``, ``EOFError`` or ``zipfile.BadZipFile`` on a bad file.
       build: ``build() -> built``, the expensive part.
       save: ``save(file, built)``, writing atomically (:func:`save`).
+      progress: The caller's progress argument (see
+        :class:`fusionjax._src.progress.Progress`): a read from the cache is reported as
+        one stage, "loaded from cache".
+      desc: The bar's name.
 
     Returns:
       ``(built, from_cache)``.
@@ -131,9 +139,15 @@ def load_or_build(
     with building(file) if cache else contextlib.nullcontext():
         if cache and os.path.exists(file):
             try:
-                return restore(file), True
+                built = restore(file)
             except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
                 pass  # corrupt: rebuilt below
+            else:
+                bar = Progress(progress, total=1, desc=desc)
+                bar.start("loaded from cache")
+                bar.done()
+                bar.close()
+                return built, True
         built = build()
         if cache:
             save(file, built)

@@ -528,18 +528,15 @@ def load(
         finally:
             bar.close()
 
-    built, cached = _cache.load_or_build(
+    built, _ = _cache.load_or_build(
         path,
         cache=cache,
         restore=lambda f: _restore(f, config),
         build=build,
         save=lambda f, b: _save(f, *b),
+        progress=progress,
+        desc="language testbed",
     )
-    if cached:
-        bar = _Progress(progress, total=1, desc="language testbed")
-        bar.start("loaded from cache")
-        bar.done()
-        bar.close()
     strong, base, experts, finetuned, heldout, timings = built
     return LanguageTestbed(
         config=config,

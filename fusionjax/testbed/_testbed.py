@@ -296,18 +296,15 @@ def load(
         finally:
             bar.close()
 
-    built, cached = _cache.load_or_build(
+    built, _ = _cache.load_or_build(
         path,
         cache=cache,
         restore=lambda f: _restore(f, config, len(tasks)),
         build=build,
         save=lambda f, b: _save(f, *b),
+        progress=progress,
+        desc="testbed",
     )
-    if cached:
-        bar = _Progress(progress, total=1, desc="testbed")
-        bar.start("loaded from cache")
-        bar.done()
-        bar.close()
     pretrained, finetuned, heads = built
     return Testbed(
         tasks=tasks,
