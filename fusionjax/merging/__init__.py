@@ -10,7 +10,9 @@ Methods are chains of them (:func:`ties`, :func:`dare`, :func:`breadcrumbs`,
 :func:`della`, ...). mergekit's own methods: :func:`nuslerp`, :func:`multislerp`,
 :func:`karcher`, :func:`nearswap`, :func:`sce`, :func:`arcee_fusion`,
 :func:`della_linear`, :func:`dare_linear`, :func:`breadcrumbs_ties`. FuseChat's
-merges of distilled targets: :func:`varm` and :func:`sce`.
+merges of distilled targets: :func:`varm` and :func:`sce`. Singular-vector and
+magnitude merges: :func:`tsv_merge` (TSV-M), :func:`iso_c`, :func:`iso_cts`,
+:func:`magmax`.
 
 mergekit compatibility
 ----------------------
@@ -80,12 +82,16 @@ from fusionjax.merging._linear import sum  # pylint: disable=redefined-builtin
 from fusionjax.merging._linear import task_arithmetic
 from fusionjax.merging._linear import uniform_soup
 from fusionjax.merging._linear import weighted_average
+from fusionjax.merging._magmax import magmax
 from fusionjax.merging._mergekit import arcee_fusion
 from fusionjax.merging._mergekit import nearswap
 from fusionjax.merging._mergekit import sce
 from fusionjax.merging._model_stock import model_stock
 from fusionjax.merging._regmean import gram_matrices
 from fusionjax.merging._regmean import regmean
+from fusionjax.merging._singular import iso_c
+from fusionjax.merging._singular import iso_cts
+from fusionjax.merging._singular import tsv_merge
 from fusionjax.merging._slerp import slerp
 from fusionjax.merging._slerp import slerp_arrays
 from fusionjax.merging._soup import GreedySoupResult
@@ -126,8 +132,11 @@ __all__ = [
     "fisher_merging",
     "gram_matrices",
     "greedy_soup",
+    "iso_c",
+    "iso_cts",
     "karcher",
     "l1_rescale",
+    "magmax",
     "magnitude_drop",
     "mean",
     "model_stock",
@@ -144,6 +153,7 @@ __all__ = [
     "task_arithmetic",
     "ties",
     "trim",
+    "tsv_merge",
     "uniform_soup",
     "varm",
     "weighted_average",
