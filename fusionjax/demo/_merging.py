@@ -179,6 +179,10 @@ _DARE_TIES = merging.dare_ties(drop_rate=0.5, scaling=1.0)
 _BREADCRUMBS = merging.breadcrumbs(scaling=1.0)
 _DELLA = merging.della(scaling=1.0)
 _MODEL_STOCK = merging.model_stock()
+_TSV = merging.tsv_merge(scaling=1.0)
+_ISO_C = merging.iso_c(scaling=1.0)
+_ISO_CTS = merging.iso_cts(common_fraction=0.8, scaling=1.0)
+_MAGMAX = merging.magmax(scaling=1.0)
 
 
 LEARNED_METHODS = (
@@ -213,6 +217,12 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
         "SLERP (2 models)": _slerp,
         "Fisher merging": _fisher,
         "RegMean": _regmean,
+        # TSV-M: alpha = 1 as in the paper and FusionBench, no validation. Iso-C/Iso-CTS
+        # and MagMax pick their scaling on validation data, as their papers do.
+        "TSV-M": lambda c: _plain(c, _TSV, "rank 1/T per task, α=1"),
+        "Iso-C": lambda c: _tuned(c, _ISO_C),
+        "Iso-CTS": lambda c: _tuned(c, _ISO_CTS),
+        "MagMax": lambda c: _tuned(c, _MAGMAX),
         "AdaMerging (task-wise)": lambda c: _learned.adamerging(c, granularity="task"),
         "AdaMerging (layer-wise)": lambda c: _learned.adamerging(c, granularity="layer"),
         "AdaMerging++ (layer-wise)": lambda c: _learned.adamerging(c, plus_plus=True),
