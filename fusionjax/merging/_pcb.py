@@ -41,13 +41,16 @@ Where a normalisation has no range (max = min, e.g. a leaf no model changed), th
 reference divides 0 by 0 (NaN); here the normalised values are 0, so that leaf's
 merged update is 0.
 
-What costs time, and what is done about it: two sorts per leaf and task (of
-:math:`|\tau_t|` for the clamp bounds and of :math:`\beta_t` for the cut), then
-elementwise work. Sorting is :math:`O(d\log d)`; the rank positions are computed
-exactly on the host from the leaf size, so the kernel is compiled once per leaf
-shape. :func:`pcb_scaling_search` computes the balanced components once and only
-re-weights them for every candidate :math:`\lambda`; its cost is the evaluations of
-the caller's ``score``.
+What costs time, and what is done about it: four order statistics per leaf and task
+(the two clamp bounds of :math:`|\tau_t|`, and the cut of the signed :math:`\beta_t`
+from two selections of its positive and negative parts), found exactly by the radix
+select of :mod:`fusionjax._src.quantile` (two passes over the leaf per call, three
+calls) instead of sorting: on the digits testbed a first version with ``jnp.sort``
+took 1.4 s per merge against TIES' 0.07 s. The rank positions are computed exactly on
+the host from the leaf size, so the kernel is compiled once per leaf shape.
+:func:`pcb_scaling_search` computes the balanced components once and only re-weights
+them for every candidate :math:`\lambda`; its cost is the evaluations of the caller's
+``score``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusionjax._src import quantile
 from fusionjax._src import validation
 from fusionjax._src.base import ArrayLike
 from fusionjax._src.base import Params
@@ -104,10 +108,35 @@ def _minmax(v, lo, hi):
     return jnp.where(ok, (v - lo) / safe, jnp.zeros((), v.dtype))
 
 
-def _at(sorted_rows, index):
-    # Entry ``index`` of every sorted row, kept as a [T, 1] column; index clipped into range.
-    i = jnp.clip(index, 0, sorted_rows.shape[1] - 1)
-    return jax.lax.dynamic_slice_in_dim(sorted_rows, i, 1, axis=1)
+def _rows(index, t):
+    return jnp.broadcast_to(jnp.asarray(index, jnp.int32), (t,))
+
+
+def _ascending(a, index):
+    """Entry ``index`` (0-based) of each row of ``a >= 0`` sorted ascending, as ``[T, 1]``.
+
+    The ``(d - index)``-th largest, by the exact radix select of
+    :mod:`fusionjax._src.quantile` (no sort).
+    """
+    t, d = a.shape
+    return quantile.kth_largest([a], d - _rows(index, t))[:, None]
+
+
+def _ascending_signed(b, index):
+    r"""Entry ``index`` of each row of a signed ``b`` sorted ascending, as ``[T, 1]``.
+
+    With :math:`K = d - index` and :math:`P` positive entries: the :math:`K`-th largest
+    of :math:`\max(b, 0)` when :math:`K\le P`; else minus the ``(index + 1)``-th largest
+    of :math:`\max(-b, 0)` (the positive entries count as zeros there, below every
+    negative magnitude).
+    """
+    t, d = b.shape
+    zero = jnp.zeros((), b.dtype)
+    big = d - _rows(index, t)
+    pos = quantile.kth_largest([jnp.maximum(b, zero)], big)
+    neg = quantile.kth_largest([jnp.maximum(-b, zero)], _rows(index, t) + 1)
+    npos = jnp.sum((b > 0).astype(jnp.int32), axis=1)
+    return jnp.where(big <= npos, pos, -neg)[:, None]
 
 
 def pcb_components(x, lo_index, hi_index, keep_index, inter: str):
@@ -126,8 +155,7 @@ def pcb_components(x, lo_index, hi_index, keep_index, inter: str):
     t = x.shape[0]
     flat = x.reshape(t, -1)
     a = jnp.abs(flat)
-    s = jnp.sort(a, axis=1)
-    lo, hi = _at(s, lo_index), _at(s, hi_index)
+    lo, hi = _ascending(a, lo_index), _ascending(a, hi_index)
     a = jnp.clip(a, lo, hi)
     clamped = jnp.sign(flat) * a
     norm = _minmax(a, jnp.min(a, axis=1, keepdims=True), jnp.max(a, axis=1, keepdims=True))
@@ -142,7 +170,7 @@ def pcb_components(x, lo_index, hi_index, keep_index, inter: str):
              for i in range(t)]
         )
     beta = intra * cross
-    cut = _at(jnp.sort(beta, axis=1), keep_index)
+    cut = _ascending_signed(beta, keep_index)
     top = jnp.max(beta, axis=1, keepdims=True)
     weights = _minmax(jnp.clip(beta, cut, top), cut, top)
     return clamped, weights
