@@ -183,6 +183,21 @@ _TSV = merging.tsv_merge(scaling=1.0)
 _ISO_C = merging.iso_c(scaling=1.0)
 _ISO_CTS = merging.iso_cts(common_fraction=0.8, scaling=1.0)
 _MAGMAX = merging.magmax(scaling=1.0)
+_PCB = merging.pcb_merging(ratio=0.1, scaling=1.0)
+_WIDEN = merging.widen()
+
+
+def _emr(ctx: _Context):
+    # EMR is T models (one unified vector, T masks and rescalers): each task is scored
+    # with its own recovered model, as the paper evaluates it; not one merged model.
+    tb = ctx.tb
+    out = merging.emr_merge(tb.pretrained, list(tb.finetuned))
+    accs = [
+        float(np.asarray(tb.evaluate(merging.emr_task_model(tb.pretrained, out, t)))[t])
+        for t in range(len(tb.finetuned))
+    ]
+    note = "per task: its own mask and rescaler, not one model"
+    return _learned.Scores(np.asarray(accs)), note
 
 
 LEARNED_METHODS = (
@@ -223,6 +238,9 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
         "Iso-C": lambda c: _tuned(c, _ISO_C),
         "Iso-CTS": lambda c: _tuned(c, _ISO_CTS),
         "MagMax": lambda c: _tuned(c, _MAGMAX),
+        "PCB (ratio 0.1)": lambda c: _tuned(c, _PCB),
+        "WIDEN": lambda c: _plain(c, _WIDEN),
+        "EMR (per-task masks)": _emr,
         "AdaMerging (task-wise)": lambda c: _learned.adamerging(c, granularity="task"),
         "AdaMerging (layer-wise)": lambda c: _learned.adamerging(c, granularity="layer"),
         "AdaMerging++ (layer-wise)": lambda c: _learned.adamerging(c, plus_plus=True),

@@ -12,7 +12,9 @@ Methods are chains of them (:func:`ties`, :func:`dare`, :func:`breadcrumbs`,
 :func:`della_linear`, :func:`dare_linear`, :func:`breadcrumbs_ties`. FuseChat's
 merges of distilled targets: :func:`varm` and :func:`sce`. Singular-vector and
 magnitude merges: :func:`tsv_merge` (TSV-M), :func:`iso_c`, :func:`iso_cts`,
-:func:`magmax`.
+:func:`magmax`. Balancing and elect-style merges: :func:`pcb_merging` (with :func:`pcb_balance` and the validation
+search :func:`pcb_scaling_search`), :func:`widen`, and :func:`emr_merge` (per-task
+models by :func:`emr_task_model`).
 
 mergekit compatibility
 ----------------------
@@ -73,6 +75,9 @@ from fusionjax.merging._dare import dare
 from fusionjax.merging._dare import dare_linear
 from fusionjax.merging._dare import dare_ties
 from fusionjax.merging._dare import drop_and_rescale
+from fusionjax.merging._emr import EMROutput
+from fusionjax.merging._emr import emr_merge
+from fusionjax.merging._emr import emr_task_model
 from fusionjax.merging._fisher import fisher_diagonal
 from fusionjax.merging._fisher import fisher_merging
 from fusionjax.merging._linear import mean
@@ -87,6 +92,10 @@ from fusionjax.merging._mergekit import arcee_fusion
 from fusionjax.merging._mergekit import nearswap
 from fusionjax.merging._mergekit import sce
 from fusionjax.merging._model_stock import model_stock
+from fusionjax.merging._pcb import PCBSearchOutput
+from fusionjax.merging._pcb import pcb_balance
+from fusionjax.merging._pcb import pcb_merging
+from fusionjax.merging._pcb import pcb_scaling_search
 from fusionjax.merging._regmean import gram_matrices
 from fusionjax.merging._regmean import regmean
 from fusionjax.merging._singular import iso_c
@@ -112,9 +121,12 @@ from fusionjax.merging._ties import l1_rescale
 from fusionjax.merging._ties import ties
 from fusionjax.merging._ties import trim
 from fusionjax.merging._varm import varm
+from fusionjax.merging._widen import widen
 
 __all__ = [
+    "EMROutput",
     "GreedySoupResult",
+    "PCBSearchOutput",
     "arcee_fusion",
     "breadcrumbs",
     "breadcrumbs_ties",
@@ -128,6 +140,8 @@ __all__ = [
     "drop_and_rescale",
     "drop_extremes",
     "elect_sign",
+    "emr_merge",
+    "emr_task_model",
     "fisher_diagonal",
     "fisher_merging",
     "gram_matrices",
@@ -143,6 +157,9 @@ __all__ = [
     "multislerp",
     "nearswap",
     "nuslerp",
+    "pcb_balance",
+    "pcb_merging",
+    "pcb_scaling_search",
     "regmean",
     "round_to",
     "scale",
@@ -157,4 +174,5 @@ __all__ = [
     "uniform_soup",
     "varm",
     "weighted_average",
+    "widen",
 ]
