@@ -10,7 +10,8 @@ Methods are chains of them (:func:`ties`, :func:`dare`, :func:`breadcrumbs`,
 :func:`della`, ...). mergekit's own methods: :func:`nuslerp`, :func:`multislerp`,
 :func:`karcher`, :func:`nearswap`, :func:`sce`, :func:`arcee_fusion`,
 :func:`della_linear`, :func:`dare_linear`, :func:`breadcrumbs_ties`. FuseChat's
-merges of distilled targets: :func:`varm` and :func:`sce`.
+merges of distilled targets: :func:`varm` and :func:`sce`. Continual merging, one
+model at a time in constant memory: :func:`opcm` (an ``init``/``update`` pair).
 
 mergekit compatibility
 ----------------------
@@ -84,6 +85,10 @@ from fusionjax.merging._mergekit import arcee_fusion
 from fusionjax.merging._mergekit import nearswap
 from fusionjax.merging._mergekit import sce
 from fusionjax.merging._model_stock import model_stock
+from fusionjax.merging._opcm import ContinualMerger
+from fusionjax.merging._opcm import OPCMState
+from fusionjax.merging._opcm import opcm
+from fusionjax.merging._opcm import opcm_merged
 from fusionjax.merging._regmean import gram_matrices
 from fusionjax.merging._regmean import regmean
 from fusionjax.merging._slerp import slerp
@@ -108,7 +113,9 @@ from fusionjax.merging._ties import trim
 from fusionjax.merging._varm import varm
 
 __all__ = [
+    "ContinualMerger",
     "GreedySoupResult",
+    "OPCMState",
     "arcee_fusion",
     "breadcrumbs",
     "breadcrumbs_ties",
@@ -134,6 +141,8 @@ __all__ = [
     "multislerp",
     "nearswap",
     "nuslerp",
+    "opcm",
+    "opcm_merged",
     "regmean",
     "round_to",
     "scale",
