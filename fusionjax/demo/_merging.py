@@ -179,6 +179,17 @@ _DARE_TIES = merging.dare_ties(drop_rate=0.5, scaling=1.0)
 _BREADCRUMBS = merging.breadcrumbs(scaling=1.0)
 _DELLA = merging.della(scaling=1.0)
 _MODEL_STOCK = merging.model_stock()
+_OPCM = merging.opcm(alpha=0.5)
+
+
+def _opcm(ctx: _Context):
+    # Continual merging: the models arrive one at a time, in task order; the row is the
+    # merge after the last. The state holds the base, one running sum and three scalars.
+    tb = ctx.tb
+    state = _OPCM.init(tb.pretrained)
+    for ft in tb.finetuned:
+        state = _OPCM.update(state, ft)
+    return state.merged, f"α=0.5, {int(state.count)} models in sequence"
 
 
 LEARNED_METHODS = (
@@ -213,6 +224,7 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
         "SLERP (2 models)": _slerp,
         "Fisher merging": _fisher,
         "RegMean": _regmean,
+        "OPCM (sequential)": _opcm,
         "AdaMerging (task-wise)": lambda c: _learned.adamerging(c, granularity="task"),
         "AdaMerging (layer-wise)": lambda c: _learned.adamerging(c, granularity="layer"),
         "AdaMerging++ (layer-wise)": lambda c: _learned.adamerging(c, plus_plus=True),

@@ -11,7 +11,9 @@ Methods are chains of them (:func:`ties`, :func:`dare`, :func:`breadcrumbs`,
 :func:`karcher`, :func:`nearswap`, :func:`sce`, :func:`arcee_fusion`,
 :func:`della_linear`, :func:`dare_linear`, :func:`breadcrumbs_ties`. FuseChat's
 merges of distilled targets: :func:`varm` and :func:`sce`. Continual merging, one
-model at a time in constant memory: :func:`opcm` (an ``init``/``update`` pair).
+model at a time in constant memory: :func:`opcm` (an ``init``/``update`` pair). LoRA
+adapters without full updates where the math allows: :func:`lora_task_arithmetic`,
+:func:`lora_tsv`, :func:`lora_svd`; any merger on the full updates: :func:`lora_merge`.
 
 mergekit compatibility
 ----------------------
@@ -81,6 +83,13 @@ from fusionjax.merging._linear import sum  # pylint: disable=redefined-builtin
 from fusionjax.merging._linear import task_arithmetic
 from fusionjax.merging._linear import uniform_soup
 from fusionjax.merging._linear import weighted_average
+from fusionjax.merging._lora import LoRA
+from fusionjax.merging._lora import LoRASVD
+from fusionjax.merging._lora import lora_delta
+from fusionjax.merging._lora import lora_merge
+from fusionjax.merging._lora import lora_svd
+from fusionjax.merging._lora import lora_task_arithmetic
+from fusionjax.merging._lora import lora_tsv
 from fusionjax.merging._mergekit import arcee_fusion
 from fusionjax.merging._mergekit import nearswap
 from fusionjax.merging._mergekit import sce
@@ -115,6 +124,8 @@ from fusionjax.merging._varm import varm
 __all__ = [
     "ContinualMerger",
     "GreedySoupResult",
+    "LoRA",
+    "LoRASVD",
     "OPCMState",
     "arcee_fusion",
     "breadcrumbs",
@@ -135,6 +146,11 @@ __all__ = [
     "greedy_soup",
     "karcher",
     "l1_rescale",
+    "lora_delta",
+    "lora_merge",
+    "lora_svd",
+    "lora_task_arithmetic",
+    "lora_tsv",
     "magnitude_drop",
     "mean",
     "model_stock",
