@@ -9,7 +9,8 @@ import fusionjax as fj
 from tests import _testing as T
 
 M = fj.merging
-SHAPES = {"lin": (7, 5), "wide": (4, 9), "bias": (5,), "conv": (2, 3, 4), "s": ()}
+# Matrices wide enough that every tested alpha keeps a top block (k >= 1), not only the diagonal.
+SHAPES = {"lin": (24, 16), "wide": (12, 30), "bias": (5,), "conv": (2, 3, 4), "s": ()}
 
 
 def models(seed, n=5):
