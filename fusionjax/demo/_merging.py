@@ -198,6 +198,17 @@ def _emr(ctx: _Context):
     ]
     note = "per task: its own mask and rescaler, not one model"
     return _learned.Scores(np.asarray(accs)), note
+_OPCM = merging.opcm(alpha=0.5)
+
+
+def _opcm(ctx: _Context):
+    # Continual merging: the models arrive one at a time, in task order; the row is the
+    # merge after the last. The state holds the base, one running sum and three scalars.
+    tb = ctx.tb
+    state = _OPCM.init(tb.pretrained)
+    for ft in tb.finetuned:
+        state = _OPCM.update(state, ft)
+    return state.merged, f"α=0.5, {int(state.count)} models in sequence"
 
 
 LEARNED_METHODS = (
@@ -241,6 +252,7 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
         "PCB (ratio 0.1)": lambda c: _tuned(c, _PCB),
         "WIDEN": lambda c: _plain(c, _WIDEN),
         "EMR (per-task masks)": _emr,
+        "OPCM (sequential)": _opcm,
         "AdaMerging (task-wise)": lambda c: _learned.adamerging(c, granularity="task"),
         "AdaMerging (layer-wise)": lambda c: _learned.adamerging(c, granularity="layer"),
         "AdaMerging++ (layer-wise)": lambda c: _learned.adamerging(c, plus_plus=True),

@@ -10,11 +10,16 @@ Methods are chains of them (:func:`ties`, :func:`dare`, :func:`breadcrumbs`,
 :func:`della`, ...). mergekit's own methods: :func:`nuslerp`, :func:`multislerp`,
 :func:`karcher`, :func:`nearswap`, :func:`sce`, :func:`arcee_fusion`,
 :func:`della_linear`, :func:`dare_linear`, :func:`breadcrumbs_ties`. FuseChat's
-merges of distilled targets: :func:`varm` and :func:`sce`. Singular-vector and
-magnitude merges: :func:`tsv_merge` (TSV-M), :func:`iso_c`, :func:`iso_cts`,
-:func:`magmax`. Balancing and elect-style merges: :func:`pcb_merging` (with :func:`pcb_balance` and the validation
-search :func:`pcb_scaling_search`), :func:`widen`, and :func:`emr_merge` (per-task
-models by :func:`emr_task_model`).
+merges of distilled targets: :func:`varm` and :func:`sce`.
+
+Singular-vector and magnitude merges: :func:`tsv_merge` (TSV-M), :func:`iso_c`,
+:func:`iso_cts`, :func:`magmax`. Balancing and elect-style merges:
+:func:`pcb_merging` (with :func:`pcb_balance` and the validation search
+:func:`pcb_scaling_search`), :func:`widen`, and :func:`emr_merge` (per-task models by
+:func:`emr_task_model`). Continual merging, one model at a time in constant memory:
+:func:`opcm` (an ``init``/``update`` pair). LoRA adapters without full updates where
+the math allows: :func:`lora_task_arithmetic`, :func:`lora_tsv`, :func:`lora_svd`; any
+merger on the full updates: :func:`lora_merge`.
 
 mergekit compatibility
 ----------------------
@@ -87,11 +92,22 @@ from fusionjax.merging._linear import sum  # pylint: disable=redefined-builtin
 from fusionjax.merging._linear import task_arithmetic
 from fusionjax.merging._linear import uniform_soup
 from fusionjax.merging._linear import weighted_average
+from fusionjax.merging._lora import LoRA
+from fusionjax.merging._lora import LoRASVD
+from fusionjax.merging._lora import lora_delta
+from fusionjax.merging._lora import lora_merge
+from fusionjax.merging._lora import lora_svd
+from fusionjax.merging._lora import lora_task_arithmetic
+from fusionjax.merging._lora import lora_tsv
 from fusionjax.merging._magmax import magmax
 from fusionjax.merging._mergekit import arcee_fusion
 from fusionjax.merging._mergekit import nearswap
 from fusionjax.merging._mergekit import sce
 from fusionjax.merging._model_stock import model_stock
+from fusionjax.merging._opcm import ContinualMerger
+from fusionjax.merging._opcm import OPCMState
+from fusionjax.merging._opcm import opcm
+from fusionjax.merging._opcm import opcm_merged
 from fusionjax.merging._pcb import PCBSearchOutput
 from fusionjax.merging._pcb import pcb_balance
 from fusionjax.merging._pcb import pcb_merging
@@ -124,8 +140,12 @@ from fusionjax.merging._varm import varm
 from fusionjax.merging._widen import widen
 
 __all__ = [
+    "ContinualMerger",
     "EMROutput",
     "GreedySoupResult",
+    "LoRA",
+    "LoRASVD",
+    "OPCMState",
     "PCBSearchOutput",
     "arcee_fusion",
     "breadcrumbs",
@@ -150,6 +170,11 @@ __all__ = [
     "iso_cts",
     "karcher",
     "l1_rescale",
+    "lora_delta",
+    "lora_merge",
+    "lora_svd",
+    "lora_task_arithmetic",
+    "lora_tsv",
     "magmax",
     "magnitude_drop",
     "mean",
@@ -157,6 +182,8 @@ __all__ = [
     "multislerp",
     "nearswap",
     "nuslerp",
+    "opcm",
+    "opcm_merged",
     "pcb_balance",
     "pcb_merging",
     "pcb_scaling_search",
