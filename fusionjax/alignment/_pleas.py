@@ -136,7 +136,7 @@ def chain_features(layers, x, activation):
     """``([Z_1, ..., Z_L], [H_0 = x, H_1, ..., H_{L-1}])``: pre-activations and inputs."""
     zs, hs = [], [x]
     for i, layer in enumerate(layers):
-        z = jnp.matmul(hs[-1], layer["kernel"], precision=_HIGHEST) + layer["bias"]
+        z = jnp.matmul(hs[-1], layer["kernel"], precision=_HIGHEST) + layer["bias"][None, :]
         zs.append(z)
         if i < len(layers) - 1:
             hs.append(activation(z))
