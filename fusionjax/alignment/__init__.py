@@ -4,6 +4,11 @@ Hidden units of two independently trained networks are in arbitrary order, so th
 weights cannot be averaged directly. A :class:`PermutationSpec` says which axes carry
 the same units; alignment methods find one permutation (or transport map) per group
 that moves ``other`` onto ``ref``, after which the two can be interpolated.
+
+Beyond one-to-one alignment: :func:`pleas` merges two dense chains to a wider merged
+width (partial matching, then per-layer least squares), :func:`clafusion` fuses networks
+of different depths (cross-layer alignment, identity padding, OT fusion), and
+:func:`ot_fusion_many` fuses more than two models onto a reference.
 """
 
 from fusionjax.alignment._activation_matching import ActivationStats
@@ -12,6 +17,11 @@ from fusionjax.alignment._activation_matching import activation_stats_init
 from fusionjax.alignment._activation_matching import activation_stats_update
 from fusionjax.alignment._batchnorm import repair
 from fusionjax.alignment._batchnorm import reset_batch_stats
+from fusionjax.alignment._clafusion import CLAFusionOutput
+from fusionjax.alignment._clafusion import align_layers
+from fusionjax.alignment._clafusion import clafusion
+from fusionjax.alignment._clafusion import linear_cka
+from fusionjax.alignment._clafusion import pad_with_identities
 from fusionjax.alignment._derive import derive_spec
 from fusionjax.alignment._group_activations import group_activations
 from fusionjax.alignment._hand_specs import mlp_spec
@@ -26,10 +36,17 @@ from fusionjax.alignment._merge_many import MergeManyOutput
 from fusionjax.alignment._merge_many import merge_many
 from fusionjax.alignment._ot_fusion import OTFusionOutput
 from fusionjax.alignment._ot_fusion import ot_fusion
+from fusionjax.alignment._ot_fusion_many import OTFusionManyOutput
+from fusionjax.alignment._ot_fusion_many import ot_fusion_many
 from fusionjax.alignment._ot_maps import apply_transports
 from fusionjax.alignment._ot_maps import axis_roles
 from fusionjax.alignment._ot_maps import transport_maps
 from fusionjax.alignment._ot_transport import solve_transport
+from fusionjax.alignment._pleas import PartialMatching
+from fusionjax.alignment._pleas import PLeaSOutput
+from fusionjax.alignment._pleas import dense_apply
+from fusionjax.alignment._pleas import partial_matching
+from fusionjax.alignment._pleas import pleas
 from fusionjax.alignment._spec import AlignmentOutput
 from fusionjax.alignment._spec import PermutationSpec
 from fusionjax.alignment._spec import apply_permutations
@@ -76,4 +93,16 @@ __all__ = [
     "transport_maps",
     "repair",
     "reset_batch_stats",
+    "OTFusionManyOutput",
+    "ot_fusion_many",
+    "PartialMatching",
+    "PLeaSOutput",
+    "dense_apply",
+    "partial_matching",
+    "pleas",
+    "CLAFusionOutput",
+    "align_layers",
+    "clafusion",
+    "linear_cka",
+    "pad_with_identities",
 ]

@@ -113,6 +113,16 @@ def run_align(args: argparse.Namespace) -> int:
         "vanilla\n   average keeps the wider model's first units:"
     )
     print(_alignment.format_fusion(_alignment.fusion_study(seeds)[args.seed]))
+    print(
+        f"\n   PLeaS on the {_alignment.PLEAS_WIDTH}-unit pair: merged width 1-2x the models' "
+        "(partial\n   matching, then per-layer least squares on 1024 unlabelled images):"
+    )
+    print(_alignment.format_merges(_alignment.pleas_study(tuple(seeds))[args.seed]))
+    print(
+        "\n   CLAFusion: a 64-64-64 MLP with a 64-64 one (cross-layer alignment, identity "
+        "layers,\n   OT fusion); and OT fusion of three 64-64 MLPs:"
+    )
+    print(_alignment.format_merges(_alignment.clafusion_study(tuple(seeds))[args.seed]))
     if not args.fast:
         print(
             "\n3. Weight matching with the hand-written spec vs the spec derived from the "

@@ -9,6 +9,11 @@ pair trained with seeds ``2s`` and ``2s + 1``. Three studies:
   for several widths.
 * **OT fusion** (OTFusion, Table 1): one-shot fused model (no fine-tuning) vs vanilla
   averaging, for two MLPs of equal width and of different widths.
+* **PLeaS** (Nasery et al. 2025): partial matching to a merged width of 1 to 2 times the
+  models' width, then per-layer least squares, vs weight matching and averaging.
+* **CLAFusion** (Nguyen et al. 2023): a deeper (3 hidden layers) and a shallower (2) MLP
+  fused by cross-layer alignment, identity padding and OT fusion, vs the vanilla average
+  of the aligned, padded layers; and OT fusion of three models.
 * **Specs** on a ResNet (BatchNorm, statistics re-estimated after merging) and a
   transformer: weight matching with the hand-written spec vs the spec derived from the
   jaxpr.
@@ -279,6 +284,138 @@ def spec_study(
         for seed, (ref, other) in _pairs(model, seeds, steps=steps).items():
             out[seed].append(_spec_case(name, model, hand, ref, other, num))
     return out
+
+
+# ----------------------------------------------------------------------------- PLeaS
+
+PLEAS_WIDTH = 16
+"""Hidden width of the MLP pairs PLeaS merges (the barrier study's narrowest pairs)."""
+
+PLEAS_RATIOS = (1.0, 1.25, 1.5, 2.0)
+"""Merged widths, as multiples of the models' width."""
+
+PLEAS_EXAMPLES = 1024
+"""Training images (unlabelled) on which PLeaS matches units and solves each layer."""
+
+
+def _layers(variables: Params) -> list:
+    """A :class:`fusionjax.zoo.MLP`'s ``Dense_i`` layers in order."""
+    p = variables["params"]
+    return [p[f"Dense_{i}"] for i in range(len(p))]
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0], -1)
+
+
+def _chain_metrics(layers) -> tuple[float, float]:
+    """``(accuracy %, loss)`` of a ReLU dense chain on the test set (NumPy: no compilation)."""
+    data = classifiers.digits()
+    h = np.asarray(_flat(data.x_test), np.float64)
+    for i, layer in enumerate(layers):
+        h = h @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"], np.float64)
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0.0)
+    y = np.asarray(data.y_test)
+    z = h - h.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return 100.0 * float(np.mean(h.argmax(-1) == y)), float(-logp[np.arange(len(y)), y].mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeOutput:
+    """Test accuracy (%) and loss of each merge of one pair (row name -> value)."""
+
+    width: int
+    accuracy: dict
+    loss: dict
+
+
+@functools.lru_cache(maxsize=4)
+def pleas_study(
+    seeds: tuple[int, ...], width: int = PLEAS_WIDTH, ratios: tuple = PLEAS_RATIOS
+) -> dict[int, MergeOutput]:
+    """``{seed: MergeOutput}``: models, weight matching + average, PLeaS at each width."""
+    model = zoo.MLP((width, width))
+    spec = alignment.mlp_spec(2)
+    x = _flat(classifiers.digits().x_train[:PLEAS_EXAMPLES])
+    out = {}
+    for seed, (ref, other) in _pairs(model, seeds).items():
+        wm = alignment.weight_matching(spec, ref, other, key=jax.random.key(seed))
+        rows = {
+            "model A": _chain_metrics(_layers(ref)),
+            "model B": _chain_metrics(_layers(other)),
+            "weight matching + avg": _chain_metrics(
+                _layers(alignment.interpolate(ref, wm.apply(other), 0.5))
+            ),
+            "partial avg. (1.0x)": _chain_metrics(
+                alignment.pleas(_layers(ref), _layers(other), x, least_squares=False).layers
+            ),
+        }
+        for r in ratios:
+            merged = alignment.pleas(_layers(ref), _layers(other), x, width_ratio=r)
+            rows[f"PLeaS ({r:g}x)"] = _chain_metrics(merged.layers)
+        acc = {k: v[0] for k, v in rows.items()}
+        loss = {k: v[1] for k, v in rows.items()}
+        out[seed] = MergeOutput(width, acc, loss)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLAFusion
+
+DEEP_WIDTHS = (64, 64, 64)
+"""Hidden widths of the deeper MLP CLAFusion fuses with the 64-64 one."""
+
+
+@functools.lru_cache(maxsize=4)
+def clafusion_study(seeds: tuple[int, ...]) -> dict[int, MergeOutput]:
+    """``{seed: MergeOutput}``: a 64-64-64 MLP (seed 2s+1) with a 64-64 one (seed 2s).
+
+    Rows: the two models, the vanilla average of the deeper model and the padded
+    shallower one (its layers placed by the cross-layer alignment, identity layers in
+    between), CLAFusion (exact OT), and OT fusion of three 64-64 models (pair ``s`` and
+    the first model of pair ``s + 1``) vs their vanilla average.
+    """
+    narrow, _ = OT_WIDTHS
+    shallow_model = zoo.MLP((narrow, narrow))
+    pairs = _pairs(shallow_model, seeds)
+    deep = _pairs(zoo.MLP(DEEP_WIDTHS), seeds)
+    x = _flat(classifiers.digits().x_train[:ACTIVATION_EXAMPLES])
+    spec = alignment.mlp_spec(2)
+    out = {}
+    for i, seed in enumerate(seeds):
+        shallow, deep_model = _layers(pairs[seed][0]), _layers(deep[seed][1])
+        cla = alignment.clafusion(deep_model, shallow, x)
+        vanilla = [
+            jax.tree.map(lambda a, b: (a + b) / 2, u, v)
+            for u, v in zip(deep_model, cla.padded, strict=True)
+        ]
+        third = pairs[seeds[(i + 1) % len(seeds)]][0]
+        three = [pairs[seed][0], pairs[seed][1], third]
+        rows = {
+            "deeper model": _chain_metrics(deep_model),
+            "shallower model": _chain_metrics(shallow),
+            "vanilla average": _chain_metrics(vanilla),
+            "CLAFusion": _chain_metrics(cla.fused),
+            "3 models: vanilla": _chain_metrics(
+                _layers(jax.tree.map(lambda *v: sum(v) / len(v), *three))
+            ),
+            "3 models: OT fusion": _chain_metrics(
+                _layers(alignment.ot_fusion_many(spec, three).fused)
+            ),
+        }
+        acc = {k: v[0] for k, v in rows.items()}
+        loss = {k: v[1] for k, v in rows.items()}
+        out[seed] = MergeOutput(narrow, acc, loss)
+    return out
+
+
+def format_merges(result: MergeOutput) -> str:
+    """One row per merge: test accuracy and loss."""
+    lines = [f"{'':<24}{'test acc. (%)':>14}{'test loss':>11}", "-" * 49]
+    for row, acc in result.accuracy.items():
+        lines.append(f"{row:<24}{acc:>14.1f}{result.loss[row]:>11.3f}")
+    return "\n".join(lines)
 
 
 BarrierResult = BarrierOutput  # deprecated names (renamed to the *Output convention)
