@@ -48,6 +48,8 @@ _HEAVY_FIXTURES = {
     "barriers": "alignment",
     "fusions": "alignment",
     "spec_results": "alignment",
+    "pleas_results": "alignment",
+    "clafusion_results": "alignment",
 }
 
 
@@ -149,6 +151,22 @@ def fusions():
     from fusionjax.demo import _alignment
 
     return _alignment.fusion_study(SEEDS)
+
+
+@pytest.fixture(scope="session")
+def pleas_results():
+    """``{seed: MergeOutput}``: PLeaS at merged widths 1-2x vs weight matching (16-unit pairs)."""
+    from fusionjax.demo import _alignment
+
+    return _alignment.pleas_study(tuple(SEEDS))
+
+
+@pytest.fixture(scope="session")
+def clafusion_results():
+    """``{seed: MergeOutput}``: CLAFusion of a deeper and a shallower MLP; OT fusion of three."""
+    from fusionjax.demo import _alignment
+
+    return _alignment.clafusion_study(tuple(SEEDS))
 
 
 @pytest.fixture(scope="session")

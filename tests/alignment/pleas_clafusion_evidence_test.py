@@ -41,18 +41,8 @@ import pytest
 from fusionjax.demo import _alignment
 from tests._testing import SEEDS
 
-# The studies reuse the alignment group's cached classifier pairs: same xdist worker.
-pytestmark = pytest.mark.xdist_group("alignment")
-
-
-@pytest.fixture(scope="module")
-def pleas_results():
-    return _alignment.pleas_study(tuple(SEEDS))
-
-
-@pytest.fixture(scope="module")
-def clafusion_results():
-    return _alignment.clafusion_study(tuple(SEEDS))
+# pleas_results and clafusion_results are session fixtures of the alignment group
+# (tests/conftest.py): they reuse its cached classifier pairs on one xdist worker.
 
 
 def _ratio_rows(result):

@@ -35,19 +35,25 @@ def test_demo_prints_table_and_learned_coefficients(capsys, monkeypatch, suite):
     assert "learned λ" in out and "Dense_2.kernel" in out
 
 
-def _cached_alignment(monkeypatch, barriers, fusions, spec_results):
+def _cached_alignment(monkeypatch, barriers, fusions, spec_results, pleas, clafusion):
     from fusionjax.demo import _alignment
 
     monkeypatch.setattr(_alignment, "barrier_study", lambda seeds: {s: barriers[s] for s in seeds})
     monkeypatch.setattr(_alignment, "fusion_study", lambda seeds: {s: fusions[s] for s in seeds})
     monkeypatch.setattr(_alignment, "spec_study", lambda seeds: {s: spec_results[s] for s in seeds})
+    monkeypatch.setattr(_alignment, "pleas_study", lambda seeds: {s: pleas[s] for s in seeds})
+    monkeypatch.setattr(
+        _alignment, "clafusion_study", lambda seeds: {s: clafusion[s] for s in seeds}
+    )
 
 
 def test_demo_align_prints_barriers_fusion_and_specs(
-    capsys, monkeypatch, barriers, fusions, spec_results
+    capsys, monkeypatch, barriers, fusions, spec_results, pleas_results, clafusion_results
 ):
     # As above, the studies' results come from the session fixtures (seed 0).
-    _cached_alignment(monkeypatch, barriers, fusions, spec_results)
+    _cached_alignment(
+        monkeypatch, barriers, fusions, spec_results, pleas_results, clafusion_results
+    )
     assert cli.main(["demo", "align"]) == 0
     out = capsys.readouterr().out
     for needle in (
@@ -59,6 +65,8 @@ def test_demo_align_prints_barriers_fusion_and_specs(
         "derived spec == hand spec: True",
         "ResNet (BatchNorm)",
         "Transformer",
+        "PLeaS",
+        "CLAFusion",
     ):
         assert needle in out, needle
     naive_16 = next(line for line in out.splitlines() if line.split()[:2] == ["16", "naive"])
@@ -67,8 +75,10 @@ def test_demo_align_prints_barriers_fusion_and_specs(
     )
 
 
-def test_demo_align_fast_skips_the_spec_study(capsys, monkeypatch, barriers, fusions):
-    _cached_alignment(monkeypatch, barriers, fusions, spec_results=None)
+def test_demo_align_fast_skips_the_spec_study(
+    capsys, monkeypatch, barriers, fusions, pleas_results, clafusion_results
+):
+    _cached_alignment(monkeypatch, barriers, fusions, None, pleas_results, clafusion_results)
     assert cli.main(["demo", "align", "--fast"]) == 0
     out = capsys.readouterr().out
     assert "OT fusion" in out and "derived spec" not in out
