@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import re
 import sys
@@ -98,6 +99,7 @@ __all__ = [
 _VERSION = "1"
 _SOURCES = (_corpus, _decoder, _bytes, _language, sys.modules[__name__])
 _LN2 = float(np.log(2.0))
+_FORWARDS_KEPT = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +303,32 @@ class KnowledgeTestbed:
     teachers: dict[str, Teacher]
     heldout: dict[str, np.ndarray]
     build_seconds: dict[str, float]
+    # The last few teacher forwards, {(name, windows' digest): (tokens, log-probs)}: the
+    # byte targets, the per-window bits and the token heads of one distillation set read
+    # the same forward, which is computed once.
+    _forwards: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def _forward(self, name: str, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens [N, T], log-probs [N, T, V])`` of model ``name`` on byte ``windows``."""
+        windows = np.ascontiguousarray(windows, np.int32)
+        key = (name, windows.shape, hashlib.sha1(windows.tobytes()).hexdigest())
+        if key in self._forwards:
+            return self._forwards[key]
+        if name in ("byte", "base"):
+            module, params = {
+                "byte": (self.language.strong_module, self.language.strong),
+                "base": (self.language.small_module, self.language.base),
+            }[name]
+            tokens = windows
+            lp = _language.log_probs(module, params, windows)
+        else:
+            teacher = self.teachers[_domain_of(name)]
+            tokens = teacher.encode_windows(windows)
+            lp = _language.log_probs(teacher.module, teacher.params, np.maximum(tokens, 0))
+        while len(self._forwards) >= _FORWARDS_KEPT:
+            self._forwards.pop(next(iter(self._forwards)))
+        self._forwards[key] = (tokens, lp)
+        return tokens, lp
 
     @property
     def target_module(self) -> Decoder:
@@ -361,19 +389,19 @@ class KnowledgeTestbed:
         windows = np.asarray(windows, np.int32)
         n, length = windows.shape
         if name == "byte":
-            lp = _language.log_probs(self.language.strong_module, self.language.strong, windows)
+            _, lp = self._forward(name, windows)
             vals, ids = _top_k(jnp.asarray(lp), k)
             where = np.ones((n, length), bool)
             where[:, -1] = False
             return ByteTargetsOutput(TopK(np.asarray(ids, np.int32), np.asarray(vals)), where)
         teacher = self.teachers[_domain_of(name)]
-        tokens = teacher.encode_windows(windows)
         vocab_size = teacher.module.vocab_size
         token_k = vocab_size if token_k is None else min(max(k, token_k), vocab_size)
         if token_k == vocab_size:  # the whole distribution: no sort needed (top_k is one)
-            vals = _language.log_probs(teacher.module, teacher.params, np.maximum(tokens, 0))
+            tokens, vals = self._forward(name, windows)
             ids = np.broadcast_to(np.arange(vocab_size, dtype=np.int32), vals.shape)
         else:
+            tokens = teacher.encode_windows(windows)
             ids, vals = _teacher_top_k(teacher.module, teacher.params, tokens, token_k)
         out = _bytes.next_byte_distributions(
             TopK(ids, vals), tokens, teacher.vocab, num_bytes=length
@@ -410,14 +438,13 @@ class KnowledgeTestbed:
         windows = np.asarray(windows, np.int32)
         n, length = windows.shape
         if name == "byte":
-            lp = _language.log_probs(self.language.strong_module, self.language.strong, windows)
+            _, lp = self._forward(name, windows)
             rows = np.broadcast_to(np.arange(length), (n, length))
             where = np.ones((n, length), bool)
             where[:, -1] = False
         else:
             teacher = self.teachers[_domain_of(name)]
-            tokens = teacher.encode_windows(windows)
-            lp = _language.log_probs(teacher.module, teacher.params, np.maximum(tokens, 0))
+            tokens, lp = self._forward(name, windows)
             rows, where = _byte_rows(tokens, teacher.vocab.lengths, length)
         heads = []
         for h in _heads(np.asarray(lp), min(k, lp.shape[-1]), float(temperature)):
@@ -488,15 +515,11 @@ class KnowledgeTestbed:
           Per-window bits per byte (see the module docstring for the BPE definition).
         """
         windows = np.asarray(windows, np.int32)
+        tokens, lp = self._forward(name, windows)
         if name in ("byte", "base"):
-            module, params = {
-                "byte": (self.language.strong_module, self.language.strong),
-                "base": (self.language.small_module, self.language.base),
-            }[name]
-            return window_bits_bytes(module, params, windows)
+            gold = np.take_along_axis(lp[:, :-1], windows[:, 1:, None].astype(np.int64), -1)
+            return -np.mean(gold[..., 0], -1, dtype=np.float64) / _LN2
         teacher = self.teachers[_domain_of(name)]
-        tokens = teacher.encode_windows(windows)
-        lp = _language.log_probs(teacher.module, teacher.params, np.maximum(tokens, 0))
         nxt = np.maximum(tokens[:, 1:], 0)
         token_nll = -np.take_along_axis(lp[:, :-1], nxt[..., None], -1)[..., 0]
         counted = tokens[:, 1:] >= 0
@@ -505,6 +528,11 @@ class KnowledgeTestbed:
 
     def bits_table(self) -> dict[str, dict[str, float]]:
         """``{model: {corpus: bits per byte}}`` of the teachers and the base, held out."""
+        return {name: dict(row) for name, row in self._bits_table.items()}
+
+    @functools.cached_property
+    def _bits_table(self) -> dict[str, dict[str, float]]:
+        # Computed once per testbed object (the fixtures, the table and the demo all ask).
         names = self.teacher_names() + ["base"]
         return {
             name: {c: float(np.mean(self.window_bits(name, w))) for c, w in self.heldout.items()}
