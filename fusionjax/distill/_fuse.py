@@ -439,17 +439,46 @@ def _fuse_topk(ids, log_probs, ce, temperature, method, weighting):
 
 
 def _merge_repeated(ids, lp):
-    """Sums the mass of repeated ids into their first slot; sorted, most likely first."""
-    live = ids >= 0
-    same = (ids[..., :, None] == ids[..., None, :]) & live[..., :, None] & live[..., None, :]
+    r"""Sums the mass of repeated ids into one slot each; sorted, most likely first.
+
+    A stable sort by id puts the slots of each id next to each other; a segmented
+    ``logaddexp`` scan (:func:`jax.lax.associative_scan`, :math:`O(n \log n)` per
+    position) leaves each id's total on its last slot; ``top_k`` orders the totals. (The
+    pairwise ``[n, n]`` comparison this replaces took seconds for FuseLLM's AvgCE over
+    three teachers' top 32 at 50k positions.)
+    """
     n = ids.shape[-1]
-    earlier = jnp.tril(jnp.ones((n, n), bool), k=-1)  # earlier[i, j]: j < i
-    first = live & ~jnp.any(same & jnp.broadcast_to(earlier, same.shape), axis=-1)
-    total = _logsumexp(jnp.where(same, lp[..., None, :], -jnp.inf), axis=-1)
-    total = jnp.where(first, total, -jnp.inf)
-    out_lp, order = jax.lax.top_k(total, n)
-    out_ids = jnp.take_along_axis(jnp.where(first, ids, -1), order, axis=-1)
+    live = ids >= 0
+    key = jnp.where(live, ids, jnp.iinfo(jnp.int32).max)
+    order = jnp.argsort(key, axis=-1, stable=True)
+    sid = jnp.take_along_axis(key, order, axis=-1)
+    slp = jnp.take_along_axis(jnp.where(live, lp, -jnp.inf), order, axis=-1)
+    new_run = jnp.concatenate(
+        [jnp.ones(sid.shape[:-1] + (1,), bool), sid[..., 1:] != sid[..., :-1]], axis=-1
+    )
+
+    def combine(a, b):
+        # Segmented scan: a later element that starts a run does not look back.
+        (fa, va), (fb, vb) = a, b
+        return fa | fb, jnp.where(fb, vb, _logaddexp(va, vb))
+
+    _, total = jax.lax.associative_scan(combine, (new_run, slp), axis=-1)
+    last = jnp.concatenate(
+        [sid[..., 1:] != sid[..., :-1], jnp.ones(sid.shape[:-1] + (1,), bool)], axis=-1
+    )
+    keep = last & (sid != jnp.iinfo(jnp.int32).max)
+    total = jnp.where(keep, total, -jnp.inf)
+    out_lp, pick = jax.lax.top_k(total, n)
+    out_ids = jnp.take_along_axis(jnp.where(keep, sid, -1), pick, axis=-1)
     return TopK(jnp.where(jnp.isneginf(out_lp), -1, out_ids), out_lp)
+
+
+def _logaddexp(a, b):
+    """``log(exp(a) + exp(b))``, ``-inf`` (not NaN) when both are ``-inf``."""
+    top = jnp.maximum(a, b)
+    safe = jnp.where(jnp.isneginf(top), 0.0, top)
+    out = safe + jnp.log(jnp.exp(a - safe) + jnp.exp(b - safe))
+    return jnp.where(jnp.isneginf(top), -jnp.inf, out)
 
 
 # -------------------------------------------------------------------------- the losses
