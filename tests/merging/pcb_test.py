@@ -10,7 +10,9 @@ from fusionjax import io
 from tests import _testing as T
 
 M = fj.merging
-SHAPES = {"k": (12, 9), "b": (9,), "c": (2, 3, 4), "s": ()}
+# One set of leaf shapes for most tests: each distinct (shape, model count) is one compile.
+# "b" has 30 entries so that every ratio of the reference test keeps at least one.
+SHAPES = {"k": (12, 9), "b": (30,), "c": (2, 3, 4), "s": ()}
 
 
 def models(seed, n=3, shapes=SHAPES):
@@ -77,7 +79,7 @@ def close(out, ref, rtol=2e-5, atol=2e-5):
 def test_matches_numpy_reference_per_leaf(ratio, inter, outlier):
     # Leaves of at least 1/ratio entries: below that the reference's cut is the maximum
     # and its min-max divides 0 by 0 (see test_a_leaf_too_small_to_keep_anything).
-    base, fts = models(0, shapes={"k": (12, 9), "b": (30,), "c": (2, 3, 4)})
+    base, fts = models(0, shapes={k: v for k, v in SHAPES.items() if k != "s"})
     out = fj.merge(base, fts, M.pcb_merging(ratio=ratio, scaling=0.7, outlier=outlier, inter=inter))
     close(out, np_pcb(base, fts, ratio, 0.7, outlier, inter))
 
@@ -137,7 +139,7 @@ def test_scaling_is_linear():
 
 
 def test_streamed_merge_equals_in_memory(tmp_path):
-    base, fts = models(6, shapes={"k": (12, 9), "b": (9,)})
+    base, fts = models(6, shapes={k: SHAPES[k] for k in ("k", "b")})
     base = {k: jnp.asarray(v) for k, v in base.items()}
     fts = [{k: jnp.asarray(v) for k, v in f.items()} for f in fts]
     merger = M.pcb_merging(ratio=0.2)
