@@ -26,6 +26,8 @@ One static merge with the averaged weights is worse than task arithmetic on ever
 (74.8/71.1/58.9). The assertions leave margins under these numbers.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,10 +44,14 @@ from tests._testing import assert_trees_close
 # A tiny synthetic setting: K = 3 two-layer models, T = 2 tasks with fixed linear heads.
 
 D_IN, HIDDEN, D = 5, 6, 4
-HEADS = (
-    jax.random.normal(jax.random.key(11), (3, D)),
-    jax.random.normal(jax.random.key(12), (2, D)),
-)
+
+
+def _normal(seed, *shape, scale=1.0):
+    """Standard normal float32 draws from NumPy (no XLA compilation per shape)."""
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+HEADS = (_normal(11, 3, D), _normal(12, 2, D))
 
 
 def features_fn(params, x):
@@ -64,34 +70,35 @@ def normalized_head_fn(t, f):
     return 10.0 * (f / jnp.linalg.norm(f, axis=-1, keepdims=True)) @ HEADS[t].T
 
 
-def make_model(key, scale=1.0):
-    """A random two-layer model."""
-    k1, k2, k3 = jax.random.split(key, 3)
+def make_model(seed, scale=1.0):
+    """A random two-layer model (NumPy draws: no compilation per shape)."""
     return {
         "dense": {
-            "kernel": scale * jax.random.normal(k1, (D_IN, HIDDEN)),
-            "bias": scale * jax.random.normal(k2, (HIDDEN,)),
+            "kernel": _normal((seed, 0), D_IN, HIDDEN, scale=scale),
+            "bias": _normal((seed, 1), HIDDEN, scale=scale),
         },
-        "out": {"kernel": scale * jax.random.normal(k3, (HIDDEN, D))},
+        "out": {"kernel": _normal((seed, 2), HIDDEN, D, scale=scale)},
     }
 
 
-def perturb(model, key, scale=0.3):
+def perturb(model, seed, scale=0.3):
     """A 'fine-tuned' copy of a model."""
     leaves, treedef = jax.tree.flatten(model)
-    keys = jax.random.split(key, len(leaves))
     return treedef.unflatten(
-        [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+        [x + _normal((seed, i), *x.shape, scale=scale) for i, x in enumerate(leaves)]
     )
 
 
 @pytest.fixture(scope="module")
 def setting():
     """A base model, three fine-tuned ones and two tasks' labelled data."""
-    base = make_model(jax.random.key(0))
-    finetuned = [perturb(base, jax.random.key(i + 1)) for i in range(3)]
-    xs = [jax.random.normal(jax.random.key(20 + t), (40, D_IN)) for t in range(2)]
-    ys = [jax.random.randint(jax.random.key(30 + t), (40,), 0, HEADS[t].shape[0]) for t in range(2)]
+    base = make_model(0)
+    finetuned = [perturb(base, i + 1) for i in range(3)]
+    xs = [_normal(20 + t, 40, D_IN) for t in range(2)]
+    ys = [
+        jnp.asarray(np.random.default_rng(30 + t).integers(0, HEADS[t].shape[0], 40), jnp.int32)
+        for t in range(2)
+    ]
     return base, finetuned, list(zip(xs, ys, strict=True))
 
 
@@ -223,23 +230,30 @@ def test_loss_matches_a_reference(setting):
     portland = nl.init_portland(jax.random.key(0), 3, D)
     batches = [(nl.expert_features(finetuned, x, features_fn), y) for x, y in data]
     batches[1] = batches[1][0]  # task 1 unlabelled: entropy
-    got = nl.neural_ligand_loss(
-        portland, batches, head_fn=normalized_head_fn, offsets=offsets, scaling=10.0
-    )
-    sigma = np.sqrt(np.diag(np.asarray(offsets, np.float64))) * np.sign(offsets[0])
+    loss_fn = functools.partial(nl.neural_ligand_loss, head_fn=normalized_head_fn, scaling=10.0)
+    got = jax.jit(loss_fn)(portland, batches, offsets=offsets)  # one compile, not op by op
+    # The reference, in float64 NumPy (no op-by-op XLA compilations).
+    sigma = np.sqrt(np.diag(np.asarray(offsets, np.float64))) * np.sign(np.asarray(offsets[0]))
+    kernel, bias = (np.asarray(portland["dense_0"][n], np.float64) for n in ("kernel", "bias"))
     want = 0.0
     for t, batch in enumerate(batches):
-        feats = batch[0] if t == 0 else batch
-        concat = jnp.concatenate(list(feats), axis=1)
-        w = jax.nn.softmax(
-            concat @ portland["dense_0"]["kernel"] + portland["dense_0"]["bias"][None]
-        )
-        logp = jax.nn.log_softmax(normalized_head_fn(t, jnp.einsum("nk,knd->nd", w, feats)))
+        feats = np.asarray(batch[0] if t == 0 else batch, np.float64)
+        concat = np.concatenate(list(feats), axis=1)
+        z = concat @ kernel + bias[None]
+        w = np.exp(z - z.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)  # softmax
+        mixed = np.einsum("nk,knd->nd", w, feats)
+        # normalized_head_fn(t, mixed)
+        logits = 10.0 * (mixed / np.linalg.norm(mixed, axis=-1, keepdims=True)) @ np.asarray(
+            HEADS[t], np.float64
+        ).T
+        logp = logits - logits.max(axis=1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))  # log_softmax
         if t == 0:
-            boost = -jnp.mean(jnp.take_along_axis(logp, batch[1][:, None], axis=1))
+            boost = -np.mean(np.take_along_axis(logp, np.asarray(batch[1])[:, None], axis=1))
         else:
-            boost = -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=1))
-        want += float(boost) + float(np.mean((np.asarray(w, np.float64) @ sigma) ** 2)) / 10.0
+            boost = -np.mean(np.sum(np.exp(logp) * logp, axis=1))
+        want += boost + np.mean((w @ sigma) ** 2) / 10.0
     np.testing.assert_allclose(float(got), want / 2, rtol=1e-4)
 
 
@@ -265,7 +279,8 @@ def test_ready_loop_trains_only_the_portland(setting):
     # The gradient is a tree like the Portland's, and it is not zero.
     batches = [(nl.expert_features(finetuned, x, features_fn), y) for x, y in data]
     offsets = nl.offset_matrix(_coefficients.stacked_task_vectors(base, finetuned))
-    grads = jax.grad(nl.neural_ligand_loss)(res.portland, batches, head_fn=head_fn, offsets=offsets)
+    grad_fn = jax.jit(jax.grad(functools.partial(nl.neural_ligand_loss, head_fn=head_fn)))
+    grads = grad_fn(res.portland, batches, offsets=offsets)
     assert jax.tree.structure(grads) == jax.tree.structure(res.portland)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     assert float(jnp.abs(grads["dense_0"]["kernel"]).max()) > 0
@@ -295,12 +310,16 @@ def test_alignment_term_alone_pulls_the_weighted_offset_to_zero(setting):
         w = nl.portland_weights(p, batches[0])
         return float(jnp.mean(jnp.einsum("nk,kl,nl->n", w, offsets, w)))
 
+    @jax.jit  # one compiled step instead of 30 op-by-op gradients
+    def descend(p):
+        g = jax.grad(nl.neural_ligand_loss)(
+            p, batches, head_fn=flat_head, offsets=offsets, scaling=1.0
+        )
+        return jax.tree.map(lambda p, d: p - 0.5 * d, p, g)
+
     start = align(portland)
     for _ in range(30):
-        g = jax.grad(nl.neural_ligand_loss)(
-            portland, batches, head_fn=flat_head, offsets=offsets, scaling=1.0
-        )
-        portland = jax.tree.map(lambda p, d: p - 0.5 * d, portland, g)
+        portland = descend(portland)
     assert align(portland) < 0.5 * start
 
 

@@ -12,30 +12,31 @@ from fusionjax._src import training
 T, D, H, N = 3, 6, 16, 40
 
 
+def _normal(rng, *shape, scale=1.0):
+    """Standard normal float32 draws from NumPy (no XLA compilation per shape)."""
+    return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+
+
 @pytest.fixture(scope="module")
 def problem():
     """A 2-layer model fine-tuned three ways, a head per task and an unlabeled pool per task."""
-    k = jax.random.split(jax.random.key(0), 8)
+    rng = np.random.default_rng(0)
     base = {
-        "l1": {"kernel": jax.random.normal(k[0], (D, H)) / np.sqrt(D), "bias": jnp.zeros(H)},
-        "l2": {"kernel": jax.random.normal(k[1], (H, H)) / np.sqrt(H), "bias": jnp.zeros(H)},
+        "l1": {"kernel": _normal(rng, D, H, scale=1 / np.sqrt(D)), "bias": jnp.zeros(H)},
+        "l2": {"kernel": _normal(rng, H, H, scale=1 / np.sqrt(H)), "bias": jnp.zeros(H)},
         "count": jnp.array(3, jnp.int32),
     }
     fts = []
-    for t in range(T):
-        kt = jax.random.split(k[2 + t], 4)
+    for _ in range(T):
         ft = jax.tree.map(lambda x: x, base)
-        ft["l1"] = {
-            n: v + 0.3 * jax.random.normal(kt[i], v.shape)
-            for i, (n, v) in enumerate(base["l1"].items())
-        }
-        ft["l2"] = {
-            n: v + 0.3 * jax.random.normal(kt[2 + i], v.shape)
-            for i, (n, v) in enumerate(base["l2"].items())
-        }
+        for layer in ("l1", "l2"):
+            ft[layer] = {
+                n: jnp.asarray(np.asarray(v) + 0.3 * rng.standard_normal(v.shape), jnp.float32)
+                for n, v in base[layer].items()
+            }
         fts.append(ft)
-    heads = [jax.random.normal(jax.random.fold_in(k[6], t), (H, 2 + t)) for t in range(T)]
-    data = [np.asarray(jax.random.normal(jax.random.fold_in(k[7], t), (N, D))) for t in range(T)]
+    heads = [_normal(rng, H, 2 + t) for t in range(T)]
+    data = [rng.standard_normal((N, D)).astype(np.float32) for _ in range(T)]
 
     def logits_fn(params, t, x):
         h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"][None])
@@ -205,11 +206,11 @@ def test_one_compile_serves_models_that_differ_in_their_head_arrays(problem):
     As the testbed's ``tb.logits`` does for every seed; the result is the closure's.
     """
     base, fts, data, logits_fn = problem
-    keys = jax.random.split(jax.random.key(9), T)
-    heads = [jax.random.normal(keys[t], (H, 2 + t)) for t in range(T)]
+    rng = np.random.default_rng(9)
+    heads = [rng.standard_normal((H, 2 + t)) for t in range(T)]
     kw = dict(steps=3, batch_size=4, granularity="task", learning_rate=0.02, key=jax.random.key(0))
     before = training._run_chunk_shared._cache_size()
-    scaled = [[scale * h for h in heads] for scale in (1.0, 2.0)]
+    scaled = [[jnp.asarray(scale * h, jnp.float32) for h in heads] for scale in (1.0, 2.0)]
     outs = [
         fj.learned.adamerging(base, fts, data, jax.tree_util.Partial(_head_logits, hs), **kw)
         for hs in scaled
