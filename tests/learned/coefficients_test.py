@@ -8,14 +8,51 @@ import pytest
 import fusionjax as fj
 from tests._testing import F32
 from tests._testing import assert_trees_close
-from tests._testing import finetune_like
-from tests._testing import random_model
+
+
+def random_model(seed, *, dtype=jnp.float32):
+    """A small nested-dict model with a kernel, a bias, a conv-like kernel and an int leaf.
+
+    As ``tests._testing.random_model``, drawn with NumPy (no XLA compilation per shape).
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(*shape):
+        return jnp.asarray(rng.standard_normal(shape).astype(np.float32).astype(dtype))
+
+    return {
+        "dense": {"kernel": draw(8, 4), "bias": draw(4)},
+        "conv": {"kernel": draw(3, 3, 2, 5)},
+        "scale": draw(),
+        "step": jnp.array(7, jnp.int32),
+    }
+
+
+def finetune_like(base, seed, n, *, scale=0.1):
+    """``n`` models near ``base`` (float leaves perturbed, int leaves equal), NumPy draws."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        leaves, treedef = jax.tree.flatten(base)
+        new = [
+            jnp.asarray(
+                (
+                    np.asarray(x, np.float32)
+                    + (scale * rng.standard_normal(x.shape)).astype(np.float32).astype(x.dtype)
+                ).astype(x.dtype)
+            )
+            if jnp.issubdtype(x.dtype, jnp.floating)
+            else x
+            for x in leaves
+        ]
+        out.append(treedef.unflatten(new))
+    return out
 
 
 @pytest.fixture(scope="module")
 def models():
-    base = random_model(jax.random.key(0))
-    fts = finetune_like(base, jax.random.key(1), 3)
+    base = random_model(0)
+    fts = finetune_like(base, 1, 3)
     return base, fts, fj.learned.stacked_task_vectors(base, fts)
 
 
@@ -132,8 +169,8 @@ def test_gradient_is_taken_with_respect_to_coefficients_only(models):
 
 
 def test_bf16_leaves_are_merged_in_f32_and_cast_back():
-    base = random_model(jax.random.key(0), dtype=jnp.bfloat16)
-    fts = finetune_like(base, jax.random.key(1), 2)
+    base = random_model(0, dtype=jnp.bfloat16)
+    fts = finetune_like(base, 1, 2)
     tvs = fj.learned.stacked_task_vectors(base, fts)
     got = fj.learned.combine(base, tvs, jnp.array([0.5, 0.5]))
     assert got["dense"]["kernel"].dtype == jnp.bfloat16
