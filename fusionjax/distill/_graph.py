@@ -559,8 +559,8 @@ def infigfusion_loss(
     Examples:
       >>> import jax
       >>> from fusionjax import distill
-      >>> s = jax.random.normal(jax.random.key(0), (3, 8, 10))
-      >>> float(distill.infigfusion_loss(s, s, k=5))
+      >>> s = jax.random.normal(jax.random.key(0), (2, 5, 11))
+      >>> float(distill.infigfusion_loss(s, s, k=4))
       0.0
 
     References:
@@ -637,9 +637,9 @@ def infigfusion_objective(
       >>> import jax
       >>> import jax.numpy as jnp
       >>> from fusionjax import distill
-      >>> s = jax.random.normal(jax.random.key(0), (2, 6, 9))
-      >>> y = jnp.zeros((2, 6), jnp.int32)
-      >>> out = distill.infigfusion_objective(s, y, [s], k=3, clm_weight=1.0)
+      >>> s = jax.random.normal(jax.random.key(0), (2, 5, 11))
+      >>> y = jnp.zeros((2, 5), jnp.int32)
+      >>> out = distill.infigfusion_objective(s, y, [s], k=4, clm_weight=1.0)
       >>> bool(out.loss == out.clm)
       True
 
