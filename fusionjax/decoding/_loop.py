@@ -182,7 +182,7 @@ def generate(
       >>> import jax, jax.numpy as jnp
       >>> from fusionjax import decoding, zoo
       >>> lm = zoo.Decoder(vocab_size=16, dim=16, depth=1, heads=2, max_length=16)
-      >>> variables = lm.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+      >>> variables = jax.jit(lm.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
       >>> member = decoding.Member(decoding.from_linen(lm), variables, jnp.array([[3, 1, 4]]))
       >>> out = decoding.generate([member], lambda logits: jax.nn.log_softmax(logits[0]),
       ...                         max_new_tokens=5)

@@ -124,11 +124,11 @@ def from_linen(
       >>> import jax, jax.numpy as jnp
       >>> from fusionjax import decoding, zoo
       >>> lm = zoo.Decoder(vocab_size=16, dim=16, depth=1, heads=2, max_length=8)
-      >>> variables = lm.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+      >>> variables = jax.jit(lm.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
       >>> model = decoding.from_linen(lm)
       >>> tokens = jnp.array([[1, 2, 3]])
-      >>> logits, cache = model.apply(variables, tokens, model.init_cache(1, 8),
-      ...                             jnp.array([[0, 1, 2]]))
+      >>> logits, cache = jax.jit(model.apply)(variables, tokens, model.init_cache(1, 8),
+      ...                                      jnp.array([[0, 1, 2]]))
       >>> logits.shape
       (1, 3, 16)
     """

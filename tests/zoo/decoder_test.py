@@ -8,24 +8,26 @@ import pytest
 from fusionjax import zoo
 
 MODEL = zoo.Decoder(dim=32, depth=2, heads=4, mlp_width=64, max_length=32)
+# Jitted once here: an eager flax apply compiles every op of the model one by one.
+APPLY = jax.jit(MODEL.apply, static_argnames="method")
 
 
 @pytest.fixture(scope="module")
 def setup():
     tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, 256)
-    variables = MODEL.init(jax.random.key(1), tokens)
+    variables = jax.jit(MODEL.init)(jax.random.key(1), tokens)
     return tokens, variables
 
 
 def test_prefill_then_steps_equal_the_full_forward(setup):
     tokens, variables = setup
-    full = MODEL.apply(variables, tokens)
+    full = APPLY(variables, tokens)
     positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
     cache = MODEL.init_cache(2, 16)
-    logits, cache = MODEL.apply(variables, tokens[:, :6], positions[:, :6], cache, method="decode")
+    logits, cache = APPLY(variables, tokens[:, :6], positions[:, :6], cache, method="decode")
     outs = [logits]
     for t in range(6, 10):
-        logits, cache = MODEL.apply(
+        logits, cache = APPLY(
             variables, tokens[:, t : t + 1], positions[:, t : t + 1], cache, method="decode"
         )
         outs.append(logits)
@@ -36,11 +38,11 @@ def test_left_padded_rows_equal_their_unpadded_forward(setup):
     tokens, variables = setup
     padded = tokens.at[1, :3].set(7)
     positions = jnp.broadcast_to(jnp.arange(10), (2, 10)).at[1].set(jnp.arange(10) - 3)
-    logits, cache = MODEL.apply(
+    logits, cache = APPLY(
         variables, padded, positions, MODEL.init_cache(2, 16), method="decode"
     )
-    np.testing.assert_allclose(logits[1, 3:], MODEL.apply(variables, tokens[1:, 3:])[0], atol=1e-5)
-    np.testing.assert_allclose(logits[0], MODEL.apply(variables, tokens[:1])[0], atol=1e-5)
+    np.testing.assert_allclose(logits[1, 3:], APPLY(variables, tokens[1:, 3:])[0], atol=1e-5)
+    np.testing.assert_allclose(logits[0], APPLY(variables, tokens[:1])[0], atol=1e-5)
     assert np.isfinite(np.asarray(logits)).all()
     # Pads are not written: row 1 fills slots 0..6 only.
     assert float(jnp.abs(cache["block_0"]["key"][1, 7:]).max()) == 0.0
