@@ -34,6 +34,16 @@ TINY = dataclasses.replace(
 )
 
 
+# The tests below that build TINY share one process (and so one build and one corpus).
+_TINY_GROUP = pytest.mark.xdist_group("language_tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The TINY testbed of seed 0, built without the disk cache (once per module)."""
+    return language.load(seed=0, config=TINY, cache=False)
+
+
 def _ppl(log_probs, tb, corpus, model):
     return language.perplexity(log_probs[tb.seed][corpus][model], tb.heldout[corpus])
 
@@ -61,8 +71,12 @@ def test_heldout_split_is_by_name_hash():
         assert _corpus.is_heldout(name, 0.2) == (bucket < 20)
 
 
-def test_corpus_is_deterministic_and_split_by_document():
+@_TINY_GROUP
+def test_corpus_is_deterministic_and_split_by_document(tiny):
+    # Building `tiny` loaded the default corpus through load_corpus's cache: `b` is that
+    # cached corpus, `a` a fresh computation of it.
     config = _corpus.CorpusConfig()
+    assert TINY.corpus == config
     a = _corpus.load_corpus.__wrapped__(config)
     b = _corpus.load_corpus(config)
     for split in ("train", "heldout"):
@@ -83,14 +97,17 @@ def test_corpus_is_deterministic_and_split_by_document():
 # --- API, cache ---------------------------------------------------------------------------
 
 
-def test_cache_round_trip_and_one_compile_per_architecture(tmp_path, monkeypatch):
+@_TINY_GROUP
+def test_cache_round_trip_and_one_compile_per_architecture(tiny, tmp_path, monkeypatch):
+    # `tiny` was built (compiling the training loops) without the cache; this build
+    # writes the cache and must compile nothing new.
+    fresh = tiny
     monkeypatch.setenv("FUSIONJAX_CACHE", str(tmp_path))
     messages = []
-    built = language.load(seed=0, config=TINY, progress=messages.append)
-    assert len(messages) == 6 and len(list(tmp_path.glob("language-*-seed0.npz"))) == 1
     compiled = training._run_chunk_shared._cache_size()
-    fresh = language.load(seed=0, config=TINY, cache=False)
+    built = language.load(seed=0, config=TINY, progress=messages.append)
     assert training._run_chunk_shared._cache_size() == compiled  # no new compilation
+    assert len(messages) == 6 and len(list(tmp_path.glob("language-*-seed0.npz"))) == 1
     cached = language.load(seed=0, config=TINY, progress=messages.append)
     assert messages[-1] == "loaded from cache"
     for other in (fresh, cached):
@@ -104,8 +121,9 @@ def test_cache_round_trip_and_one_compile_per_architecture(tmp_path, monkeypatch
     assert built.heldout["code"].shape == (8, TINY.context_length)
 
 
-def test_log_probs_and_perplexity():
-    tb = language.load(seed=0, config=TINY, cache=False)
+@_TINY_GROUP
+def test_log_probs_and_perplexity(tiny):
+    tb = tiny
     windows = tb.heldout["docs"][:5]  # not a multiple of the batch size
     lp = tb.log_probs(tb.strong_module, tb.strong, windows, batch_size=4)
     assert lp.shape == (5, TINY.context_length, 256) and lp.dtype == np.float32
