@@ -51,3 +51,40 @@ def finetune_like(base, key, n, *, scale=0.1):
         ]
         out.append(treedef.unflatten(new))
     return out
+
+
+def assert_streamed_merge_equals_in_memory(tmp_path, base, finetuned, merger):
+    """Merges flat dict models in memory and streamed from safetensors files; equal bytes.
+
+    Args:
+      tmp_path: A folder for the checkpoints and the merged file.
+      base: ``{name: array}`` base model.
+      finetuned: A list of models like ``base``.
+      merger: A leafwise merger (a :class:`fusionjax.Step`).
+    """
+    import fusionjax as fj  # noqa: PLC0415
+    from fusionjax import io  # noqa: PLC0415
+
+    base = {k: jnp.asarray(v) for k, v in base.items()}
+    finetuned = [{k: jnp.asarray(v) for k, v in f.items()} for f in finetuned]
+    expected = fj.merge(base, finetuned, merger)
+    paths = [
+        io.save_safetensors(t, tmp_path / f"{i}.safetensors")
+        for i, t in enumerate([base, *finetuned])
+    ]
+    out = io.merge_checkpoints(
+        paths[0], paths[1:], merger, tmp_path / "out.safetensors", progress=False
+    )
+    got = io.load_safetensors(out.path)
+    for k in expected:
+        assert np.asarray(got[k]).tobytes() == np.asarray(expected[k]).tobytes(), k
+
+
+def dense_forward(layers, x):
+    """Float64 NumPy forward of a list of ``{"kernel", "bias"}`` layers, ReLU between them."""
+    h = np.asarray(x, np.float64)
+    for i, layer in enumerate(layers):
+        h = h @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"], np.float64)
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0)
+    return h

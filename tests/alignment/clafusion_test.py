@@ -5,6 +5,7 @@ import pytest
 
 from fusionjax import alignment
 from tests._testing import assert_trees_close
+from tests._testing import dense_forward
 
 
 def _mlp(seed, widths, d_in=4, d_out=3):
@@ -20,15 +21,6 @@ def _mlp(seed, widths, d_in=4, d_out=3):
 
 
 X = np.abs(np.random.default_rng(7).normal(size=(128, 4))).astype(np.float32)
-
-
-def _forward(layers, x):
-    h = np.asarray(x, np.float64)
-    for i, layer in enumerate(layers):
-        h = h @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"], np.float64)
-        if i < len(layers) - 1:
-            h = np.maximum(h, 0)
-    return h
 
 
 def _brute_force(cost, fix_first):
@@ -81,7 +73,7 @@ def test_identity_padding_preserves_a_relu_network():
     padded = alignment.pad_with_identities(shallow, np.array([0, 2]), 4)
     widths = [layer["kernel"].shape[1] for layer in padded]
     assert widths == [5, 5, 6, 6, 3]
-    np.testing.assert_allclose(_forward(padded, X), _forward(shallow, X), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dense_forward(padded, X), dense_forward(shallow, X), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="mapping"):
         alignment.pad_with_identities(shallow, np.array([2, 1]), 4)
 
@@ -102,7 +94,7 @@ def test_clafusion_of_a_network_with_its_padded_permuted_self_is_the_network():
     np.testing.assert_array_equal(out.mapping, [0, 2])
     assert out.cost.shape == (3, 2)
     assert len(out.fused) == 4
-    np.testing.assert_allclose(_forward(out.fused, X), _forward(deep, X), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dense_forward(out.fused, X), dense_forward(deep, X), rtol=1e-4, atol=1e-4)
 
 
 def test_clafusion_checks_inputs():

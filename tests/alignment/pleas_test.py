@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fusionjax import alignment
+from tests._testing import dense_forward
 
 
 def _mlp(seed, widths=(6, 6), d_in=4, d_out=3):
@@ -30,15 +31,6 @@ def _permuted(layers, perms):
 
 
 X = np.abs(np.random.default_rng(7).normal(size=(256, 4))).astype(np.float32)
-
-
-def _forward(layers, x):
-    h = np.asarray(x, np.float64)
-    for i, layer in enumerate(layers):
-        h = h @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"], np.float64)
-        if i < len(layers) - 1:
-            h = np.maximum(h, 0)
-    return h
 
 
 def test_partial_matching_merges_the_most_correlated_pairs():
@@ -74,15 +66,15 @@ def test_merging_a_model_with_a_permuted_copy_gives_the_model_back():
     for ls in (True, False):
         out = alignment.pleas(a, b, X, least_squares=ls, ridge=1e-8)
         assert out.widths == (6, 6)
-        np.testing.assert_allclose(_forward(out.layers, X), _forward(a, X), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(dense_forward(out.layers, X), dense_forward(a, X), rtol=1e-3, atol=1e-3)
 
 
 def test_width_two_reproduces_the_ensemble_of_logits():
     a, b = _mlp(0), _mlp(1)
     out = alignment.pleas(a, b, X, width_ratio=2.0, ridge=1e-8)
     assert out.widths == (12, 12)
-    expected = (_forward(a, X) + _forward(b, X)) / 2
-    np.testing.assert_allclose(_forward(out.layers, X), expected, rtol=1e-3, atol=1e-3)
+    expected = (dense_forward(a, X) + dense_forward(b, X)) / 2
+    np.testing.assert_allclose(dense_forward(out.layers, X), expected, rtol=1e-3, atol=1e-3)
     assert float(np.max(out.residual)) < 1e-3
 
 
@@ -96,8 +88,8 @@ def test_least_squares_fits_better_than_the_partial_average():
         # fitted to the merged features, which the plain average cannot do.
         assert float(plain.residual[0]) < 1e-5
         assert float(solved.residual[-1]) < float(plain.residual[-1])
-        target = (_forward(a, X) + _forward(b, X)) / 2
-        err = [np.mean((_forward(o.layers, X) - target) ** 2) for o in (solved, plain)]
+        target = (dense_forward(a, X) + dense_forward(b, X)) / 2
+        err = [np.mean((dense_forward(o.layers, X) - target) ** 2) for o in (solved, plain)]
         assert err[0] < err[1]
 
 
@@ -106,9 +98,9 @@ def test_width_ratio_per_layer_and_apply():
     out = alignment.pleas(a, b, X, width_ratio=[1.0, 1.5])
     assert out.widths == (6, 9)
     assert [m.merged for m in out.matchings] == [6, 3]
-    np.testing.assert_allclose(np.asarray(out.apply(X)), _forward(out.layers, X), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.apply(X)), dense_forward(out.layers, X), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(
-        np.asarray(jax.jit(alignment.dense_apply)(out.layers, X)), _forward(out.layers, X),
+        np.asarray(jax.jit(alignment.dense_apply)(out.layers, X)), dense_forward(out.layers, X),
         rtol=1e-4, atol=1e-4,
     )
 

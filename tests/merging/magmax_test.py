@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import fusionjax as fj
-from fusionjax import io
 from tests import _testing as T
 
 M = fj.merging
@@ -85,11 +84,4 @@ def test_bad_scaling_is_named():
 
 def test_streamed_merge_equals_in_memory(tmp_path):
     base, fts = models(3)
-    base = {k: jnp.asarray(v) for k, v in base.items()}
-    fts = [{k: jnp.asarray(v) for k, v in f.items()} for f in fts]
-    expected = fj.merge(base, fts, MAGMAX)
-    paths = [io.save_safetensors(t, tmp_path / f"{i}.safetensors") for i, t in enumerate([base, *fts])]
-    r = io.merge_checkpoints(paths[0], paths[1:], MAGMAX, tmp_path / "out.safetensors", progress=False)
-    got = io.load_safetensors(r.path)
-    for k in expected:
-        assert np.asarray(got[k]).tobytes() == np.asarray(expected[k]).tobytes(), k
+    T.assert_streamed_merge_equals_in_memory(tmp_path, base, fts, MAGMAX)

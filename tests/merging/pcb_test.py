@@ -1,12 +1,10 @@
 """PCB-merging: against a NumPy re-implementation of the reference code, properties, search."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fusionjax as fj
-from fusionjax import io
 from tests import _testing as T
 
 M = fj.merging
@@ -140,15 +138,8 @@ def test_scaling_is_linear():
 
 def test_streamed_merge_equals_in_memory(tmp_path):
     base, fts = models(6, shapes={k: SHAPES[k] for k in ("k", "b")})
-    base = {k: jnp.asarray(v) for k, v in base.items()}
-    fts = [{k: jnp.asarray(v) for k, v in f.items()} for f in fts]
     merger = M.pcb_merging(ratio=0.2)
-    expected = fj.merge(base, fts, merger)
-    paths = [io.save_safetensors(t, tmp_path / f"{i}.safetensors") for i, t in enumerate([base, *fts])]
-    r = io.merge_checkpoints(paths[0], paths[1:], merger, tmp_path / "out.safetensors", progress=False)
-    got = io.load_safetensors(r.path)
-    for k in expected:
-        assert np.asarray(got[k]).tobytes() == np.asarray(expected[k]).tobytes(), k
+    T.assert_streamed_merge_equals_in_memory(tmp_path, base, fts, merger)
 
 
 @pytest.mark.parametrize("kw,name", [({"ratio": 0.0}, "ratio"), ({"ratio": 1.5}, "ratio"),

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import fusionjax as fj
-from fusionjax import io
 from tests import _testing as T
 
 M = fj.merging
@@ -218,14 +217,7 @@ def test_fractions_must_be_python_numbers(value):
 @pytest.mark.parametrize("merger", [TSV, ISO_CTS], ids=["tsv", "iso_cts"])
 def test_streamed_merge_equals_in_memory(tmp_path, merger):
     base, fts = models(19)
-    base = {k: jnp.asarray(v) for k, v in base.items()}
-    fts = [{k: jnp.asarray(v) for k, v in f.items()} for f in fts]
-    expected = fj.merge(base, fts, merger)
-    paths = [io.save_safetensors(t, tmp_path / f"{i}.safetensors") for i, t in enumerate([base, *fts])]
-    r = io.merge_checkpoints(paths[0], paths[1:], merger, tmp_path / "out.safetensors", progress=False)
-    got = io.load_safetensors(r.path)
-    for k in expected:
-        assert np.asarray(got[k]).tobytes() == np.asarray(expected[k]).tobytes(), k
+    T.assert_streamed_merge_equals_in_memory(tmp_path, base, fts, merger)
 
 
 def test_bad_models_name_the_model():

@@ -1,11 +1,9 @@
 """VaRM (FuseChat v1): per-matrix weights from the mean squared update, against NumPy."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fusionjax as fj
-from fusionjax import io
 from tests import _testing as T
 
 M = fj.merging
@@ -86,14 +84,7 @@ def test_a_step_of_the_chain():
 
 def test_streamed_merge_equals_in_memory(tmp_path):
     base, fts = models(6)
-    base = {k: jnp.asarray(v) for k, v in base.items()}
-    fts = [{k: jnp.asarray(v) for k, v in f.items()} for f in fts]
-    expected = fj.merge(base, fts, M.varm())
-    paths = [io.save_safetensors(t, tmp_path / f"{i}.safetensors") for i, t in enumerate([base, *fts])]
-    r = io.merge_checkpoints(paths[0], paths[1:], M.varm(), tmp_path / "out.safetensors", progress=False)
-    got = io.load_safetensors(r.path)
-    for k in expected:
-        assert np.asarray(got[k]).tobytes() == np.asarray(expected[k]).tobytes(), k
+    T.assert_streamed_merge_equals_in_memory(tmp_path, base, fts, M.varm())
 
 
 def test_bad_input_names_the_model():

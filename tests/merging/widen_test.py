@@ -1,11 +1,9 @@
 """WIDEN: against a NumPy re-implementation of the reference (yule-BUAA/MergeLLM), properties."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fusionjax as fj
-from fusionjax import io
 from tests import _testing as T
 
 M = fj.merging
@@ -123,14 +121,7 @@ def test_calibration_scales_the_above_average_columns():
 
 def test_streamed_merge_equals_in_memory(tmp_path):
     base, fts = models(6)
-    base = {k: jnp.asarray(v) for k, v in base.items()}
-    fts = [{k: jnp.asarray(v) for k, v in f.items()} for f in fts]
-    expected = fj.merge(base, fts, M.widen())
-    paths = [io.save_safetensors(t, tmp_path / f"{i}.safetensors") for i, t in enumerate([base, *fts])]
-    r = io.merge_checkpoints(paths[0], paths[1:], M.widen(), tmp_path / "out.safetensors", progress=False)
-    got = io.load_safetensors(r.path)
-    for k in expected:
-        assert np.asarray(got[k]).tobytes() == np.asarray(expected[k]).tobytes(), k
+    T.assert_streamed_merge_equals_in_memory(tmp_path, base, fts, M.widen())
 
 
 @pytest.mark.parametrize("kw,name", [({"above_average_ratio": 0.0}, "above_average_ratio"),
