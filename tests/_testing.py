@@ -88,3 +88,16 @@ def dense_forward(layers, x):
         if i < len(layers) - 1:
             h = np.maximum(h, 0)
     return h
+
+
+def random_dense_chain(seed, widths, d_in=4, d_out=3):
+    """A list of float32 ``{"kernel": [in, out], "bias": [out]}`` layers (NumPy normal draws)."""
+    r = np.random.default_rng(seed)
+    dims = (d_in, *widths, d_out)
+    return [
+        {
+            "kernel": r.normal(size=(i, o)).astype(np.float32),
+            "bias": (0.1 * r.normal(size=o)).astype(np.float32),
+        }
+        for i, o in zip(dims[:-1], dims[1:], strict=True)
+    ]

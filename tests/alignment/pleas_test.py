@@ -6,18 +6,11 @@ import pytest
 
 from fusionjax import alignment
 from tests._testing import dense_forward
+from tests._testing import random_dense_chain
 
 
-def _mlp(seed, widths=(6, 6), d_in=4, d_out=3):
-    r = np.random.default_rng(seed)
-    dims = (d_in, *widths, d_out)
-    return [
-        {
-            "kernel": r.normal(size=(i, o)).astype(np.float32),
-            "bias": (0.1 * r.normal(size=o)).astype(np.float32),
-        }
-        for i, o in zip(dims[:-1], dims[1:], strict=True)
-    ]
+def _mlp(seed, widths=(6, 6)):
+    return random_dense_chain(seed, widths)
 
 
 def _permuted(layers, perms):
