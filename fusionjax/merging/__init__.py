@@ -16,10 +16,15 @@ Singular-vector and magnitude merges: :func:`tsv_merge` (TSV-M), :func:`iso_c`,
 :func:`iso_cts`, :func:`magmax`. Balancing and elect-style merges:
 :func:`pcb_merging` (with :func:`pcb_balance` and the validation search
 :func:`pcb_scaling_search`), :func:`widen`, and :func:`emr_merge` (per-task models by
-:func:`emr_task_model`). Continual merging, one model at a time in constant memory:
+:func:`emr_task_model`), and reversible merging of low-rank weights, a shared basis
+plus per-task coefficients: :func:`reversible_merge` (models, optionally truncated by
+SVD), :func:`reversible_lora` (adapters), recovered by :func:`reversible_task_model` and
+:func:`reversible_adapter`. Continual merging, one model at a time in constant memory:
 :func:`opcm` (an ``init``/``update`` pair). LoRA adapters without full updates where
-the math allows: :func:`lora_task_arithmetic`, :func:`lora_tsv`, :func:`lora_svd`; any
-merger on the full updates: :func:`lora_merge`.
+the math allows: :func:`lora_task_arithmetic`, :func:`lora_tsv`, :func:`lora_svd`;
+PEFT's TIES and DARE (on the factors, or on the updates with an SVD back to factors):
+:func:`lora_ties`, :func:`lora_dare_linear`, :func:`lora_dare_ties`; any merger on the
+full updates: :func:`lora_merge`.
 
 mergekit compatibility
 ----------------------
@@ -94,10 +99,13 @@ from fusionjax.merging._linear import uniform_soup
 from fusionjax.merging._linear import weighted_average
 from fusionjax.merging._lora import LoRA
 from fusionjax.merging._lora import LoRASVD
+from fusionjax.merging._lora import lora_dare_linear
+from fusionjax.merging._lora import lora_dare_ties
 from fusionjax.merging._lora import lora_delta
 from fusionjax.merging._lora import lora_merge
 from fusionjax.merging._lora import lora_svd
 from fusionjax.merging._lora import lora_task_arithmetic
+from fusionjax.merging._lora import lora_ties
 from fusionjax.merging._lora import lora_tsv
 from fusionjax.merging._magmax import magmax
 from fusionjax.merging._mergekit import arcee_fusion
@@ -114,6 +122,11 @@ from fusionjax.merging._pcb import pcb_merging
 from fusionjax.merging._pcb import pcb_scaling_search
 from fusionjax.merging._regmean import gram_matrices
 from fusionjax.merging._regmean import regmean
+from fusionjax.merging._reversible import ReversibleOutput
+from fusionjax.merging._reversible import reversible_adapter
+from fusionjax.merging._reversible import reversible_lora
+from fusionjax.merging._reversible import reversible_merge
+from fusionjax.merging._reversible import reversible_task_model
 from fusionjax.merging._singular import iso_c
 from fusionjax.merging._singular import iso_cts
 from fusionjax.merging._singular import tsv_merge
@@ -147,6 +160,7 @@ __all__ = [
     "LoRASVD",
     "OPCMState",
     "PCBSearchOutput",
+    "ReversibleOutput",
     "arcee_fusion",
     "breadcrumbs",
     "breadcrumbs_ties",
@@ -170,10 +184,13 @@ __all__ = [
     "iso_cts",
     "karcher",
     "l1_rescale",
+    "lora_dare_linear",
+    "lora_dare_ties",
     "lora_delta",
     "lora_merge",
     "lora_svd",
     "lora_task_arithmetic",
+    "lora_ties",
     "lora_tsv",
     "magmax",
     "magnitude_drop",
@@ -188,6 +205,10 @@ __all__ = [
     "pcb_merging",
     "pcb_scaling_search",
     "regmean",
+    "reversible_adapter",
+    "reversible_lora",
+    "reversible_merge",
+    "reversible_task_model",
     "round_to",
     "scale",
     "sce",

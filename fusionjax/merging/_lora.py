@@ -449,3 +449,383 @@ def lora_merge(
     ]
     zero = jax.tree.map(jnp.zeros_like, deltas[0])
     return fj.merge(zero, deltas, merger, key=key, **extra_args)
+
+
+# --- TIES / DARE of LoRA adapters, with PEFT's semantics -------------------------------
+
+_PEFT_METHODS = ("ties", "dare_linear", "dare_ties")
+_RECONSTRUCTIONS = ("factors", "svd")
+
+
+def _magnitude_prune(x: jax.Array, density: float) -> jax.Array:
+    """PEFT's ``magnitude_based_pruning``: keep the ``int(density * n)`` largest ``|x|``."""
+    if density >= 1:
+        return x
+    k = int(density * x.size)
+    if k == 0:
+        return jnp.zeros_like(x)
+    flat = x.reshape(-1)
+    _, idx = jax.lax.top_k(jnp.abs(flat), k)
+    keep = jnp.zeros(flat.shape, bool).at[idx].set(True)
+    return jnp.where(keep, flat, jnp.zeros((), x.dtype)).reshape(x.shape)
+
+
+def dare_masks(key: jax.Array, path, part: int, num: int, shape, density: float) -> jax.Array:
+    """The Bernoulli(``density``) keep-masks ``[num, *shape]`` of one layer's ``part``.
+
+    ``part`` is 0 for ``a``, 1 for ``b`` (``reconstruction="factors"``) and 2 for the
+    full update (``"svd"``); the key is folded with the layer's path, so a layer draws
+    the same masks wherever it sits in the tree. Exposed for reference tests.
+    """
+    k = jax.random.fold_in(jax.random.fold_in(key, _path_hash(path)), part)
+    return jax.random.bernoulli(k, density, (num, *shape))
+
+
+def _path_hash(path) -> int:
+    from fusionjax._src.keys import path_hash
+
+    return path_hash(path)
+
+
+def _peft_combine(x, w, masks, *, method, density, majority_sign):
+    """PEFT's ``ties`` / ``dare_linear`` / ``dare_ties`` on a stack ``x [T, ...]``."""
+    t = x.shape[0]
+    zero = jnp.zeros((), x.dtype)
+    if method == "ties":
+        rows = [_magnitude_prune(x[i], density) for i in range(t)]
+    elif density >= 1:
+        rows = [x[i] for i in range(t)]
+    else:
+        rows = [jnp.where(masks[i], x[i], zero) / jnp.asarray(density, x.dtype) for i in range(t)]
+    weighted = [r * w[i].astype(x.dtype) for i, r in enumerate(rows)]
+    if method == "dare_linear":
+        return functools.reduce(jnp.add, weighted)
+    signs = [jnp.sign(r) for r in rows]
+    votes = rows if majority_sign == "total" else signs
+    total = functools.reduce(jnp.add, votes)
+    one = jnp.ones((), x.dtype)
+    elected = jnp.where(total >= 0, one, -one)
+    agree = [s == elected for s in signs]
+    kept = [jnp.where(a, r, zero) for a, r in zip(agree, weighted, strict=True)]
+    num = functools.reduce(jnp.add, kept)
+    count = functools.reduce(jnp.add, [a.astype(x.dtype) for a in agree])
+    return num / jnp.maximum(count, one)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("method", "density", "majority_sign", "layout", "rank", "output")
+)
+def _peft_layer(ads, w, masks, clamp, *, method, density, majority_sign, layout, rank, output):
+    dtype = ads[0].a.dtype
+    dt = compute_dtype(dtype)
+    combine = functools.partial(
+        _peft_combine, method=method, density=density, majority_sign=majority_sign
+    )
+    if rank is None:  # factors: each of a and b merged on its own, weights sqrt(w)
+        root = jnp.sqrt(jnp.asarray(w, dt))
+        a = combine(jnp.stack([jnp.asarray(ad.a, dt) for ad in ads]), root, masks[0])
+        b = combine(jnp.stack([jnp.asarray(ad.b, dt) for ad in ads]), root, masks[1])
+        if output == "delta":
+            d = jnp.matmul(b, a, precision=_HIGHEST) if layout == "torch" else jnp.matmul(
+                a, b, precision=_HIGHEST
+            )
+            return d.astype(dtype)
+        return LoRA(a.astype(dtype), b.astype(dtype))
+    deltas = []
+    for ad in ads:
+        bt, at = _torch_factors(ad, layout, dt)
+        deltas.append(jnp.matmul(bt, at, precision=_HIGHEST))  # [out, in]
+    merged = combine(jnp.stack(deltas), jnp.asarray(w, dt), masks[2])
+    if output == "delta":
+        return (merged if layout == "torch" else merged.T).astype(dtype)
+    u, s, vt = jnp.linalg.svd(merged, full_matrices=False)
+    u = u[:, :rank] * s[None, :rank]  # PEFT: lora_B = U S, lora_A = Vh
+    vt = vt[:rank]
+    if clamp is not None:  # PEFT's svd_clamp: a quantile of all entries of U S and Vh
+        hi = jnp.quantile(jnp.concatenate([u.reshape(-1), vt.reshape(-1)]), clamp)
+        u, vt = jnp.clip(u, -hi, hi), jnp.clip(vt, -hi, hi)
+    return _finish(u, vt, layout, dtype, "factors")
+
+
+def _lora_peft(
+    adapters, *, method, density, key, weights, majority_sign, reconstruction, rank, clamp,
+    layout, output,
+):
+    _check_output(output)
+    if reconstruction not in _RECONSTRUCTIONS:
+        raise ValueError(
+            f"reconstruction must be one of {_RECONSTRUCTIONS}, got {reconstruction!r}."
+        )
+    if majority_sign not in ("total", "frequency"):
+        raise ValueError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}.")
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"density must be a Python number (it decides shapes), got {density!r}.")
+    density = float(density)
+    lower_ok = density >= 0 if method == "ties" else density > 0
+    if not (lower_ok and density <= 1):
+        rng = "[0, 1]" if method == "ties" else "(0, 1]"
+        raise ValueError(f"density must lie in {rng}, got {density}.")
+    if rank is not None:
+        rank = validation.check_int("rank", rank, lower=1)
+        if reconstruction != "svd":
+            raise ValueError("rank is the SVD reconstruction's rank: use reconstruction='svd'.")
+    if clamp is not None:
+        if reconstruction != "svd":
+            raise ValueError("clamp applies to the SVD reconstruction: use reconstruction='svd'.")
+        validation.check_hparam("clamp", clamp, lower=0.0, upper=1.0)
+    needs_key = method != "ties" and density < 1
+    if needs_key and key is None:
+        raise ValueError(f"{method} drops entries at random: pass key=jax.random.key(...).")
+    treedef, paths, layers = _flatten(adapters, layout)
+    n = len(adapters)
+    w = _weights(weights, n)
+    if reconstruction == "factors" and not isinstance(w, jax.Array) and np.any(np.asarray(w) < 0):
+        raise ValueError(
+            "weights must be >= 0 with reconstruction='factors': each factor is weighted by "
+            f"sqrt(w) (PEFT), got {np.asarray(w).tolist()}."
+        )
+    out = []
+    for path, ads in zip(paths, layers, strict=True):
+        dims = [_dims(ad, layout, f"adapters[{t}] at {keystr(path)}") for t, ad in enumerate(ads)]
+        r_layer = None
+        if reconstruction == "factors":
+            if len({d[0] for d in dims}) > 1:
+                raise ValueError(
+                    f"adapters at {keystr(path)} have ranks {sorted({d[0] for d in dims})}: "
+                    "reconstruction='factors' merges the factors entry by entry and needs one "
+                    "rank (PEFT's rule); use reconstruction='svd'."
+                )
+        else:
+            _, n_in, n_out = dims[0]
+            r_layer = min(rank or max(d[0] for d in dims), n_in, n_out)
+        masks = [None, None, None]
+        if needs_key:
+            if reconstruction == "factors":
+                masks[0] = dare_masks(key, path, 0, n, ads[0].a.shape, density)
+                masks[1] = dare_masks(key, path, 1, n, ads[0].b.shape, density)
+            else:
+                masks[2] = dare_masks(key, path, 2, n, (dims[0][2], dims[0][1]), density)
+        out.append(
+            _peft_layer(
+                tuple(ads), w, tuple(masks), clamp, method=method, density=density,
+                majority_sign=majority_sign, layout=layout, rank=r_layer, output=output,
+            )
+        )
+    return treedef.unflatten(out)
+
+
+def lora_ties(
+    adapters: Sequence[Any],
+    *,
+    density: float,
+    weights: ArrayLike | None = None,
+    majority_sign: str = "total",
+    reconstruction: str = "factors",
+    rank: int | None = None,
+    clamp: float | None = None,
+    layout: str = "torch",
+    output: str = "factors",
+) -> Any:
+    r"""TIES-merging of LoRA adapters with PEFT's ``add_weighted_adapter`` semantics.
+
+    Per tensor ``x_t`` (a factor, or a full update, see ``reconstruction``): keep its
+    ``int(density * size)`` largest magnitudes, elect the sign
+    :math:`\gamma = \mathrm{sgn}(\sum_t \hat x_t)` (``"total"``; ``"frequency"``: the
+    sum of signs; a zero sum elects ``+``) from the *unweighted* trimmed tensors, and
+    average the weighted entries that agree,
+    :math:`\sum_t [\mathrm{sgn}\hat x_t=\gamma]\,w_t\hat x_t / \max(1, \#\{t:
+    \mathrm{sgn}\hat x_t=\gamma\})`.
+
+    TIES on the factors is not TIES on :math:`BA`: trimming and the sign vote act on
+    entries of :math:`A` and :math:`B`, whose rank axis is only defined up to an
+    invertible :math:`G` (:math:`BA = (BG^{-1})(GA)`); PEFT does it anyway (adapters
+    trained from one initialisation of :math:`A` share much of it). ``"svd"`` is TIES on
+    the updates themselves, at the cost of ``[out, in]`` matrices and an SVD per layer.
+
+    Args:
+      density: Fraction of entries kept per tensor (PEFT's ``density``), in ``[0, 1]``;
+        ``>= 1`` trims nothing. A Python number.
+      majority_sign: ``"total"`` or ``"frequency"`` (PEFT's ``majority_sign_method``).
+      adapters: ``T`` adapter trees (see :func:`lora_task_arithmetic`); one rank per
+        layer for ``reconstruction="factors"``.
+      weights: Per-adapter weights :math:`w_t` (default ones): PEFT's ``weight *
+        scaling`` (put ``lora_alpha / r`` here). ``"factors"`` weights each factor by
+        :math:`\sqrt{w_t}` (so :math:`w_t \ge 0`), ``"svd"`` weights :math:`\Delta_t` by
+        :math:`w_t`.
+      reconstruction: ``"factors"`` (PEFT's ``ties``: the merge runs on the stacked
+        ``a`` factors and, separately, on the ``b`` factors; nothing ``[out, in]`` is
+        formed) or ``"svd"`` (PEFT's ``ties_svd``: the merge runs on the full updates
+        :math:`\Delta_t = B_tA_t`, then a rank-``rank`` truncated SVD gives
+        :math:`B' = U\Sigma`, :math:`A' = V^\top`).
+      rank: ``"svd"`` only: the rank of the result (default: the largest adapter rank,
+        PEFT's ``svd_rank=None``).
+      clamp: ``"svd"`` only: PEFT's ``svd_clamp``; entries of :math:`U\Sigma` and
+        :math:`V^\top` are clipped to :math:`\pm` their ``clamp`` quantile.
+      layout: ``"torch"`` or ``"flax"``.
+      output: ``"factors"`` (a tree of :class:`LoRA` nodes, scaling 1) or ``"delta"``
+        (the merged full updates, for testing and for methods that want them).
+
+    Returns:
+      A tree like each adapter: merged :class:`LoRA` nodes (rank :math:`r` for
+      ``"factors"``, ``rank`` for ``"svd"``) or full updates.
+
+    Raises:
+      ValueError: on an empty list, mismatched structures or shapes, different ranks
+        with ``"factors"``, a bad layout, output, reconstruction or majority_sign,
+        ``density`` outside ``[0, 1]``, negative weights with ``"factors"``, or
+        ``rank`` / ``clamp`` without ``"svd"``.
+      TypeError: if ``density`` is not a Python number, ``rank`` not an int, or a tree
+        holds something other than :class:`LoRA` nodes.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from fusionjax import merging
+      >>> one = {"q": merging.LoRA(a=jnp.array([[1.0, -2.0]]), b=jnp.array([[1.0]]))}
+      >>> two = {"q": merging.LoRA(a=jnp.array([[3.0, 1.0]]), b=jnp.array([[1.0]]))}
+      >>> merging.lora_ties([one, two], density=1.0)["q"].a.tolist()  # disjoint mean
+      [[2.0, -2.0]]
+
+    References:
+      Yadav et al, `TIES-Merging <https://arxiv.org/abs/2306.01708>`_, NeurIPS 2023;
+      PEFT ``LoraModel.add_weighted_adapter`` (``combination_type="ties"`` /
+      ``"ties_svd"``) and ``peft.utils.merge_utils.ties``.
+    """
+    return _lora_peft(
+        adapters, method="ties", density=density, key=None, weights=weights,
+        majority_sign=majority_sign, reconstruction=reconstruction, rank=rank, clamp=clamp,
+        layout=layout, output=output,
+    )
+
+
+def lora_dare_linear(
+    adapters: Sequence[Any],
+    *,
+    density: float,
+    key: jax.Array | None = None,
+    weights: ArrayLike | None = None,
+    reconstruction: str = "factors",
+    rank: int | None = None,
+    clamp: float | None = None,
+    layout: str = "torch",
+    output: str = "factors",
+) -> Any:
+    r"""DARE + task arithmetic of LoRA adapters with PEFT's semantics (``dare_linear``).
+
+    Per tensor: keep each entry with probability ``density`` and divide the kept ones
+    by it (:math:`\hat x_t = m_t\odot x_t/\rho`, :math:`m_t\sim\mathrm{Bernoulli}(\rho)`),
+    then :math:`\sum_t w_t\hat x_t`.
+
+    DARE on the factors is not DARE on :math:`BA`: with independent masks,
+    :math:`\mathbb{E}[\hat B\hat A] = BA` still holds for one adapter, but an entry of
+    the product mixes :math:`r` products of kept factor entries instead of being kept
+    or dropped whole, and its variance differs; the merged factors
+    :math:`\sum_t\sqrt{w_t}\hat B_t` and :math:`\sum_t\sqrt{w_t}\hat A_t` also multiply
+    out into cross-task terms :math:`\hat B_s\hat A_t` (PEFT's ``dare_linear``, as its
+    ``linear``). ``"svd"`` drops entries of the updates themselves (PEFT's
+    ``dare_linear_svd``): in expectation it is task arithmetic before the truncation.
+
+    Args:
+      density: Keep probability :math:`\rho` (PEFT's ``density``; DARE's :math:`1-p`),
+        in ``(0, 1]``; ``1`` drops nothing. A Python number.
+      key: PRNG key (required when ``density < 1``). Masks depend on the key and each
+        layer's path (:func:`dare_masks`); PEFT draws from torch's global generator, so
+        its masks cannot be reproduced, only their law.
+      adapters: ``T`` adapter trees (see :func:`lora_task_arithmetic`); one rank per
+        layer for ``reconstruction="factors"``.
+      weights: Per-adapter weights :math:`w_t` (default ones): PEFT's ``weight *
+        scaling`` (put ``lora_alpha / r`` here). ``"factors"`` weights each factor by
+        :math:`\sqrt{w_t}` (so :math:`w_t \ge 0`), ``"svd"`` weights :math:`\Delta_t` by
+        :math:`w_t`.
+      reconstruction: ``"factors"`` (PEFT's ``dare_linear``: the merge runs on the stacked
+        ``a`` factors and, separately, on the ``b`` factors; nothing ``[out, in]`` is
+        formed) or ``"svd"`` (PEFT's ``dare_linear_svd``: the merge runs on the full updates
+        :math:`\Delta_t = B_tA_t`, then a rank-``rank`` truncated SVD gives
+        :math:`B' = U\Sigma`, :math:`A' = V^\top`).
+      rank: ``"svd"`` only: the rank of the result (default: the largest adapter rank,
+        PEFT's ``svd_rank=None``).
+      clamp: ``"svd"`` only: PEFT's ``svd_clamp``; entries of :math:`U\Sigma` and
+        :math:`V^\top` are clipped to :math:`\pm` their ``clamp`` quantile.
+      layout: ``"torch"`` or ``"flax"``.
+      output: ``"factors"`` (a tree of :class:`LoRA` nodes, scaling 1) or ``"delta"``
+        (the merged full updates, for testing and for methods that want them).
+
+    Returns:
+      A tree like each adapter: merged :class:`LoRA` nodes or full updates.
+
+    Raises:
+      ValueError: as :func:`lora_ties`, ``density`` outside ``(0, 1]``, or no ``key``.
+      TypeError: as :func:`lora_ties`.
+
+    References:
+      Yu et al, `Language Models are Super Mario
+      <https://arxiv.org/abs/2311.03099>`_, ICML 2024; PEFT
+      ``LoraModel.add_weighted_adapter`` (``"dare_linear"`` / ``"dare_linear_svd"``).
+    """
+    return _lora_peft(
+        adapters, method="dare_linear", density=density, key=key, weights=weights,
+        majority_sign="total", reconstruction=reconstruction, rank=rank, clamp=clamp,
+        layout=layout, output=output,
+    )
+
+
+def lora_dare_ties(
+    adapters: Sequence[Any],
+    *,
+    density: float,
+    key: jax.Array | None = None,
+    weights: ArrayLike | None = None,
+    majority_sign: str = "total",
+    reconstruction: str = "factors",
+    rank: int | None = None,
+    clamp: float | None = None,
+    layout: str = "torch",
+    output: str = "factors",
+) -> Any:
+    r"""DARE, then TIES' sign election and disjoint mean, of LoRA adapters (PEFT's ``dare_ties``).
+
+    Per tensor: :math:`\hat x_t = m_t\odot x_t/\rho` as :func:`lora_dare_linear`, then
+    the sign election on the unweighted :math:`\hat x_t` and the disjoint mean of the
+    weighted ones, as :func:`lora_ties` (no magnitude trimming). The caveats of both
+    about factors apply.
+
+    Args:
+      density: Keep probability :math:`\rho` in ``(0, 1]``. A Python number.
+      key: PRNG key (required when ``density < 1``), see :func:`lora_dare_linear`.
+      majority_sign: ``"total"`` or ``"frequency"``.
+      adapters: ``T`` adapter trees (see :func:`lora_task_arithmetic`); one rank per
+        layer for ``reconstruction="factors"``.
+      weights: Per-adapter weights :math:`w_t` (default ones): PEFT's ``weight *
+        scaling`` (put ``lora_alpha / r`` here). ``"factors"`` weights each factor by
+        :math:`\sqrt{w_t}` (so :math:`w_t \ge 0`), ``"svd"`` weights :math:`\Delta_t` by
+        :math:`w_t`.
+      reconstruction: ``"factors"`` (PEFT's ``dare_ties``: the merge runs on the stacked
+        ``a`` factors and, separately, on the ``b`` factors; nothing ``[out, in]`` is
+        formed) or ``"svd"`` (PEFT's ``dare_ties_svd``: the merge runs on the full updates
+        :math:`\Delta_t = B_tA_t`, then a rank-``rank`` truncated SVD gives
+        :math:`B' = U\Sigma`, :math:`A' = V^\top`).
+      rank: ``"svd"`` only: the rank of the result (default: the largest adapter rank,
+        PEFT's ``svd_rank=None``).
+      clamp: ``"svd"`` only: PEFT's ``svd_clamp``; entries of :math:`U\Sigma` and
+        :math:`V^\top` are clipped to :math:`\pm` their ``clamp`` quantile.
+      layout: ``"torch"`` or ``"flax"``.
+      output: ``"factors"`` (a tree of :class:`LoRA` nodes, scaling 1) or ``"delta"``
+        (the merged full updates, for testing and for methods that want them).
+
+    Returns:
+      A tree like each adapter: merged :class:`LoRA` nodes or full updates.
+
+    Raises:
+      ValueError: as :func:`lora_dare_linear`.
+      TypeError: as :func:`lora_ties`.
+
+    References:
+      Yu et al, `Language Models are Super Mario
+      <https://arxiv.org/abs/2311.03099>`_, ICML 2024; Yadav et al, `TIES-Merging
+      <https://arxiv.org/abs/2306.01708>`_, NeurIPS 2023; PEFT
+      ``LoraModel.add_weighted_adapter`` (``"dare_ties"`` / ``"dare_ties_svd"``).
+    """
+    return _lora_peft(
+        adapters, method="dare_ties", density=density, key=key, weights=weights,
+        majority_sign=majority_sign, reconstruction=reconstruction, rank=rank, clamp=clamp,
+        layout=layout, output=output,
+    )

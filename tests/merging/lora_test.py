@@ -181,3 +181,165 @@ def test_bad_inputs():
         M.lora_tsv(ads, keep=0)
     with pytest.raises(TypeError, match="adapter must be a LoRA"):
         M.lora_svd((1, 2))
+
+
+# --- TIES / DARE with PEFT's add_weighted_adapter semantics ----------------------------
+
+
+def np_prune_magnitude(x, density):
+    if density >= 1:
+        return x
+    k = int(density * x.size)
+    flat = x.reshape(-1).copy()
+    keep = np.zeros(flat.size, bool)
+    keep[np.argsort(-np.abs(flat), kind="stable")[:k]] = True
+    flat[~keep] = 0.0
+    return flat.reshape(x.shape)
+
+
+def np_peft(tensors, weights, method, density, masks=None, sign="total"):
+    """peft.utils.merge_utils.{ties, dare_linear, dare_ties}, in NumPy float64."""
+    x = np.stack([np.float64(t) for t in tensors])
+    if method == "ties":
+        x = np.stack([np_prune_magnitude(t, density) for t in x])
+    elif density < 1:
+        x = x * masks / density
+    w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * (x.ndim - 1))
+    if method == "dare_linear":
+        return (x * w).sum(0)
+    votes = x.sum(0) if sign == "total" else np.sign(x).sum(0)
+    agree = np.sign(x) == np.where(votes >= 0, 1.0, -1.0)
+    return (x * w * agree).sum(0) / np.maximum(agree.sum(0), 1.0)
+
+
+def np_svd_factors(delta, rank, clamp=None):
+    u, s, vh = np.linalg.svd(delta, full_matrices=False)
+    u, vh = u[:, :rank] * s[:rank], vh[:rank]
+    if clamp is not None:
+        hi = np.quantile(np.concatenate([u.ravel(), vh.ravel()]), clamp)
+        u, vh = np.clip(u, -hi, hi), np.clip(vh, -hi, hi)
+    return u, vh  # lora_B, lora_A
+
+
+PEFT_CASES = [
+    ("ties", 0.3, "total"),
+    ("ties", 0.5, "frequency"),
+    ("dare_linear", 0.6, "total"),
+    ("dare_ties", 0.4, "frequency"),
+]
+
+
+def _peft_fn(method):
+    return {"ties": M.lora_ties, "dare_linear": M.lora_dare_linear, "dare_ties": M.lora_dare_ties}[
+        method
+    ]
+
+
+def _peft_kwargs(method, density, sign, key):
+    kw = {"density": density}
+    if method != "dare_linear":
+        kw["majority_sign"] = sign
+    if method != "ties":
+        kw["key"] = key
+    return kw
+
+
+@pytest.mark.parametrize(("method", "density", "sign"), PEFT_CASES)
+def test_peft_factor_merges_match_numpy_reference(method, density, sign):
+    ads = adapters(8, ranks=(3, 3, 3))
+    w = [0.5, 1.0, 2.0]
+    key = jax.random.key(3)
+    got = _peft_fn(method)(ads, weights=w, **_peft_kwargs(method, density, sign, key))
+    for name in ("q", "v"):
+        path = (jax.tree_util.DictKey(name),)
+        for part, field in ((0, "a"), (1, "b")):
+            xs = [getattr(a[name], field) for a in ads]
+            masks = None
+            if method != "ties":
+                masks = np.asarray(M._lora.dare_masks(key, path, part, 3, xs[0].shape, density))
+            ref = np_peft(xs, np.sqrt(w), method, density, masks, sign)
+            np.testing.assert_allclose(getattr(got[name], field), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "density", "sign"), PEFT_CASES)
+def test_peft_svd_merges_match_numpy_reference(method, density, sign):
+    ads = adapters(9, ranks=(2, 3, 4))
+    w = [0.5, -1.0, 2.0]  # the svd path allows any sign
+    key = jax.random.key(4)
+    kw = _peft_kwargs(method, density, sign, key)
+    got = _peft_fn(method)(ads, weights=w, reconstruction="svd", rank=5, clamp=0.95, **kw)
+    full_got = _peft_fn(method)(ads, weights=w, reconstruction="svd", output="delta", **kw)
+    for name in ("q", "v"):
+        deltas = [np.float64(full(a, "torch")[name]) for a in ads]
+        masks = None
+        if method != "ties":
+            path = (jax.tree_util.DictKey(name),)
+            masks = np.asarray(M._lora.dare_masks(key, path, 2, 3, deltas[0].shape, density))
+        merged = np_peft(deltas, w, method, density, masks, sign)
+        np.testing.assert_allclose(full_got[name], merged, rtol=1e-5, atol=1e-5)
+        b_ref, a_ref = np_svd_factors(merged, 5, clamp=0.95)
+        # singular vectors have a sign each: compare the products, and the clamp bound
+        np.testing.assert_allclose(
+            np.float64(got[name].b) @ np.float64(got[name].a), b_ref @ a_ref, rtol=1e-4, atol=1e-4
+        )
+        assert got[name].a.shape == (5, deltas[0].shape[1])
+
+
+def test_peft_factor_merges_never_form_an_out_by_in_matrix():
+    ads = adapters(10, ranks=(3, 3, 3))
+    big = {(N_IN, N_OUT), (N_OUT, N_IN)}
+    key = jax.random.key(0)
+    for fn in (
+        lambda a: M.lora_ties(a, density=0.3),
+        lambda a: M.lora_dare_ties(a, density=0.5, key=key),
+    ):
+        assert not big & set(_shapes_in_jaxpr(fn, ads))
+    assert big & set(_shapes_in_jaxpr(lambda a: M.lora_ties(a, density=0.3, reconstruction="svd"), ads))
+
+
+def test_peft_full_density_dare_is_linear_and_flax_layout_agrees():
+    ads = adapters(11, ranks=(2, 2, 2))
+    lin = M.lora_dare_linear(ads, density=1.0, weights=[1.0, 4.0, 0.25])
+    for name in ("q", "v"):  # sum_t sqrt(w_t) a_t, as PEFT's "linear"
+        ref = sum(s * np.float64(a[name].a) for s, a in zip([1.0, 2.0, 0.5], ads, strict=True))
+        np.testing.assert_allclose(lin[name].a, ref, rtol=1e-5, atol=1e-6)
+    flax = adapters(11, ranks=(2, 2, 2), layout="flax")
+    for fn in (lambda a, lay: M.lora_ties(a, density=0.4, layout=lay),
+               lambda a, lay: M.lora_ties(a, density=0.4, layout=lay, reconstruction="svd")):
+        np.testing.assert_allclose(
+            np.float64(full(fn(flax, "flax"), "flax")["q"]).T,
+            np.float64(full(fn(ads, "torch"), "torch")["q"]),
+            rtol=1e-4, atol=1e-4,
+        )
+
+
+def test_peft_dare_masks_keep_density_and_depend_on_key_and_path():
+    path = (jax.tree_util.DictKey("q"),)
+    m = np.asarray(M._lora.dare_masks(jax.random.key(0), path, 0, 4, (64, 64), 0.3))
+    assert abs(m.mean() - 0.3) < 0.02
+    other_key = np.asarray(M._lora.dare_masks(jax.random.key(1), path, 0, 4, (64, 64), 0.3))
+    other_path = np.asarray(
+        M._lora.dare_masks(jax.random.key(0), (jax.tree_util.DictKey("v"),), 0, 4, (64, 64), 0.3)
+    )
+    assert (m != other_key).mean() > 0.3 and (m != other_path).mean() > 0.3
+
+
+def test_peft_bad_inputs():
+    ads = adapters(13, ranks=(2, 2, 2))
+    mixed = adapters(13, ranks=(2, 3, 2))
+    with pytest.raises(ValueError, match="needs one rank"):
+        M.lora_ties(mixed, density=0.5)
+    with pytest.raises(ValueError, match="density must lie in"):
+        M.lora_dare_ties(ads, density=0.0, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="density must be a Python number"):
+        M.lora_ties(ads, density=jnp.float32(0.5))
+    with pytest.raises(ValueError, match="pass key"):
+        M.lora_dare_linear(ads, density=0.5)
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        M.lora_ties(ads, density=0.5, weights=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="reconstruction='svd'"):
+        M.lora_ties(ads, density=0.5, rank=2)
+    with pytest.raises(ValueError, match="reconstruction must be"):
+        M.lora_ties(ads, density=0.5, reconstruction="full")
+    with pytest.raises(ValueError, match="majority_sign"):
+        M.lora_ties(ads, density=0.5, majority_sign="mean")
