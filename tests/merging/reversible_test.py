@@ -1,6 +1,5 @@
 """Reversible model merging: exact recovery, monotone error in k, NumPy reference, storage."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
