@@ -198,6 +198,29 @@ def _emr(ctx: _Context):
     ]
     note = "per task: its own mask and rescaler, not one model"
     return _learned.Scores(np.asarray(accs)), note
+# Reversible merging (RMM) of low-rank task vectors: each task vector is truncated to rank
+# 16 by SVD (the paper's post-training SVD setting), then a basis of 4 arrays plus the mean
+# per factor and per-task coefficients are kept; per task, like EMR.
+RMM_RANK, RMM_BASIS = 16, 4
+
+
+def _reversible(ctx: _Context):
+    tb = ctx.tb
+    out = merging.reversible_merge(
+        tb.pretrained, list(tb.finetuned), num_basis=RMM_BASIS, rank=RMM_RANK
+    )
+    accs = [
+        float(np.asarray(tb.evaluate(merging.reversible_task_model(tb.pretrained, out, t)))[t])
+        for t in range(len(tb.finetuned))
+    ]
+    models = out.size() / sum(np.size(x) for x in jax.tree.leaves(tb.pretrained))
+    note = (
+        f"per task: rank-{RMM_RANK} SVD, basis {RMM_BASIS} + mean, stores {models:.2f} models"
+        " (EMR: 1 + T bit masks)"
+    )
+    return _learned.Scores(np.asarray(accs)), note
+
+
 _OPCM = merging.opcm(alpha=0.5)
 
 
@@ -252,6 +275,7 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
         "PCB (ratio 0.1)": lambda c: _tuned(c, _PCB),
         "WIDEN": lambda c: _plain(c, _WIDEN),
         "EMR (per-task masks)": _emr,
+        "Reversible low-rank (per-task)": _reversible,
         "OPCM (sequential)": _opcm,
         "AdaMerging (task-wise)": lambda c: _learned.adamerging(c, granularity="task"),
         "AdaMerging (layer-wise)": lambda c: _learned.adamerging(c, granularity="layer"),

@@ -38,12 +38,40 @@ full update on request.
 :func:`lora_merge` forms each full update and runs any :mod:`fusionjax.merging` merger on
 them — also the reference the factored paths are tested against.
 
+**TIES and DARE as PEFT does them.** Elementwise methods have no exact factored form:
+trimming or dropping entries of :math:`A` and :math:`B` is not trimming or dropping
+entries of :math:`BA`. PEFT's ``LoraModel.add_weighted_adapter`` offers both readings and
+:func:`lora_ties`, :func:`lora_dare_linear`, :func:`lora_dare_ties` reproduce them
+(``peft.utils.merge_utils``' ``ties``, ``dare_linear``, ``dare_ties``):
+
+* ``reconstruction="factors"`` (PEFT's ``ties``, ``dare_linear``, ``dare_ties``): the
+  method runs on the stacked ``a`` factors and, separately, on the stacked ``b`` factors,
+  each adapter weighted by :math:`\sqrt{w_t}` (PEFT's ``sqrt(weight * scaling)``); the
+  result is one rank-:math:`r` adapter (all ranks equal) whose product is *not* the
+  method applied to :math:`\sum_t w_tB_tA_t`. Nothing ``[out, in]`` is formed.
+* ``reconstruction="svd"`` (PEFT's ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``):
+  the method runs on the full updates :math:`\Delta_t = B_tA_t` weighted by :math:`w_t`,
+  and the merged update is truncated by SVD to rank ``rank`` (default the largest adapter
+  rank): :math:`B' = U_{:k}\Sigma_{:k}`, :math:`A' = V_{:k}^\top`, optionally clipped to
+  a quantile (``clamp``, PEFT's ``svd_clamp``).
+
+PEFT's details kept: magnitude trimming keeps ``int(density * size)`` entries per
+tensor; DARE keeps each entry with probability ``density`` and divides by it; the sign is
+elected from the unweighted (trimmed or dropped) tensors, by total (``"total"``) or by
+count (``"frequency"``), a zero vote electing ``+``; the disjoint mean divides the
+weighted agreeing entries by their count. PEFT's ``svd`` path takes ``get_delta_weight``
+(which includes ``scaling``) *and* weights ``weight * scaling``: to reproduce it with
+``scaling`` :math:`s_t \ne 1`, fold :math:`s_t` into ``b`` and pass :math:`w_ts_t`.
+
 What costs time, and what is done about it: the factored paths never form an
 ``[out, in]`` matrix (the tests check every intermediate shape of their jaxprs); their
 cost is QRs of ``[out, r]`` and ``[in, r]`` factors, SVDs of ``r x r`` cores and, for
 TSV-M, SVDs of ``[out, Tk]`` and ``[in, Tk]``. Each layer is jitted once per shape.
 :func:`lora_merge` costs ``T`` full updates per layer, as the methods it runs require.
-Measured on 2 shared CPU cores, one 2048 x 2048 layer, four rank-16 adapters:
+PEFT's TIES/DARE: ``"factors"`` is elementwise work on the ``[T, r, in]`` and
+``[T, out, r]`` stacks (plus a ``top_k`` per tensor for TIES' trimming); ``"svd"`` forms
+``T`` updates and one thin SVD per layer, as PEFT does. Each is jitted once per layer
+shape and (static) ``density``, method and sign rule. Measured on 2 shared CPU cores, one 2048 x 2048 layer, four rank-16 adapters:
 :func:`lora_task_arithmetic` 1 ms (``lora_merge`` with task arithmetic: 49 ms),
 :func:`lora_tsv` 14 ms against 11.9 s for TSV-M on the full updates in NumPy (four full
 SVDs), equal to 7e-5 on entries up to 45.

@@ -166,10 +166,10 @@ def _check_num_basis(num_basis) -> int:
 
 @functools.partial(jax.jit, static_argnames=("rank",))
 def _truncated_factors(d, *, rank):
-    """Balanced rank-``rank`` factors of ``d [m, n]``: ``b [m, r]``, ``a [r, n]``, ``d ~ b a``."""
-    u, s, vt = jnp.linalg.svd(d, full_matrices=False)
-    root = jnp.sqrt(s[:rank])
-    return u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
+    """Balanced rank-``rank`` factors of ``d [T, m, n]``: ``b [T, m, r]``, ``a [T, r, n]``."""
+    u, s, vt = jnp.linalg.svd(d, full_matrices=False)  # one batched SVD over the tasks
+    root = jnp.sqrt(s[:, :rank])
+    return u[:, :, :rank] * root[:, None, :], root[:, :, None] * vt[:, :rank]
 
 
 def reversible_merge(
@@ -239,9 +239,9 @@ def reversible_merge(
         taus = [jnp.asarray(f[i], dt) - jnp.asarray(b, dt) for f in flat_fts]
         if rank is not None and np.ndim(b) == 2:
             r = min(rank, *np.shape(b))
-            pairs = [_truncated_factors(tau, rank=r) for tau in taus]
-            ma, pa, ca = _compress(jnp.stack([p[1] for p in pairs]), 0, num_basis, center, b.dtype)
-            mb, pb, cb = _compress(jnp.stack([p[0] for p in pairs]), 1, num_basis, center, b.dtype)
+            fb, fa = _truncated_factors(jnp.stack(taus), rank=r)
+            ma, pa, ca = _compress(fa, 0, num_basis, center, b.dtype)
+            mb, pb, cb = _compress(fb, 1, num_basis, center, b.dtype)
             means.append(LoRA(ma, mb) if center else None)
             bases.append(LoRA(pa, pb))
             coefs.append(LoRA(ca, cb))
