@@ -71,7 +71,8 @@ TSV-M, SVDs of ``[out, Tk]`` and ``[in, Tk]``. Each layer is jitted once per sha
 PEFT's TIES/DARE: ``"factors"`` is elementwise work on the ``[T, r, in]`` and
 ``[T, out, r]`` stacks (plus a ``top_k`` per tensor for TIES' trimming); ``"svd"`` forms
 ``T`` updates and one thin SVD per layer, as PEFT does. Each is jitted once per layer
-shape and (static) ``density``, method and sign rule. Measured on 2 shared CPU cores, one 2048 x 2048 layer, four rank-16 adapters:
+shape and (static) ``density``, method and sign rule. Measured on 2 shared CPU cores,
+one 2048 x 2048 layer, four rank-16 adapters:
 :func:`lora_task_arithmetic` 1 ms (``lora_merge`` with task arithmetic: 49 ms),
 :func:`lora_tsv` 14 ms against 11.9 s for TSV-M on the full updates in NumPy (four full
 SVDs), equal to 7e-5 on entries up to 45.
