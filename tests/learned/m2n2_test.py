@@ -18,8 +18,6 @@ import fusionjax as fj
 from fusionjax.learned import _m2n2
 from tests._testing import F32
 from tests._testing import assert_trees_close
-from tests._testing import finetune_like
-from tests._testing import random_model
 
 # -- NumPy references ---------------------------------------------------------------------
 
@@ -84,6 +82,26 @@ def random_scores(seed, p=9, n=18):
     return s
 
 
+def numpy_model(seed, scale=1.0):
+    """A small model (a kernel, a bias, a conv-like kernel, a scalar, an int leaf), from NumPy."""
+    rng = np.random.default_rng(seed)
+    return {
+        "dense": {
+            "kernel": jnp.asarray(scale * rng.normal(size=(8, 4)), jnp.float32),
+            "bias": jnp.asarray(scale * rng.normal(size=(4,)), jnp.float32),
+        },
+        "conv": {"kernel": jnp.asarray(scale * rng.normal(size=(3, 3, 2, 5)), jnp.float32)},
+        "scale": jnp.asarray(scale * rng.normal(), jnp.float32),
+        "step": jnp.array(7, jnp.int32),
+    }
+
+
+def near(base, seed, scale):
+    """``base`` plus NumPy noise on its float leaves."""
+    noise = numpy_model(seed, scale)
+    return jax.tree.map(lambda b, e: b + e if b.dtype == jnp.float32 else b, base, noise)
+
+
 # -- The pure pieces (jitted once per module: eager dispatch costs more than the math) ---
 
 shared_fitness = jax.jit(fj.learned.shared_fitness)
@@ -117,9 +135,9 @@ def test_fitness_sharing_rewards_unique_solutions():
 
 @pytest.mark.parametrize("interpolation", ["linear", "slerp"])
 @pytest.mark.parametrize("with_base", [False, True], ids=["params", "task_vectors"])
-def test_crossover_matches_numpy(interpolation, with_base, rng):
-    base = random_model(rng)
-    a, b = finetune_like(base, jax.random.key(1), 2, scale=0.5)
+def test_crossover_matches_numpy(interpolation, with_base):
+    base = numpy_model(0)
+    a, b = near(base, 1, 0.5), near(base, 2, 0.5)
     n = _m2n2.num_float_params(base)
     assert n == 8 * 4 + 4 + 3 * 3 * 2 * 5 + 1
     for split, w in [(0, 0.3), (17, 0.8), (n // 2 + 3, 0.25), (n, 0.6)]:
@@ -130,9 +148,9 @@ def test_crossover_matches_numpy(interpolation, with_base, rng):
         assert got["step"].dtype == jnp.int32 and int(got["step"]) == 7
 
 
-def test_crossover_endpoints_give_back_the_parents(rng):
-    base = random_model(rng)
-    a, b = finetune_like(base, jax.random.key(2), 2)
+def test_crossover_endpoints_give_back_the_parents():
+    base = numpy_model(0)
+    a, b = near(base, 3, 0.1), near(base, 4, 0.1)
     n = _m2n2.num_float_params(a)
     # w = 1 before a split at N: all of A; w = 0 with the split at 0 (ratio 1 - 0): all of A.
     for split, w, want in [(n, 1.0, a), (0, 0.0, a), (n, 0.0, b), (0, 1.0, b)]:
@@ -140,8 +158,8 @@ def test_crossover_endpoints_give_back_the_parents(rng):
         assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_crossover_errors(rng):
-    a = random_model(rng)
+def test_crossover_errors():
+    a = numpy_model(0)
     b = {**a, "scale": jnp.zeros((2,))}
     with pytest.raises(ValueError, match=r"parent_b differs from parent_a at \['scale'\]"):
         fj.learned.crossover(a, b, split_point=1, mix_ratio=0.5)
@@ -208,15 +226,17 @@ def test_parents_are_drawn_by_fitness_then_by_attraction():
     occupied = np.ones(4, bool)
     keys = jax.random.split(jax.random.key(0), 10000)
 
-    def draw(use_attraction):
-        fn = jax.vmap(lambda k: _m2n2._sample_parents(k, s, occupied, 1.0, use_attraction))
-        a, b = jax.jit(fn)(keys)
-        return np.asarray(a), np.asarray(b)
+    @jax.jit
+    def draw(keys):  # with and without attraction, one compile
+        return [
+            jax.vmap(lambda k, u=u: _m2n2._sample_parents(k, s, occupied, 1.0, u))(keys)
+            for u in (True, False)
+        ]
 
     fitness = np_shared(s, 1.0).sum(1)
     p_a = fitness / fitness.sum()
-    for use_attraction in (True, False):
-        a, b = draw(use_attraction)
+    for use_attraction, (a, b) in zip((True, False), draw(keys), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
         np.testing.assert_allclose(np.bincount(a, minlength=4) / a.size, p_a, atol=0.02)
         for i in range(4):
             g = np_attraction(s, i, 1.0) if use_attraction else fitness
