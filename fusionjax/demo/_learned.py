@@ -170,8 +170,9 @@ def validation_scores(tb, size: int) -> Partial:
     """``score(params) -> [T * size]``: correctness on the first ``size`` train examples per task.
 
     The validation slice the data-free rows tune λ on (never the test data). Tasks that
-    share their inputs share one forward pass; the inputs, labels and heads are the
-    Partial's arrays, so the compiled M2N2 loop serves every seed.
+    share their inputs share their features: the distinct inputs go through the encoder
+    in one batch. The inputs, labels and heads are the Partial's arrays, so the compiled
+    M2N2 loop serves every seed.
     """
     xs, groups = [], []
     seen: dict[bytes, int] = {}
@@ -181,11 +182,12 @@ def validation_scores(tb, size: int) -> Partial:
         if groups[-1] == len(xs):
             xs.append(x)
     ys = tuple(np.asarray(t.y_train[:size], np.int32) for t in tb.tasks)
-    return Partial(_correct, tb.features, tb.head_logits, tuple(groups), tuple(xs), ys)
+    return Partial(_correct, tb.features, tb.head_logits, tuple(groups), np.concatenate(xs), ys)
 
 
-def _correct(features_fn, head_fn, groups, xs, ys, params):
-    feats = [features_fn(params, x) for x in xs]
+def _correct(features_fn, head_fn, groups, x, ys, params):
+    feats = features_fn(params, x)
+    feats = feats.reshape(-1, ys[0].shape[0], feats.shape[-1])  # [distinct inputs, size, d]
     hits = [
         (jnp.argmax(head_fn(t, feats[g]), axis=-1) == y).astype(jnp.float32)
         for t, (g, y) in enumerate(zip(groups, ys, strict=True))

@@ -359,19 +359,23 @@ def _sample_parents(key, scores, occupied, alpha, use_attraction):
 
 
 def _insert(state, child, alpha, elitist):
-    """Adds ``child = (params, scores)`` to the archive, evicting the least fit of P + 1."""
+    """Adds ``child = (params, scores, valid)``, evicting the least fit of P + 1.
+
+    An invalid child (padding) changes nothing.
+    """
     archive, scores, occupied = state
-    params, score = child
+    params, score, valid = child
     p = scores.shape[0]
+    score = jnp.where(valid, score, 0.0)
     ext = jnp.concatenate([scores, score[None, :]], axis=0)
-    occ = jnp.concatenate([occupied, jnp.ones((1,), bool)])
+    occ = jnp.concatenate([occupied, valid[None]])
     fitness = jnp.sum(_shared(ext, alpha), axis=1)
     fitness = jnp.where(occ, fitness, -jnp.inf)  # empty slots go first
     if elitist:
         best = jnp.argmax(jnp.where(occ, jnp.sum(ext, axis=1), -jnp.inf))
         fitness = fitness.at[best].set(jnp.inf)
     worst = jnp.argmin(fitness)
-    accept = worst < p
+    accept = (worst < p) & valid
     slot = jnp.minimum(worst, p - 1)
 
     def put(stacked, new):
@@ -415,12 +419,27 @@ def _evolve(
         lambda x: jnp.zeros((archive_size, *x.shape[1:]), x.dtype), models
     )
     state = (archive, jnp.zeros((archive_size, n), jnp.float32), jnp.zeros((archive_size,), bool))
-    state, _ = _insert_all(state, (models, score_many(models)), alpha, elitist)
     n_float = max(sum(x[0].size for x in jax.tree.leaves(models) if _is_float(x)), 1)
+    # The starting models enter through the generations' own step (one copy of the
+    # scoring and insertion in the program): the first ``first_steps`` steps take them
+    # ``children`` at a time (padding marked invalid) instead of breeding.
+    m = jax.tree.leaves(models)[0].shape[0]
+    first_steps = -(-m // children)
+    pad = first_steps * children - m
+    chunks = jax.tree.map(
+        lambda x: jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(
+            first_steps, children, *x.shape[1:]
+        ),
+        models,
+    )
+    valid_first = (jnp.arange(first_steps * children) < m).reshape(first_steps, children)
 
-    def generation(state, g):
+    def step(state, t):
         archive, scores, occupied = state
-        keys = jax.random.split(jax.random.fold_in(key, g), children)
+
+        def from_models():
+            i = jnp.minimum(t, first_steps - 1)
+            return jax.tree.map(lambda x: x[i], chunks), valid_first[i]
 
         def make_child(k):
             kp, ks, kw = jax.random.split(k, 3)
@@ -431,14 +450,18 @@ def _evolve(
             ratio = jax.random.uniform(kw, (), jnp.float32)
             return _crossover(pa, pb, base, split, ratio, interpolation)
 
-        kids = jax.vmap(make_child)(keys)
-        state, accepted = _insert_all(state, (kids, score_many(kids)), alpha, elitist)
+        def bred():
+            keys = jax.random.split(jax.random.fold_in(key, t - first_steps), children)
+            return jax.vmap(make_child)(keys), jnp.ones((children,), bool)
+
+        kids, valid = jax.lax.cond(t < first_steps, from_models, bred)
+        state, accepted = _insert_all(state, (kids, score_many(kids), valid), alpha, elitist)
         best = jnp.max(_best(state[1], state[2]))
         return state, (best, jnp.sum(accepted.astype(jnp.int32)))
 
-    state, (history, accepted) = jax.lax.scan(
-        generation, state, jnp.arange(generations, dtype=jnp.int32)
-    )
+    steps = jnp.arange(first_steps + generations, dtype=jnp.int32)
+    state, (history, accepted) = jax.lax.scan(step, state, steps)
+    history, accepted = history[first_steps:], accepted[first_steps:]
     archive, scores, occupied = state
     top = jnp.argmax(_best(scores, occupied))
     params = jax.tree.map(lambda x: x[top], archive)

@@ -186,7 +186,7 @@ def test_insert_evicts_the_least_fit_as_numpy_does(elitist):
         child = random_scores(100 + seed)[0]
         params = jnp.arange(9.0)
         (arch, new, occ), accept = insert(
-            (params, s, occupied), (jnp.float32(-1.0), child), jnp.float32(1.0), elitist
+            (params, s, occupied), (jnp.float32(-1.0), child, jnp.bool_(True)), jnp.float32(1.0), elitist
         )
         gone = np_evicted(s, occupied, child, 1.0, elitist)
         assert bool(accept) == (gone < 9)
@@ -215,7 +215,7 @@ def test_elitism_keeps_the_most_accurate_member_fitness_sharing_would_evict():
     assert s[0].sum() > s[1:].sum(axis=1).max()
     for elitist in (False, True):
         (_, new, _), _ = insert(
-            (jnp.zeros(p), s, occupied), (jnp.float32(0.0), child), jnp.float32(1.0), elitist
+            (jnp.zeros(p), s, occupied), (jnp.float32(0.0), child, jnp.bool_(True)), jnp.float32(1.0), elitist
         )
         kept = new.sum(axis=1).max() == s[0].sum()
         assert bool(kept) == elitist
