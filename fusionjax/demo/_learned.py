@@ -1,4 +1,4 @@
-"""The learned methods of the demo table: AdaMerging, aTLAS, Neural Ligand and WEMoE.
+"""The learned methods of the demo table: AdaMerging, aTLAS, Neural Ligand, WEMoE and M2N2.
 
 AdaMerging and WEMoE adapt at test time: their unlabeled data are the test inputs of each
 task (as in the papers), never their labels. aTLAS is supervised with a few labeled
@@ -7,7 +7,11 @@ data-free methods use; Neural Ligand trains its Portland on the training splits 
 code does). All run with the library's defaults, which are the papers': AdaMerging
 starts every coefficient at 0.3, clips to [0, 1] and takes 500 Adam steps (learning rate
 1e-3) of 16 inputs per task. WEMoE routes on inputs, so it merges only the tasks whose
-inputs no other task shares (see ``tests/learned/wemoe_test.py`` for all eight).
+inputs no other task shares (see ``tests/learned/wemoe_test.py`` for all eight). M2N2
+evolves an archive of 16 models from the eight fine-tuned ones for 100 generations (one
+child each), its fitness the per-example correctness on the validation slice (the first
+200 training examples of every task, where the data-free rows tune λ), never the test
+data; its crossover interpolates task vectors (``base`` = the pretrained encoder).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
@@ -155,3 +160,55 @@ def distinct_input_tasks(tb) -> list[int]:
     """Tasks whose test inputs no other task shares (a router on inputs can tell them apart)."""
     keys = [t.x_test.tobytes() for t in tb.tasks]
     return [i for i, k in enumerate(keys) if keys.count(k) == 1]
+
+
+M2N2_GENERATIONS = 100
+M2N2_ARCHIVE = 16
+
+
+def validation_scores(tb, size: int) -> Partial:
+    """``score(params) -> [T * size]``: correctness on the first ``size`` train examples per task.
+
+    The validation slice the data-free rows tune λ on (never the test data). Tasks that
+    share their inputs share their features: the distinct inputs go through the encoder
+    in one batch. The inputs, labels and heads are the Partial's arrays, so the compiled
+    M2N2 loop serves every seed.
+    """
+    xs, groups = [], []
+    seen: dict[bytes, int] = {}
+    for task in tb.tasks:
+        x = np.asarray(task.x_train[:size], np.float32)
+        groups.append(seen.setdefault(x.tobytes(), len(xs)))
+        if groups[-1] == len(xs):
+            xs.append(x)
+    ys = tuple(np.asarray(t.y_train[:size], np.int32) for t in tb.tasks)
+    return Partial(_correct, tb.features, tb.head_logits, tuple(groups), np.concatenate(xs), ys)
+
+
+def _correct(features_fn, head_fn, groups, x, ys, params):
+    feats = features_fn(params, x)
+    feats = feats.reshape(-1, ys[0].shape[0], feats.shape[-1])  # [distinct inputs, size, d]
+    hits = [
+        (jnp.argmax(head_fn(t, feats[g]), axis=-1) == y).astype(jnp.float32)
+        for t, (g, y) in enumerate(zip(groups, ys, strict=True))
+    ]
+    return jnp.concatenate(hits)
+
+
+def m2n2(ctx: Any, *, size: int) -> tuple[Any, str, Any]:
+    """M2N2 from the fine-tuned models, fitness = correctness on the validation slice."""
+    tb = ctx.tb
+    res = fj.learned.m2n2(
+        list(tb.finetuned),
+        validation_scores(tb, size),
+        generations=M2N2_GENERATIONS,
+        archive_size=M2N2_ARCHIVE,
+        key=ctx.key,
+        base=tb.pretrained,
+    )
+    history = np.asarray(res.history)
+    note = (
+        f"{M2N2_GENERATIONS} children, archive {M2N2_ARCHIVE}, fitness on val: best "
+        f"{100 * history[0]:.1f}->{100 * history[-1]:.1f}"
+    )
+    return res.params, note, res

@@ -8,7 +8,9 @@ Ready loops with the papers' defaults: :func:`adamerging`, :func:`adamerging_plu
 :func:`atlas`. Beyond one set of coefficients: :func:`wemoe` (dense layers become
 weight-ensembling mixtures of experts with input-dependent routers) and
 :func:`neural_ligand` (a Portland network's per-input weights, as an ensemble and as the
-merge they induce).
+merge they induce). Evolutionary: :func:`m2n2` (an archive of models merged pairwise at
+random split points, with fitness sharing and attraction-based mate selection; its pure
+pieces :func:`crossover`, :func:`shared_fitness`, :func:`attraction`).
 """
 
 from fusionjax.learned._coefficients import coefficient_table
@@ -31,6 +33,11 @@ from fusionjax.learned._loop import adamerging_plus_plus
 from fusionjax.learned._loop import atlas
 from fusionjax.learned._loop import fit_coefficients
 from fusionjax.learned._loop import sample_batches
+from fusionjax.learned._m2n2 import M2N2Output
+from fusionjax.learned._m2n2 import attraction
+from fusionjax.learned._m2n2 import crossover
+from fusionjax.learned._m2n2 import m2n2
+from fusionjax.learned._m2n2 import shared_fitness
 from fusionjax.learned._moe import init_routers
 from fusionjax.learned._moe import moe_dense
 from fusionjax.learned._moe import routing_weights
@@ -48,6 +55,7 @@ from fusionjax.learned._wemoe import wemoe_upscale
 
 __all__ = [
     "LearnedMergeOutput",
+    "M2N2Output",
     "NeuralLigandOutput",
     "WEMoEOutput",
     "adamerging",
@@ -55,8 +63,10 @@ __all__ = [
     "adamerging_plus_plus",
     "atlas",
     "atlas_loss",
+    "attraction",
     "coefficient_table",
     "combine",
+    "crossover",
     "effective",
     "ensemble_logits",
     "entropy",
@@ -65,6 +75,7 @@ __all__ = [
     "init_coefficients",
     "init_portland",
     "init_routers",
+    "m2n2",
     "merged_features",
     "merged_logits",
     "moe_dense",
@@ -75,6 +86,7 @@ __all__ = [
     "random_blocks",
     "routing_weights",
     "sample_batches",
+    "shared_fitness",
     "stacked_task_vectors",
     "wemoe",
     "wemoe_apply",
