@@ -22,6 +22,12 @@ with the same Python minor version (and exists on any Python 3.10+, with other f
 
 Tokens are bytes (UTF-8), vocabulary 256; :func:`encode` and :func:`decode` convert.
 Documents are joined by a blank line.
+
+What costs time, and what is done about it: cutting the corpus parses and tokenizes every
+module (about 7 s); :func:`load_corpus` keeps the result in memory per process and on disk
+in the testbeds' cache folder, keyed by its configuration, this module's source and
+:func:`fingerprint` (the Python version, the modules' names and sizes, the topics), so the
+other processes of a run (test workers, notebook kernels, the CLI) read it in milliseconds.
 """
 
 from __future__ import annotations
@@ -33,12 +39,16 @@ import hashlib
 import inspect
 import io
 import os
+import sys
 import sysconfig
 import tokenize
 
 import numpy as np
 
+from fusionjax.testbed import _cache
+
 VOCAB_SIZE = 256
+_VERSION = "1"  # the corpus file's format
 DOMAINS = ("code", "docs")
 _SEPARATOR = "\n\n"
 
@@ -215,15 +225,64 @@ def _mix(notes: np.ndarray, domains: list[np.ndarray], share: float, rng) -> np.
     return np.concatenate([pieces[j] for j in order]) if pieces else np.zeros(0, np.uint8)
 
 
+def fingerprint(config: CorpusConfig) -> list:
+    """What the corpus depends on: the Python version and the stdlib files' names and sizes.
+
+    Args:
+      config: A :class:`CorpusConfig` (its ``max_file_bytes`` picks the files).
+
+    Returns:
+      A JSON-serialisable list (part of the on-disk cache keys of the corpus and the
+      testbeds built on it).
+    """
+    import pydoc_data.topics  # noqa: PLC0415
+
+    root = sysconfig.get_paths()["stdlib"]
+    files = [(n, os.path.getsize(os.path.join(root, n))) for n in stdlib_files(
+        config.max_file_bytes
+    )]
+    topics = sorted((k, len(v)) for k, v in pydoc_data.topics.topics.items())
+    return [list(sys.version_info[:3]), files, topics]
+
+
+def _file(config: CorpusConfig) -> str:
+    spec = {"config": dataclasses.asdict(config), "corpus": fingerprint(config)}
+    return _cache.path("corpus", _VERSION, spec, [sys.modules[__name__]], 0)
+
+
+def _save(file: str, corpus: Corpus) -> None:
+    arrays = {f"{split}/{k}": v for split in ("train", "heldout")
+              for k, v in getattr(corpus, split).items()}
+    for i, split in enumerate(("train", "heldout")):
+        arrays[f"files/{split}"] = np.asarray(corpus.files[i], dtype=str)
+        arrays[f"topics/{split}"] = np.asarray(corpus.topics[i], dtype=str)
+    _cache.save(file, arrays)
+
+
+def _restore(file: str) -> Corpus:
+    with np.load(file, allow_pickle=False) as z:
+        streams = {
+            split: {k: z[f"{split}/{k}"] for k in ("general", *DOMAINS)}
+            for split in ("train", "heldout")
+        }
+        names = {
+            what: tuple(tuple(str(n) for n in z[f"{what}/{split}"])
+                        for split in ("train", "heldout"))
+            for what in ("files", "topics")
+        }
+    return Corpus(streams["train"], streams["heldout"], names["files"], names["topics"])
+
+
 @functools.lru_cache(maxsize=4)
-def load_corpus(config: CorpusConfig = CorpusConfig()) -> Corpus:
+def load_corpus(config: CorpusConfig = CorpusConfig(), *, cache: bool = True) -> Corpus:
     """Reads the stdlib and pydoc topics and cuts the train and held-out streams.
 
     Deterministic in ``config`` and the Python installation (a fixed mixing seed); cached
-    per process.
+    per process, and on disk (see the module docstring).
 
     Args:
       config: A :class:`CorpusConfig`.
+      cache: Read and write the on-disk cache (``False``: always cut anew).
 
     Returns:
       A :class:`Corpus`.
@@ -231,6 +290,15 @@ def load_corpus(config: CorpusConfig = CorpusConfig()) -> Corpus:
     Raises:
       RuntimeError: if too little text is found (an installation without sources).
     """
+    built, _ = _cache.load_or_build(
+        _file(config), cache=cache, restore=_restore, build=lambda: _cut(config),
+        save=_save, desc="corpus",
+    )
+    return built
+
+
+def _cut(config: CorpusConfig) -> Corpus:
+    """Builds the corpus (:func:`load_corpus` without its caches)."""
     import pydoc_data.topics  # noqa: PLC0415 (a 0.5 MB module, read on demand)
 
     root = sysconfig.get_paths()["stdlib"]

@@ -684,7 +684,7 @@ def _tokenizers_path(config: KnowledgeConfig) -> str:
         "config": {k: v for k, v in dataclasses.asdict(config).items() if "vocab" in k}
         | {"tokenizer_chars": config.tokenizer_chars, "corpus": dataclasses.asdict(
             config.language.corpus)},
-        "corpus": _language._corpus_fingerprint(config.language.corpus),
+        "corpus": _corpus.fingerprint(config.language.corpus),
         "tokenizers": _tokenizers_version(),
     }
     return _cache.path("knowledge-tokens", _VERSION, spec, _SOURCES, 0)
@@ -774,7 +774,7 @@ def _build(config: KnowledgeConfig, seed: int, tokenized, timings):
 def _cache_path(config: KnowledgeConfig, seed: int) -> str:
     spec = {
         "config": dataclasses.asdict(config),
-        "corpus": _language._corpus_fingerprint(config.language.corpus),
+        "corpus": _corpus.fingerprint(config.language.corpus),
         "tokenizers": _tokenizers_version(),
     }
     return _cache.path("knowledge", _VERSION, spec, _SOURCES, seed)

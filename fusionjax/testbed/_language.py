@@ -71,7 +71,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -426,22 +425,10 @@ def _build(config: LanguageConfig, seed: int, progress: _Progress):
     return strong, base, experts, finetuned, heldout, timings
 
 
-def _corpus_fingerprint(config: CorpusConfig) -> list:
-    """What the corpus depends on: the Python version and the stdlib files' names and sizes."""
-    import pydoc_data.topics  # noqa: PLC0415
-
-    root = _corpus.sysconfig.get_paths()["stdlib"]
-    files = [(n, os.path.getsize(os.path.join(root, n))) for n in _corpus.stdlib_files(
-        config.max_file_bytes
-    )]
-    topics = sorted((k, len(v)) for k, v in pydoc_data.topics.topics.items())
-    return [list(sys.version_info[:3]), files, topics]
-
-
 def _cache_path(config: LanguageConfig, seed: int) -> str:
     spec = {
         "config": dataclasses.asdict(config),
-        "corpus": _corpus_fingerprint(config.corpus),
+        "corpus": _corpus.fingerprint(config.corpus),
     }
     return _cache.path("language", _VERSION, spec, _SOURCES, seed)
 

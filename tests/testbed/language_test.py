@@ -72,17 +72,21 @@ def test_heldout_split_is_by_name_hash():
 
 
 @_TINY_GROUP
-def test_corpus_is_deterministic_and_split_by_document(tiny):
-    # Building `tiny` loaded the default corpus through load_corpus's cache: `b` is that
-    # cached corpus, `a` a fresh computation of it.
+def test_corpus_is_deterministic_and_split_by_document(tiny, tmp_path):
+    # Building `tiny` loaded the default corpus through load_corpus's caches: `b` is that
+    # cached corpus (in memory, or read from disk), `a` a fresh computation of it, `c` `a`
+    # written to and read back from a cache file.
     config = _corpus.CorpusConfig()
     assert TINY.corpus == config
-    a = _corpus.load_corpus.__wrapped__(config)
+    a = _corpus._cut(config)
     b = _corpus.load_corpus(config)
-    for split in ("train", "heldout"):
-        for name in ("general", "code", "docs"):
-            np.testing.assert_array_equal(getattr(a, split)[name], getattr(b, split)[name])
-    assert a.files == b.files and a.topics == b.topics
+    _corpus._save(str(tmp_path / "corpus.npz"), a)
+    c = _corpus._restore(str(tmp_path / "corpus.npz"))
+    for other in (b, c):
+        for split in ("train", "heldout"):
+            for name in ("general", "code", "docs"):
+                np.testing.assert_array_equal(getattr(a, split)[name], getattr(other, split)[name])
+        assert a.files == other.files and a.topics == other.topics
     (train_files, heldout_files), (train_topics, heldout_topics) = a.files, a.topics
     assert not set(train_files) & set(heldout_files)
     assert not set(train_topics) & set(heldout_topics)
