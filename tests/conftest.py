@@ -5,22 +5,12 @@ import os
 import shutil
 import tempfile
 
-# XLA:CPU emits fused kernels with its older (non-MLIR) emitters in the tests: most of the
-# suite's time is compiling small programs, and these compile with 15-30 % less CPU time
-# (measured on tests/core/merge_test.py + tests/learned/loop_test.py: 53-59 s vs 69-73 s
-# of user time). The programs compute the same functions; float results may differ in
-# rounding, well inside every tolerance and evidence margin. Set before JAX starts its
-# backend, and inherited by the notebooks' kernels and the tests' subprocesses.
-_FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false"
-if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+import jax
+import pytest
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
-
-from fusionjax import testbed  # noqa: E402
-from fusionjax.demo import run_merging_suite  # noqa: E402
-from tests._testing import SEEDS  # noqa: E402
+from fusionjax import testbed
+from fusionjax.demo import run_merging_suite
+from tests._testing import SEEDS
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
