@@ -7,10 +7,20 @@ import tempfile
 
 import jax
 import pytest
+import scipy.linalg  # noqa: F401  (loads the OpenBLAS that JAX's CPU LAPACK calls)
+import threadpoolctl
 
 from fusionjax import testbed
 from fusionjax.demo import run_merging_suite
 from tests._testing import SEEDS
+
+# One BLAS/LAPACK thread per process (NumPy's and SciPy's OpenBLAS; JAX's CPU SVD, eigh
+# and solves call the latter): the suite runs one pytest-xdist worker per core, and
+# threads of one worker spinning on the other's core only cost time (the SVD-heavy rows
+# of the merging suite run in half the time). NumPy is loaded before this file, so the
+# limit is set at run time; the variable covers the notebooks' kernels and subprocesses.
+threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
