@@ -8,7 +8,8 @@ Ready loops with the papers' defaults: :func:`adamerging`, :func:`adamerging_plu
 :func:`atlas`. Beyond one set of coefficients: :func:`wemoe` (dense layers become
 weight-ensembling mixtures of experts with input-dependent routers) and
 :func:`neural_ligand` (a Portland network's per-input weights, as an ensemble and as the
-merge they induce).
+merge they induce) and :func:`twin_merging` (a shared merge plus SVD-compressed exclusive
+parts of every model, mixed per input by a router trained to recognise the task).
 """
 
 from fusionjax.learned._coefficients import coefficient_table
@@ -39,6 +40,14 @@ from fusionjax.learned._objectives import atlas_loss
 from fusionjax.learned._objectives import entropy
 from fusionjax.learned._portland import init_portland
 from fusionjax.learned._portland import portland_weights
+from fusionjax.learned._twin import TwinMergingOutput
+from fusionjax.learned._twin import exclusive_factors
+from fusionjax.learned._twin import twin_apply
+from fusionjax.learned._twin import twin_dense
+from fusionjax.learned._twin import twin_features
+from fusionjax.learned._twin import twin_logits
+from fusionjax.learned._twin import twin_merging
+from fusionjax.learned._twin import twin_weights
 from fusionjax.learned._wemoe import WEMoEOutput
 from fusionjax.learned._wemoe import wemoe
 from fusionjax.learned._wemoe import wemoe_apply
@@ -49,6 +58,7 @@ from fusionjax.learned._wemoe import wemoe_upscale
 __all__ = [
     "LearnedMergeOutput",
     "NeuralLigandOutput",
+    "TwinMergingOutput",
     "WEMoEOutput",
     "adamerging",
     "adamerging_loss",
@@ -60,6 +70,7 @@ __all__ = [
     "effective",
     "ensemble_logits",
     "entropy",
+    "exclusive_factors",
     "expert_features",
     "fit_coefficients",
     "init_coefficients",
@@ -76,6 +87,12 @@ __all__ = [
     "routing_weights",
     "sample_batches",
     "stacked_task_vectors",
+    "twin_apply",
+    "twin_dense",
+    "twin_features",
+    "twin_logits",
+    "twin_merging",
+    "twin_weights",
     "wemoe",
     "wemoe_apply",
     "wemoe_logits",
