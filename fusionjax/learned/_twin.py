@@ -63,7 +63,6 @@ from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,10 +102,15 @@ def _is_factor_layer(node: Any) -> bool:
     return isinstance(node, dict) and "u" in node and not isinstance(node["u"], dict)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _truncated_svd(delta: jax.Array, rank: int):
-    u, s, vt = jnp.linalg.svd(delta, full_matrices=False)
-    return u[..., :rank], s[..., :rank], vt[..., :rank, :]
+@functools.partial(jax.jit, static_argnums=0)
+def _layer_factors(rank: int, kernels, kernel, biases, bias):
+    """One layer's factors: the stacked differences, their truncated SVD, the bias differences."""
+    deltas = jnp.stack([_diff(k, kernel) for k in kernels])
+    u, s, vt = jnp.linalg.svd(deltas, full_matrices=False)
+    entry = {"u": u[..., :rank], "s": s[..., :rank], "vt": vt[..., :rank, :]}
+    if bias is not None:
+        entry["bias"] = jnp.stack([_diff(b, bias) for b in biases])
+    return entry
 
 
 def exclusive_factors(
@@ -162,13 +166,10 @@ def exclusive_factors(
                 f"got {'none' if kernel is None else np.shape(kernel)}."
             )
         d, e = np.shape(kernel)
-        r = min(rank, d, e)
-        deltas = jnp.stack([_diff(_get(ft, path)["kernel"], kernel) for ft in finetuned])
-        u, s, vt = _truncated_svd(deltas, r)
-        entry = {"u": u, "s": s, "vt": vt}
         bias = _get(node, ("bias",))
-        if bias is not None:
-            entry["bias"] = jnp.stack([_diff(_get(ft, path)["bias"], bias) for ft in finetuned])
+        biases = None if bias is None else tuple(_get(ft, path)["bias"] for ft in finetuned)
+        kernels = tuple(_get(ft, path)["kernel"] for ft in finetuned)
+        entry = _layer_factors(min(rank, d, e), kernels, kernel, biases, bias)
         items.append((path, entry))
     return _nest(items)
 
@@ -303,6 +304,8 @@ def _factor_table(factors: Factors) -> dict[LayerPath, Any]:
 
 
 def _twin_interceptor(table: dict[LayerPath, Any], weights: jax.Array):
+    import flax.linen as nn  # only the linen integration needs flax
+
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, nn.Dense):
@@ -368,6 +371,8 @@ def twin_apply(factors: Factors, weights: ArrayLike) -> Iterator[None]:
     w = jnp.asarray(weights)
     if w.ndim != 2:
         raise ValueError(f"weights must be [n, T], got shape {w.shape}.")
+    import flax.linen as nn  # only the linen integration needs flax
+
     with nn.intercept_methods(_twin_interceptor(table, w)):
         yield
 
@@ -375,18 +380,18 @@ def twin_apply(factors: Factors, weights: ArrayLike) -> Iterator[None]:
 # The router: a two-layer MLP on standardised shared-expert features.
 
 
-def _init_router(key: PRNGKey, features: jax.Array, num_tasks: int, hidden: int) -> Params:
+def _init_router(key: PRNGKey, features: np.ndarray, num_tasks: int, hidden: int) -> Params:
+    """He-normal first layer, zero output layer (uniform routing at the start)."""
     d = features.shape[-1]
-    mean = jnp.mean(features, axis=0)
-    scale = jnp.std(features, axis=0) + 1e-6
-    kernel = jax.random.normal(key, (d, hidden), jnp.float32) * jnp.sqrt(2.0 / d)
+    kernel = jax.random.normal(key, (d, hidden), jnp.float32) * np.float32(np.sqrt(2.0 / d))
+    zeros = np.zeros  # NumPy: no compilation per shape for the constant parts
     return {
-        "mean": mean,
-        "scale": scale,
-        "hidden": {"kernel": kernel, "bias": jnp.zeros((hidden,), jnp.float32)},
+        "mean": jnp.asarray(features.mean(axis=0), jnp.float32),
+        "scale": jnp.asarray(features.std(axis=0) + 1e-6, jnp.float32),
+        "hidden": {"kernel": kernel, "bias": jnp.asarray(zeros((hidden,), np.float32))},
         "output": {
-            "kernel": jnp.zeros((hidden, num_tasks), jnp.float32),
-            "bias": jnp.zeros((num_tasks,), jnp.float32),
+            "kernel": jnp.asarray(zeros((hidden, num_tasks), np.float32)),
+            "bias": jnp.asarray(zeros((num_tasks,), np.float32)),
         },
     }
 
@@ -631,9 +636,9 @@ def twin_merging(
     shared_params = merge(pretrained, list(finetuned), shared, key=key_merge)
     factors = exclusive_factors(shared_params, finetuned, layers=paths, rank=rank)
 
-    feats = [features_of(features_fn, shared_params, x) for x in task_inputs]
-    labels = jnp.concatenate([jnp.full((f.shape[0],), t, jnp.int32) for t, f in enumerate(feats)])
-    feats = jnp.concatenate([f.astype(jnp.float32) for f in feats])
+    feats = [np.asarray(features_of(features_fn, shared_params, x)) for x in task_inputs]
+    labels = np.concatenate([np.full((len(f),), t, np.int32) for t, f in enumerate(feats)])
+    feats = np.concatenate(feats).astype(np.float32)
     if feats.ndim != 2:
         raise ValueError(f"features_fn must return [n, d] features, got shape {feats.shape[1:]}.")
     width = 2 * feats.shape[1] if hidden is None else hidden
@@ -645,7 +650,7 @@ def twin_merging(
         step,
         router,
         opt.init(router),
-        (key_batches, feats, labels),
+        (key_batches, jnp.asarray(feats), jnp.asarray(labels)),
         steps=steps,
         jit=jit,
         chunk=chunk,
