@@ -1,4 +1,4 @@
-"""The learned methods of the demo table: AdaMerging, aTLAS, Neural Ligand, WEMoE and M2N2.
+"""The learned rows of the demo table: AdaMerging, aTLAS, Neural Ligand, WEMoE, M2N2, Twin-Merging.
 
 AdaMerging and WEMoE adapt at test time: their unlabeled data are the test inputs of each
 task (as in the papers), never their labels. aTLAS is supervised with a few labeled
@@ -12,6 +12,10 @@ evolves an archive of 16 models from the eight fine-tuned ones for 100 generatio
 child each), its fitness the per-example correctness on the validation slice (the first
 200 training examples of every task, where the data-free rows tune λ), never the test
 data; its crossover interpolates task vectors (``base`` = the pretrained encoder).
+Twin-Merging's router also reads inputs only (through the shared expert's features), so
+its row merges the same tasks; its router is supervised, trained to tell the tasks apart
+on ``TWIN_ROUTER_SIZE`` training inputs per task past the validation slice (the router's
+label is the task; the inputs' class labels are not used).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from jax.tree_util import Partial
 import fusionjax as fj
 
 ATLAS_SHOTS = 4
+TWIN_RANK = 16
+TWIN_ROUTER_SIZE = 100
 _TA_PAPER = fj.merging.task_arithmetic(scaling=0.3)  # built once: merge compiles per merger
 
 
@@ -212,3 +218,48 @@ def m2n2(ctx: Any, *, size: int) -> tuple[Any, str, Any]:
         f"{100 * history[0]:.1f}->{100 * history[-1]:.1f}"
     )
     return res.params, note, res
+
+
+class TwinDetails(NamedTuple):
+    """What the Twin-Merging row measured besides its accuracies (NaN off its tasks)."""
+
+    shared: np.ndarray
+    router: np.ndarray
+    result: Any
+
+
+def twin_distinct_inputs(ctx: Any, *, skip: int):
+    """Twin-Merging on the tasks whose inputs differ (its router sees inputs), scored there.
+
+    The shared expert is task arithmetic (λ=0.3) of those models; the exclusive parts keep
+    rank ``TWIN_RANK`` per matrix; the router learns the task of ``TWIN_ROUTER_SIZE``
+    training inputs per task taken past the first ``skip`` (the validation slice).
+    """
+    tb = ctx.tb
+    tasks = distinct_input_tasks(tb)
+    data = [tb.tasks[t].x_train[skip : skip + TWIN_ROUTER_SIZE] for t in tasks]
+    res = fj.learned.twin_merging(
+        tb.pretrained,
+        [tb.finetuned[t] for t in tasks],
+        data,
+        tb.features,
+        shared=_TA_PAPER,
+        rank=TWIN_RANK,
+        key=ctx.key,
+    )
+    accs = np.full(tb.num_tasks, np.nan)
+    routed = np.full(tb.num_tasks, np.nan)
+    for i, t in enumerate(tasks):
+        x, y = tb.tasks[t].x_test, tb.tasks[t].y_test
+        feats = fj.learned.twin_features(res, tb.features, x)
+        accs[t] = float(np.mean(np.asarray(tb.head_logits(t, feats)).argmax(-1) == y))
+        weights = fj.learned.twin_weights(res, tb.features, x)
+        routed[t] = float(np.mean(np.asarray(weights).argmax(-1) == i))
+    shared = np.full(tb.num_tasks, np.nan)
+    shared[tasks] = np.asarray(tb.evaluate(res.shared))[tasks]
+    note = (
+        f"{len(tasks)} models, rank {TWIN_RANK}, router on {TWIN_ROUTER_SIZE} train inputs/task"
+        f" ({100 * np.nanmean(routed):.1f}% routed right; shared TA λ=0.3 alone "
+        f"{100 * np.nanmean(shared):.1f})"
+    )
+    return Scores(accs), note, TwinDetails(shared, routed, res)

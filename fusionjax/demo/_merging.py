@@ -243,6 +243,7 @@ LEARNED_METHODS = (
     "Neural Ligand (merge)",
     "WEMoE (distinct inputs)",
     "M2N2 (evolutionary)",
+    "Twin-Merging (distinct inputs)",
 )
 """The methods that train (seconds each); ``fusionjax demo --fast`` skips them."""
 
@@ -286,6 +287,9 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
         "Neural Ligand (merge)": _learned.ligand_merge,
         "WEMoE (distinct inputs)": _learned.wemoe_distinct_inputs,
         "M2N2 (evolutionary)": lambda c: _learned.m2n2(c, size=VALIDATION_SIZE),
+        "Twin-Merging (distinct inputs)": lambda c: _learned.twin_distinct_inputs(
+            c, skip=VALIDATION_SIZE
+        ),
         "logit ensemble (mean)": lambda c: _prediction_fusion(
             c, _argmax_of(fj.logits.mean_logits), "prediction level: one forward per model"
         ),

@@ -6,11 +6,13 @@ layer-wise or block-wise coefficients, an ordinary pytree), :func:`combine` (the
 coefficients only) and the objectives :func:`adamerging_loss` and :func:`atlas_loss`.
 Ready loops with the papers' defaults: :func:`adamerging`, :func:`adamerging_plus_plus`,
 :func:`atlas`. Beyond one set of coefficients: :func:`wemoe` (dense layers become
-weight-ensembling mixtures of experts with input-dependent routers) and
+weight-ensembling mixtures of experts with input-dependent routers),
 :func:`neural_ligand` (a Portland network's per-input weights, as an ensemble and as the
-merge they induce). Evolutionary: :func:`m2n2` (an archive of models merged pairwise at
-random split points, with fitness sharing and attraction-based mate selection; its pure
-pieces :func:`crossover`, :func:`shared_fitness`, :func:`attraction`).
+merge they induce) and :func:`twin_merging` (a shared merge plus SVD-compressed exclusive
+parts of every model, mixed per input by a router trained to recognise the task).
+Evolutionary: :func:`m2n2` (an archive of models merged pairwise at random split points,
+with fitness sharing and attraction-based mate selection; its pure pieces
+:func:`crossover`, :func:`shared_fitness`, :func:`attraction`).
 """
 
 from fusionjax.learned._coefficients import coefficient_table
@@ -46,6 +48,14 @@ from fusionjax.learned._objectives import atlas_loss
 from fusionjax.learned._objectives import entropy
 from fusionjax.learned._portland import init_portland
 from fusionjax.learned._portland import portland_weights
+from fusionjax.learned._twin import TwinMergingOutput
+from fusionjax.learned._twin import exclusive_factors
+from fusionjax.learned._twin import twin_apply
+from fusionjax.learned._twin import twin_dense
+from fusionjax.learned._twin import twin_features
+from fusionjax.learned._twin import twin_logits
+from fusionjax.learned._twin import twin_merging
+from fusionjax.learned._twin import twin_weights
 from fusionjax.learned._wemoe import WEMoEOutput
 from fusionjax.learned._wemoe import wemoe
 from fusionjax.learned._wemoe import wemoe_apply
@@ -57,6 +67,7 @@ __all__ = [
     "LearnedMergeOutput",
     "M2N2Output",
     "NeuralLigandOutput",
+    "TwinMergingOutput",
     "WEMoEOutput",
     "adamerging",
     "adamerging_loss",
@@ -70,6 +81,7 @@ __all__ = [
     "effective",
     "ensemble_logits",
     "entropy",
+    "exclusive_factors",
     "expert_features",
     "fit_coefficients",
     "init_coefficients",
@@ -88,6 +100,12 @@ __all__ = [
     "sample_batches",
     "shared_fitness",
     "stacked_task_vectors",
+    "twin_apply",
+    "twin_dense",
+    "twin_features",
+    "twin_logits",
+    "twin_merging",
+    "twin_weights",
     "wemoe",
     "wemoe_apply",
     "wemoe_logits",
