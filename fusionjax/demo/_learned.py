@@ -8,6 +8,9 @@ code does). All run with the library's defaults, which are the papers': AdaMergi
 starts every coefficient at 0.3, clips to [0, 1] and takes 500 Adam steps (learning rate
 1e-3) of 16 inputs per task. WEMoE routes on inputs, so it merges only the tasks whose
 inputs no other task shares (see ``tests/learned/wemoe_test.py`` for all eight).
+Expert Merging calibrates on unlabeled inputs: each task's training inputs past the
+validation slice, without their labels (its paper uses a few unlabeled calibration
+examples, not the test set), aligning the merge's features and logits with each expert's.
 """
 
 from __future__ import annotations
@@ -155,3 +158,20 @@ def distinct_input_tasks(tb) -> list[int]:
     """Tasks whose test inputs no other task shares (a router on inputs can tell them apart)."""
     keys = [t.x_test.tobytes() for t in tb.tasks]
     return [i for i, k in enumerate(keys) if keys.count(k) == 1]
+
+
+def expert_merging(ctx: Any, *, skip: int) -> tuple[Any, str, Any]:
+    """Expert Merging on each task's unlabeled training inputs past the validation slice."""
+    tb = ctx.tb
+    pools = [t.x_train[skip:] for t in tb.tasks]
+    # tb.logits and tb.features are Partials of functions cached per testbed shape: the
+    # loop compiles once for every seed.
+    res = fj.learned.expert_merging(
+        tb.pretrained, list(tb.finetuned), pools, tb.logits, hidden_fn=tb.features, key=ctx.key
+    )
+    _, table = fj.learned.coefficient_table(res.coefficients)
+    note = (
+        f"unlabeled train inputs, features+logits, loss {res.losses[:10].mean():.2f}->"
+        f"{res.losses[-10:].mean():.2f}, α in [{table.min():.2f}, {table.max():.2f}]"
+    )
+    return res.params, note, res.coefficients

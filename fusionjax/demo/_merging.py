@@ -219,6 +219,7 @@ LEARNED_METHODS = (
     "Neural Ligand (ensemble)",
     "Neural Ligand (merge)",
     "WEMoE (distinct inputs)",
+    "Expert Merging",
 )
 """The methods that train (seconds each); ``fusionjax demo --fast`` skips them."""
 
@@ -260,6 +261,7 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
         "Neural Ligand (ensemble)": _learned.ligand_ensemble,
         "Neural Ligand (merge)": _learned.ligand_merge,
         "WEMoE (distinct inputs)": _learned.wemoe_distinct_inputs,
+        "Expert Merging": lambda c: _learned.expert_merging(c, skip=VALIDATION_SIZE),
         "logit ensemble (mean)": lambda c: _prediction_fusion(
             c, _argmax_of(fj.logits.mean_logits), "prediction level: one forward per model"
         ),

@@ -8,7 +8,10 @@ Ready loops with the papers' defaults: :func:`adamerging`, :func:`adamerging_plu
 :func:`atlas`. Beyond one set of coefficients: :func:`wemoe` (dense layers become
 weight-ensembling mixtures of experts with input-dependent routers) and
 :func:`neural_ligand` (a Portland network's per-input weights, as an ensemble and as the
-merge they induce).
+merge they induce). Expert Merging: :func:`expert_merging` aligns the merge's hidden
+states and logits with each expert's on unlabeled inputs (:func:`expert_merging_loss`),
+and :func:`expert_merging_plus_plus` adds importance-guided chunks
+(:func:`layer_importance`, :func:`importance_chunks`).
 """
 
 from fusionjax.learned._coefficients import coefficient_table
@@ -21,6 +24,16 @@ from fusionjax.learned._ensemble import ensemble_logits
 from fusionjax.learned._ensemble import expert_features
 from fusionjax.learned._ensemble import merged_features
 from fusionjax.learned._ensemble import merged_logits
+from fusionjax.learned._expert import Chunks
+from fusionjax.learned._expert import ExpertMergingOutput
+from fusionjax.learned._expert import chunk_logits
+from fusionjax.learned._expert import expert_coefficients
+from fusionjax.learned._expert import expert_merging
+from fusionjax.learned._expert import expert_merging_loss
+from fusionjax.learned._expert import expert_merging_plus_plus
+from fusionjax.learned._expert import expert_targets
+from fusionjax.learned._expert import importance_chunks
+from fusionjax.learned._expert import layer_importance
 from fusionjax.learned._ligand import NeuralLigandOutput
 from fusionjax.learned._ligand import neural_ligand
 from fusionjax.learned._ligand import neural_ligand_loss
@@ -47,6 +60,8 @@ from fusionjax.learned._wemoe import wemoe_loss
 from fusionjax.learned._wemoe import wemoe_upscale
 
 __all__ = [
+    "Chunks",
+    "ExpertMergingOutput",
     "LearnedMergeOutput",
     "NeuralLigandOutput",
     "WEMoEOutput",
@@ -55,16 +70,24 @@ __all__ = [
     "adamerging_plus_plus",
     "atlas",
     "atlas_loss",
+    "chunk_logits",
     "coefficient_table",
     "combine",
     "effective",
     "ensemble_logits",
     "entropy",
+    "expert_coefficients",
     "expert_features",
+    "expert_merging",
+    "expert_merging_loss",
+    "expert_merging_plus_plus",
+    "expert_targets",
     "fit_coefficients",
+    "importance_chunks",
     "init_coefficients",
     "init_portland",
     "init_routers",
+    "layer_importance",
     "merged_features",
     "merged_logits",
     "moe_dense",
