@@ -153,19 +153,20 @@ def _aligned(tree: Any, task_vectors: Stacked, name: str) -> tuple[list, Any, li
         raise ValueError(f"{name} must have the structure of the task vectors: {e}") from None
 
 
-def _logit(p: ArrayLike) -> jax.Array:
-    p = jnp.asarray(p, jnp.float32)
-    return jnp.log(p) - jnp.log1p(-p)
+def _logit(p: ArrayLike) -> np.ndarray:
+    r""":math:`\log p - \log(1 - p)` in NumPy (no XLA compilation for these few numbers)."""
+    p = np.asarray(p, np.float64)
+    return (np.log(p) - np.log1p(-p)).astype(np.float32)
 
 
-def _anchor(init: ArrayLike, t: int) -> jax.Array:
+def _anchor(init: ArrayLike, t: int) -> np.ndarray:
     """``init`` as a ``[T]`` float32 vector strictly inside (0, 1)."""
-    start = jnp.asarray(init, jnp.float32)
+    start = np.asarray(init, np.float32)
     if start.ndim not in (0, 1) or (start.ndim == 1 and start.shape[0] != t):
         raise ValueError(f"init must be a scalar or have shape ({t},), got shape {start.shape}.")
-    validation.check_hparam("init", np.asarray(start), lower=0.0, upper=1.0,
-                            lower_open=True, upper_open=True)
-    return jnp.broadcast_to(start, (t,))
+    validation.check_hparam("init", start, lower=0.0, upper=1.0, lower_open=True,
+                            upper_open=True)
+    return np.broadcast_to(start, (t,)).copy()
 
 
 def expert_coefficients(
@@ -341,26 +342,30 @@ def expert_merging_loss(
     return total
 
 
-def _outputs(task_index, logits_fn, hidden_fn, params, x):
-    hidden = None if hidden_fn is None else hidden_fn(params, x)
-    return hidden, logits_fn(params, task_index, x)
+def _outputs(logits_fn, hidden_fn, finetuned, inputs):
+    """Expert ``k``'s hidden states and logits on ``inputs[k]``, for every ``k``."""
+    out = []
+    for k, (params, x) in enumerate(zip(finetuned, inputs, strict=True)):
+        hidden = None if hidden_fn is None else hidden_fn(params, x)
+        out.append((hidden, logits_fn(params, k, x)))
+    return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _outputs_shared(task_index, static, dynamic, params, x):
+@functools.partial(jax.jit, static_argnums=0)
+def _outputs_shared(static, dynamic, finetuned, inputs):
     logits_fn, hidden_fn = pytrees.jit_combine(dynamic, static)
-    return _outputs(task_index, logits_fn, hidden_fn, params, x)
+    return _outputs(logits_fn, hidden_fn, finetuned, inputs)
 
 
-def _targets(task_index, logits_fn, hidden_fn, params, x):
-    """One compiled forward per task; shared across calls when the functions are Partials."""
+def _targets(logits_fn, hidden_fn, finetuned, inputs):
+    """All experts' outputs in one compiled program (shared by calls with equal Partials)."""
     dynamic, static = pytrees.jit_partition((logits_fn, hidden_fn))
     try:
         hash(static)
     except TypeError:
-        fn = functools.partial(_outputs, task_index, logits_fn, hidden_fn)
-        return jax.jit(fn)(params, x)
-    return _outputs_shared(task_index, static, dynamic, params, x)
+        fn = functools.partial(_outputs, logits_fn, hidden_fn)
+        return jax.jit(fn)(finetuned, inputs)
+    return _outputs_shared(static, dynamic, finetuned, inputs)
 
 
 def expert_targets(
@@ -391,14 +396,14 @@ def expert_targets(
             f"inputs must be a list with one pool per expert ({len(finetuned)}), got "
             f"{len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__}."
         )
-    out = []
-    for k, (params, x) in enumerate(zip(finetuned, inputs, strict=True)):
+    xs = []
+    for k, x in enumerate(inputs):
         x = jnp.asarray(x)
         if x.ndim == 0 or x.shape[0] == 0:
             raise ValueError(f"inputs[{k}] has no examples (shape {x.shape}).")
-        hidden, logits = _targets(k, logits_fn, hidden_fn, params, x)
-        out.append((x, hidden, logits))
-    return out
+        xs.append(x)
+    outputs = _targets(logits_fn, hidden_fn, list(finetuned), xs)
+    return [(x, h, z) for x, (h, z) in zip(xs, outputs, strict=True)]
 
 
 def layer_importance(coefficients: Coefficients, task_vectors: Stacked) -> Params:
@@ -556,10 +561,10 @@ def chunk_logits(task_vectors: Stacked, chunks: Chunks, *, init: ArrayLike = 0.3
         if x is None or not m:
             out.append(None)
         elif p is None:
-            out.append(w0)
+            out.append(jnp.asarray(w0))
         else:
             b = int(np.max(np.asarray(p))) + 1
-            out.append(jnp.broadcast_to(w0[:, None], (t, b)))
+            out.append(jnp.asarray(np.broadcast_to(w0[:, None], (t, b))))
     return treedef.unflatten(out)
 
 
@@ -604,9 +609,15 @@ def _fit(
         step, logits0, opt.init(logits0), (key, base, tvs, partition, data), steps=steps,
         jit=jit, progress=progress, desc="expert merging",
     )
-    alphas = expert_coefficients(logits, tvs, anchor=anchor)
-    params = _coefficients.combine(base, tvs, alphas, partition=partition)
+    alphas, params = _merge(base, tvs, logits, anchor, partition)
     return alphas, params, losses
+
+
+@jax.jit
+def _merge(base, tvs, logits, anchor, partition):
+    """The coefficients of trained logits and their merge, compiled as one program."""
+    alphas = expert_coefficients(logits, tvs, anchor=anchor)
+    return alphas, _coefficients.combine(base, tvs, alphas, partition=partition)
 
 
 def _prepare(base, finetuned, unlabeled, logits_fn, hidden_fn, init, key, who, *, task_weights,
@@ -629,12 +640,12 @@ def _prepare(base, finetuned, unlabeled, logits_fn, hidden_fn, init, key, who, *
         )
     anchor = _anchor(init, len(finetuned))
     t = len(finetuned)
-    beta = jnp.ones((t,), jnp.float32) if task_weights is None else jnp.asarray(
-        task_weights, jnp.float32
+    beta = np.ones((t,), np.float32) if task_weights is None else np.asarray(
+        task_weights, np.float32
     )
     if beta.shape != (t,):
         raise ValueError(f"task_weights must have shape ({t},), got {beta.shape}.")
-    validation.check_hparam("task_weights", np.asarray(beta), lower=0.0)
+    validation.check_hparam("task_weights", beta, lower=0.0)
     tvs = _coefficients.stacked_task_vectors(base, finetuned)
     data = expert_targets(finetuned, list(unlabeled), logits_fn, hidden_fn)
     return key, anchor, beta, tvs, data
@@ -654,8 +665,8 @@ def expert_merging(
     temperature: float = 1.0,
     reg_weight: float = 0.1,
     chunks: Chunks | None = None,
-    steps: int = 200,
-    learning_rate: float = 0.05,
+    steps: int = 100,
+    learning_rate: float = 0.1,
     batch_size: int = 16,
     optimizer: optax.GradientTransformation | None = None,
     key: PRNGKey | None = None,

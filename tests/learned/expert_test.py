@@ -183,16 +183,17 @@ def test_chunks_follow_importance():
 
 def test_expert_merging_pulls_the_merge_to_the_expert(problem):
     base, fts, data, logits_fn = problem
-    # Two copies of one expert: alignment is perfect when the two coefficients of every
-    # tensor sum to 1; from 0.3 + 0.3 the loop must move them there.
+    # Three copies of one expert: alignment is perfect when the three coefficients of
+    # every tensor sum to 1; from 3 x 0.3 the loop must move them there. (The settings
+    # match the next test's first run: one compilation for both.)
     res = fj.learned.expert_merging(
-        base, [fts[1], fts[1]], data[:2], logits_fn, hidden_fn=_hidden, reg_weight=0.0,
+        base, [fts[1]] * T, data, logits_fn, hidden_fn=_hidden, reg_weight=0.0,
         steps=60, learning_rate=0.1, batch_size=8, key=jax.random.key(0),
     )
     sums = np.asarray([float(a.sum()) for a in jax.tree.leaves(res.coefficients)])
     assert np.all(np.abs(sums - 1.0) < 0.15), sums
     assert res.losses[-5:].mean() < 0.2 * res.losses[:5].mean()
-    tvs = fj.learned.stacked_task_vectors(base, [fts[1], fts[1]])
+    tvs = fj.learned.stacked_task_vectors(base, [fts[1]] * T)
     again = fj.learned.combine(base, tvs, res.coefficients)
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(res.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -202,7 +203,7 @@ def test_plus_plus_chunks_important_tensors_and_freezes_the_rest(problem):
     base, fts, data, logits_fn = problem
     res = fj.learned.expert_merging_plus_plus(
         base, fts, data, logits_fn, hidden_fn=_hidden, budget=1.5, steepness=2.0,
-        init=0.25, steps=20, learning_rate=0.1, batch_size=8, key=jax.random.key(1),
+        init=0.25, reg_weight=0.0, steps=20, learning_rate=0.1, batch_size=8, key=jax.random.key(1),
     )
     imp = {k: float(v) for k, v in jax.tree_util.tree_leaves_with_path(res.importance)}
     np.testing.assert_allclose(sum(imp.values()), 1.0, rtol=1e-5)
