@@ -1,4 +1,4 @@
-"""The learned methods of the demo table: AdaMerging, aTLAS, Neural Ligand and WEMoE.
+"""The learned methods of the demo table: AdaMerging, aTLAS, Neural Ligand, WEMoE, Expert Merging.
 
 AdaMerging and WEMoE adapt at test time: their unlabeled data are the test inputs of each
 task (as in the papers), never their labels. aTLAS is supervised with a few labeled
