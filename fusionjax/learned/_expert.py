@@ -140,8 +140,8 @@ class Chunks(NamedTuple):
 
     Attributes:
       num_chunks: A pytree like the parameters of Python ints: the coefficients per task
-        of each tensor (0: frozen at :math:`\bar\alpha`; 1: one, as layer-wise), ``None``
-        on leaves that are not merged.
+        of each tensor, i.e. its number of chunks (0: frozen at :math:`\bar\alpha`; 1: one,
+        as layer-wise), ``None`` on leaves that are not merged.
       partition: ``int32`` chunk ids for the tensors with two chunks or more (contiguous
         runs of the flattened tensor), ``None`` elsewhere; the ``partition`` of
         :func:`fusionjax.learned.combine`.
@@ -542,9 +542,11 @@ def importance_chunks(
         # (e.g. 3.0 computed as 2.9999999999999996) are not floored one short.
         m = min(int(math.floor(share[i] + 1e-9)), max(size, 1))
         i += 1
-        counts.append(m)
         if m >= 2:
             width = -(-size // m)
+            m = -(-size // width)  # the chunks there are (torch.chunk may make fewer)
+        counts.append(m)
+        if m >= 2:
             ids = (np.arange(size) // width).astype(np.int32).reshape(x.shape[1:])
             partition.append(jnp.asarray(ids))
         else:
