@@ -1,4 +1,4 @@
-"""The learned rows of the demo table: AdaMerging, aTLAS, Neural Ligand, WEMoE, M2N2, Twin-Merging.
+"""The learned rows of the demo table: AdaMerging, aTLAS, Neural Ligand, WEMoE, M2N2, and more.
 
 AdaMerging and WEMoE adapt at test time: their unlabeled data are the test inputs of each
 task (as in the papers), never their labels. aTLAS is supervised with a few labeled
@@ -16,6 +16,9 @@ Twin-Merging's router also reads inputs only (through the shared expert's featur
 its row merges the same tasks; its router is supervised, trained to tell the tasks apart
 on ``TWIN_ROUTER_SIZE`` training inputs per task past the validation slice (the router's
 label is the task; the inputs' class labels are not used).
+Expert Merging calibrates on unlabeled inputs: each task's training inputs past the
+validation slice, without their labels (its paper uses a few unlabeled calibration
+examples, not the test set), aligning the merge's features and logits with each expert's.
 """
 
 from __future__ import annotations
@@ -263,3 +266,20 @@ def twin_distinct_inputs(ctx: Any, *, skip: int):
         f"{100 * np.nanmean(shared):.1f})"
     )
     return Scores(accs), note, TwinDetails(shared, routed, res)
+
+
+def expert_merging(ctx: Any, *, skip: int) -> tuple[Any, str, Any]:
+    """Expert Merging on each task's unlabeled training inputs past the validation slice."""
+    tb = ctx.tb
+    pools = [t.x_train[skip:] for t in tb.tasks]
+    # tb.logits and tb.features are Partials of functions cached per testbed shape: the
+    # loop compiles once for every seed.
+    res = fj.learned.expert_merging(
+        tb.pretrained, list(tb.finetuned), pools, tb.logits, hidden_fn=tb.features, key=ctx.key
+    )
+    _, table = fj.learned.coefficient_table(res.coefficients)
+    note = (
+        f"unlabeled train inputs, features+logits, loss {res.losses[:10].mean():.2f}->"
+        f"{res.losses[-10:].mean():.2f}, α in [{table.min():.2f}, {table.max():.2f}]"
+    )
+    return res.params, note, res.coefficients

@@ -244,6 +244,7 @@ LEARNED_METHODS = (
     "WEMoE (distinct inputs)",
     "M2N2 (evolutionary)",
     "Twin-Merging (distinct inputs)",
+    "Expert Merging",
 )
 """The methods that train (seconds each); ``fusionjax demo --fast`` skips them."""
 
@@ -290,6 +291,7 @@ def default_methods() -> dict[str, Callable[[_Context], tuple[Any, str]]]:
         "Twin-Merging (distinct inputs)": lambda c: _learned.twin_distinct_inputs(
             c, skip=VALIDATION_SIZE
         ),
+        "Expert Merging": lambda c: _learned.expert_merging(c, skip=VALIDATION_SIZE),
         "logit ensemble (mean)": lambda c: _prediction_fusion(
             c, _argmax_of(fj.logits.mean_logits), "prediction level: one forward per model"
         ),

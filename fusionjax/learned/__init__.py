@@ -12,7 +12,11 @@ merge they induce) and :func:`twin_merging` (a shared merge plus SVD-compressed 
 parts of every model, mixed per input by a router trained to recognise the task).
 Evolutionary: :func:`m2n2` (an archive of models merged pairwise at random split points,
 with fitness sharing and attraction-based mate selection; its pure pieces
-:func:`crossover`, :func:`shared_fitness`, :func:`attraction`).
+:func:`crossover`, :func:`shared_fitness`, :func:`attraction`). Expert Merging:
+:func:`expert_merging` aligns the merge's hidden states and logits with each expert's on
+unlabeled inputs (:func:`expert_merging_loss`), and :func:`expert_merging_plus_plus` adds
+importance-guided chunks
+(:func:`layer_importance`, :func:`importance_chunks`).
 """
 
 from fusionjax.learned._coefficients import coefficient_table
@@ -25,6 +29,16 @@ from fusionjax.learned._ensemble import ensemble_logits
 from fusionjax.learned._ensemble import expert_features
 from fusionjax.learned._ensemble import merged_features
 from fusionjax.learned._ensemble import merged_logits
+from fusionjax.learned._expert import Chunks
+from fusionjax.learned._expert import ExpertMergingOutput
+from fusionjax.learned._expert import chunk_logits
+from fusionjax.learned._expert import expert_coefficients
+from fusionjax.learned._expert import expert_merging
+from fusionjax.learned._expert import expert_merging_loss
+from fusionjax.learned._expert import expert_merging_plus_plus
+from fusionjax.learned._expert import expert_targets
+from fusionjax.learned._expert import importance_chunks
+from fusionjax.learned._expert import layer_importance
 from fusionjax.learned._ligand import NeuralLigandOutput
 from fusionjax.learned._ligand import neural_ligand
 from fusionjax.learned._ligand import neural_ligand_loss
@@ -64,6 +78,8 @@ from fusionjax.learned._wemoe import wemoe_loss
 from fusionjax.learned._wemoe import wemoe_upscale
 
 __all__ = [
+    "Chunks",
+    "ExpertMergingOutput",
     "LearnedMergeOutput",
     "M2N2Output",
     "NeuralLigandOutput",
@@ -75,6 +91,7 @@ __all__ = [
     "atlas",
     "atlas_loss",
     "attraction",
+    "chunk_logits",
     "coefficient_table",
     "combine",
     "crossover",
@@ -82,12 +99,19 @@ __all__ = [
     "ensemble_logits",
     "entropy",
     "exclusive_factors",
+    "expert_coefficients",
     "expert_features",
+    "expert_merging",
+    "expert_merging_loss",
+    "expert_merging_plus_plus",
+    "expert_targets",
     "fit_coefficients",
+    "importance_chunks",
     "init_coefficients",
     "init_portland",
     "init_routers",
     "m2n2",
+    "layer_importance",
     "merged_features",
     "merged_logits",
     "moe_dense",
