@@ -5,7 +5,6 @@ separated clusters (so a router on features can tell them apart). The testbed ev
 is in ``tests/learned/twin_evidence_test.py``.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,21 +12,12 @@ import pytest
 
 import fusionjax as fj
 from fusionjax import learned as fl
+from tests.learned.wemoe_test import MLP  # the same 5-8-8-4 model of three nn.Dense
 
 T, D, N = 3, 5, 40
 M = 20  # held-out inputs per check: one shape, so each forward compiles once
 LAYERS = [("Dense_0",), ("Dense_1",), ("Dense_2",)]
 TA = fj.merging.task_arithmetic(scaling=0.3)  # one object: fj.merge compiles per merger
-
-
-class MLP(nn.Module):
-    """Three plain ``nn.Dense`` layers, ``Dense_0``..``Dense_2``."""
-
-    @nn.compact
-    def __call__(self, x):  # noqa: D102
-        x = nn.relu(nn.Dense(8)(x))
-        x = nn.relu(nn.Dense(8)(x))
-        return nn.Dense(4)(x)
 
 
 def features_fn(params, x):
