@@ -63,6 +63,7 @@ from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -304,8 +305,6 @@ def _factor_table(factors: Factors) -> dict[LayerPath, Any]:
 
 
 def _twin_interceptor(table: dict[LayerPath, Any], weights: jax.Array):
-    import flax.linen as nn  # only the linen integration needs flax
-
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, nn.Dense):
@@ -371,7 +370,6 @@ def twin_apply(factors: Factors, weights: ArrayLike) -> Iterator[None]:
     w = jnp.asarray(weights)
     if w.ndim != 2:
         raise ValueError(f"weights must be [n, T], got shape {w.shape}.")
-    import flax.linen as nn  # only the linen integration needs flax
 
     with nn.intercept_methods(_twin_interceptor(table, w)):
         yield

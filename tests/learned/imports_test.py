@@ -8,7 +8,7 @@ import pytest
 import fusionjax.learned
 
 PACKAGE = pathlib.Path(fusionjax.learned.__file__).parent
-LINEN_MODULES = {"_wemoe.py"}  # intercepts nn.Dense calls: flax is its subject
+LINEN_MODULES = {"_wemoe.py", "_twin.py"}  # intercept nn.Dense calls: flax is their subject
 
 
 def _top_level_imports(path):
