@@ -28,16 +28,19 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # One persistent XLA compilation cache for the session, inherited through the environment
 # by the notebooks' kernels and the tests' subprocesses: a notebook that runs the demo's
 # functions loads what the in-process tests compiled instead of compiling it again. The
-# cache only stores compiled programs; results are the same with or without it.
+# cache only stores compiled programs; results are the same with or without it. Programs
+# that took 0.1 s or more to compile are stored: the merge kernels of a testbed take
+# 0.2-0.5 s each, and a notebook kernel that finds the digits worker's loads them
+# (notebook 01: 23.9 s -> 17.3 s; at a 0.5 s threshold they were not kept).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _XLA_CACHE = tempfile.mkdtemp(prefix="fusionjax-tests-xla-")
     atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
-    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")),
+    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")),
 )
 
 
