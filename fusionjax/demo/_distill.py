@@ -38,7 +38,18 @@ hold):
 * ``InfiFusion``: its unified form (Yan et al. 2025), :func:`fusionjax.distill.infifusion_loss`
   against all three teachers with equal weights, logits standardised (statistics over
   each whole vocabulary), top :math:`K = 64` (:attr:`DistillSetup.infifusion_k`),
-  :math:`\tau = 1`; :math:`D` counts the rows every teacher holds.
+  :math:`\tau = 1`; :math:`D` counts the rows every teacher holds;
+* ``InfiGFusion``: InfiFusion's loss plus its graph-on-logits term (Wang et al. 2025),
+  :math:`D + \gamma\,\mathrm{GLD}`: per window, each model's co-activation graph over
+  its own top :math:`k = 32` channels (:func:`fusionjax.distill.coactivation_graph`,
+  node activations the probabilities, on the rows every teacher holds), the student's
+  compared with each teacher's by :func:`fusionjax.distill.sorted_gw`, averaged over
+  teachers and windows. The paper combines GLD with token-level ULD and SFT without a
+  weighting we could read, so :math:`\gamma` is set by one rule, not tuned: the two
+  terms are equal at the initialisation (:math:`\gamma = D / \mathrm{GLD}` of the base
+  over the whole distillation set). The BPE teachers' graphs are built from their
+  ``uld_k = 256`` most likely tokens per row (renormalised over those; the rest of
+  the vocabulary holds a few percent of the mass).
 
 The teachers' heads are exact (computed from the full logits, normalised over the whole
 vocabulary) and precomputed once, passed to the losses as
@@ -92,6 +103,7 @@ class DistillSetup:
       uld_k: Slots of each teacher's head kept for ULD (its own vocabulary); at least the
         student's 256 bytes, so the ULD gradient is exact.
       infifusion_k: InfiFusion's :math:`K` (top-K of the standardised distributions).
+      graph_k: InfiGFusion's graph size :math:`k` (channels per model and window).
     """
 
     windows: int = 256
@@ -102,6 +114,7 @@ class DistillSetup:
     learning_rate: float = 2e-3
     uld_k: int = 256
     infifusion_k: int = 64
+    graph_k: int = 32
 
 
 class DistillRow(NamedTuple):
@@ -268,6 +281,57 @@ def _infifusion_loss(lam, logits, batch):
     return lam * clm + (1.0 - lam) * out.distill, (clm, out.distill)
 
 
+def _graph_term(logits, batch):
+    # InfiGFusion's GLD: the student's co-activation graph of each window (its own top-k
+    # byte channels) against each teacher's precomputed one, sorted GW, mean over the
+    # teachers and the windows with a counted row.
+    w = jnp.all(batch["infi_where"][:, :, :-1], axis=1)  # [B, L-1]
+    graphs = batch["graphs"]  # [B, M, k, k]
+    gs = distill.coactivation_graph(logits[:, :-1], k=graphs.shape[-1], where=w).graph
+    per = distill.sorted_gw(jnp.broadcast_to(gs[:, None], graphs.shape), graphs)  # [B, M]
+    counted = jnp.any(w, axis=-1).astype(per.dtype)
+    return jnp.sum(per.mean(-1) * counted) / jnp.maximum(jnp.sum(counted), 1.0)
+
+
+def _infigfusion_loss(lam, gamma, logits, batch):
+    # InfiGFusion: InfiFusion's loss plus gamma times the graph term.
+    _, (clm, d) = _infifusion_loss(lam, logits, batch)
+    dist = d + gamma * _graph_term(logits, batch)
+    return lam * clm + (1.0 - lam) * dist, (clm, dist)
+
+
+def teacher_graphs(
+    tb, heads: list[distill.TopK], where: np.ndarray, k: int, *, chunk: int = 64
+) -> np.ndarray:
+    """Every teacher's co-activation graph of every window, over its own vocabulary.
+
+    Args:
+      tb: The knowledge testbed.
+      heads: Per teacher (order :meth:`teacher_names`), its raw head ``TopK [N, L, K]``
+        over its own vocabulary (:meth:`token_targets`), ``-1`` ids on masked rows.
+      where: ``[N, L]`` rows that count (every teacher holds them).
+      k: Graph size.
+      chunk: Windows per call.
+
+    Returns:
+      ``[N, M, k, k]`` float32 graphs (:func:`fusionjax.distill.coactivation_graph`, node
+      activations the head's probabilities renormalised over its ``K`` tokens).
+    """
+    out = []
+    for name, head in zip(tb.teacher_names(), heads, strict=True):
+        vocab = 256 if name == "byte" else tb.teachers[name[4:-1]].module.vocab_size
+        ids = np.asarray(head.ids)
+        vals = np.where(np.isfinite(head.log_probs), head.log_probs, -1e4).astype(np.float32)
+        graphs = []
+        for i in range(0, len(ids), chunk):
+            dense = np.full(ids[i : i + chunk].shape[:2] + (vocab,), -1e4, np.float32)
+            np.put_along_axis(dense, np.maximum(ids[i : i + chunk], 0), vals[i : i + chunk], -1)
+            g = distill.coactivation_graph(dense, k=k, where=where[i : i + chunk]).graph
+            graphs.append(np.asarray(g))
+        out.append(np.concatenate(graphs))
+    return np.stack(out, 1)
+
+
 def vocab_free_data(tb, data: dict[str, np.ndarray], setup: DistillSetup) -> dict[str, Any]:
     """The teachers' heads over their own vocabularies, at the byte positions of ``data``.
 
@@ -280,7 +344,8 @@ def vocab_free_data(tb, data: dict[str, np.ndarray], setup: DistillSetup) -> dic
       ``{"uld_lp": [N, L, uld_k], "uld_where": [N, L]}`` — the head of each window's
       MinCE teacher (lowest bits per byte on it, as FuseLLM's MinCE picks) — and
       ``{"infi_lp": [N, M, L, K], "infi_where": [N, M, L]}``, every teacher's
-      standardised head.
+      standardised head, and ``{"graphs": [N, M, graph_k, graph_k]}``, every teacher's
+      co-activation graph of each window (:func:`teacher_graphs`).
     """
     names = tb.teacher_names()
     heads = [tb.token_targets(n, data["windows"], k=setup.uld_k) for n in names]
@@ -290,15 +355,21 @@ def vocab_free_data(tb, data: dict[str, np.ndarray], setup: DistillSetup) -> dic
     where = np.stack([h.where for h in heads], 1)
     kk = setup.infifusion_k
     std = np.stack([h.standardized.log_probs[..., :kk] for h in heads], 1)
+    graphs = teacher_graphs(tb, [h.targets for h in heads], where.all(1), setup.graph_k)
     return {
         "uld_lp": np.ascontiguousarray(raw[n, best]),
         "uld_where": where[n, best],
         "infi_lp": np.ascontiguousarray(std),
         "infi_where": where,
+        "graphs": graphs,
     }
 
 
-VOCAB_FREE: dict[str, Callable] = {"ULD (MinCE teacher)": _uld_loss, "InfiFusion": _infifusion_loss}
+VOCAB_FREE: dict[str, Callable] = {
+    "ULD (MinCE teacher)": _uld_loss,
+    "InfiFusion": _infifusion_loss,
+    "InfiGFusion": _infigfusion_loss,
+}
 """The vocabulary-free rows and their losses ``loss(lam, logits, batch)``."""
 
 
@@ -317,18 +388,51 @@ def train_vocab_free(tb, data, vf, name: str, setup: DistillSetup, key):
       A :class:`fusionjax.distill.DistillOutput`.
     """
     loss = VOCAB_FREE[name]
-    keys = {_uld_loss: ("uld_lp", "uld_where"), _infifusion_loss: ("infi_lp", "infi_where")}
+    keys = {
+        _uld_loss: ("uld_lp", "uld_where"),
+        _infifusion_loss: ("infi_lp", "infi_where"),
+        _infigfusion_loss: ("infi_lp", "infi_where", "graphs"),
+    }
     batch = {"windows": data["windows"], **{k: vf[k] for k in keys[loss]}}
+    fn = Partial(loss, jnp.float32(setup.lam))
+    if loss is _infigfusion_loss:
+        fn = Partial(loss, jnp.float32(setup.lam), jnp.float32(graph_weight(tb, batch)))
     return distill.distill(
         Partial(_apply, tb.target_module),
         tb.base,
         batch,
-        Partial(loss, jnp.float32(setup.lam)),
+        fn,
         optimizer=_optimizer(setup.learning_rate, setup.steps),
         steps=setup.steps,
         batch_size=setup.batch_size,
         key=key,
     )
+
+
+def graph_weight(tb, batch: dict[str, np.ndarray], *, chunk: int = 128) -> float:
+    r"""InfiGFusion's :math:`\gamma`: InfiFusion's distance over GLD, both of the base model.
+
+    The rule that makes the two terms equal at the initialisation (see the module
+    docstring), over the whole distillation set.
+
+    Args:
+      tb: The knowledge testbed.
+      batch: ``windows``, ``infi_lp``, ``infi_where`` and ``graphs`` of every window.
+      chunk: Windows per forward pass.
+
+    Returns:
+      :math:`\gamma`.
+    """
+    d = g = 0.0
+    n = len(batch["windows"])
+    for i in range(0, n, chunk):
+        part = {k: jnp.asarray(v[i : i + chunk]) for k, v in batch.items()}
+        logits = _apply(tb.target_module, tb.base, part)
+        _, (_, di) = _infifusion_loss(jnp.float32(1.0), logits, part)
+        share = len(part["windows"]) / n
+        d += share * float(di)
+        g += share * float(_graph_term(logits, part))
+    return d / g
 
 
 MERGES: dict[str, Callable[[], Any]] = {
