@@ -377,7 +377,7 @@ def merge(
                     what = "PRNG key" if _is_key(b) else validation.describe(b)
                     raise ValueError(
                         f"finetuned[{j}] differs from base at {keystr(path)}: this {what} leaf "
-                        "is not floating point, so it is not merged and must be equal in "
+                        "is not a floating-point array, so it is not merged and must be equal in "
                         "every model."
                     )
             out_sink.write(i, _own(b))

@@ -199,7 +199,7 @@ def check_passthrough_equal(base: Any, models: Sequence[Any], name: str = "finet
             if not _is_inexact_array(b) and not _values_equal(b, o):
                 raise ValueError(
                     f"{name}[{i}] differs from base at {keystr(path)}: this "
-                    f"{_describe(b)} leaf is not floating point, so it is not merged "
+                    f"{_describe(b)} leaf is not a floating-point array, so it is not merged "
                     "and must be equal in every model."
                 )
 

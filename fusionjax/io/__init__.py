@@ -11,6 +11,8 @@ The only subpackage that imports ``orbax.checkpoint`` and ``safetensors``.
   :class:`fusionjax.LeafSink` that commits atomically.
 * :func:`merge_checkpoints`: :func:`fusionjax.merge` from checkpoints to a
   checkpoint, one leaf at a time, atomic and resumable.
+* :func:`opcm_checkpoints`: OPCM continual merging of checkpoints that arrive one
+  after another, each read one leaf at a time (memory: base + running sum + a leaf).
 * :func:`shardings_for` / :func:`load_sharded` / :func:`merge_sharded`: parameters
   sharded over a mesh (one process or several) restored, merged and saved where
   they are.
@@ -25,6 +27,8 @@ from fusionjax.io._checkpoint import LayoutSource
 from fusionjax.io._checkpoint import detect_format
 from fusionjax.io._checkpoint import open_checkpoint
 from fusionjax.io._checkpoint import open_sink
+from fusionjax.io._continual import OPCMCheckpointsOutput
+from fusionjax.io._continual import opcm_checkpoints
 from fusionjax.io._layout import FAMILIES
 from fusionjax.io._layout import KINDS
 from fusionjax.io._layout import Layout
@@ -62,6 +66,8 @@ from fusionjax.io._vocab import align_vocabs
 from fusionjax.io._vocab import read_vocab
 
 __all__ = [
+    "OPCMCheckpointsOutput",
+    "opcm_checkpoints",
     "checkpoint_specs",
     "default_spec",
     "load_sharded",

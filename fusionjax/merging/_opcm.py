@@ -174,34 +174,53 @@ def project(total: jax.Array, tv: jax.Array, alpha: ArrayLike, drop_diagonal: bo
     return tv - removed
 
 
+def _absorb_leaf(b, f, s, alpha, first, proj, drop_diagonal, dt):
+    """One leaf of one model: ``(S + P(tau), |tau|^2, |S + P(tau)|^2)``."""
+    cd = compute_dtype(b.dtype)
+    tv = jnp.asarray(f, cd) - jnp.asarray(b, cd)
+    sq_tv = _sq_norm(tv, dt)
+    if proj:
+        tv = jax.lax.cond(
+            first,
+            lambda s_, t_: t_,
+            lambda s_, t_: project(s_, t_, alpha, drop_diagonal),
+            s,
+            tv,
+        )
+    new = s + tv
+    return new, sq_tv, _sq_norm(new, dt)
+
+
+def _next_scaling(sq_tv, sq_total, norm_sum, count):
+    """The scalars after one model: ``(scaling, norm_sum, count)`` from its squared norms."""
+    dt = norm_sum.dtype
+    norm_sum = norm_sum + jnp.sqrt(sq_tv)
+    count = count + 1
+    mean_norm = norm_sum / count.astype(dt)
+    total_norm = jnp.sqrt(sq_total)
+    ok = (total_norm > 0) & (mean_norm > 0)
+    scaling = jnp.where(ok, total_norm / jnp.where(ok, mean_norm, 1), jnp.ones((), dt))
+    return scaling, norm_sum, count
+
+
 @functools.partial(jax.jit, static_argnames=("projected", "drop_diagonal"))
 def _absorb(base, finetuned, total, scaling, norm_sum, count, alpha, *, projected, drop_diagonal):
     # One jitted program per model structure: the eager path does not dispatch op by op,
     # and alpha is traced, so a sweep over it reuses the compiled code.
     dt = scaling.dtype
     first = count == 0
-    sq = jnp.zeros((), dt)
+    sq_tv = sq_total = jnp.zeros((), dt)
     new_total = []
     for b, f, s, proj in zip(base, finetuned, total, projected, strict=True):
-        cd = compute_dtype(b.dtype)
-        tv = jnp.asarray(f, cd) - jnp.asarray(b, cd)
-        sq = sq + _sq_norm(tv, dt)
-        if proj:
-            tv = jax.lax.cond(
-                first,
-                lambda s_, t_: t_,
-                lambda s_, t_: project(s_, t_, alpha, drop_diagonal),
-                s,
-                tv,
-            )
-        new_total.append(s + tv)
-    norm_sum = norm_sum + jnp.sqrt(sq)
-    count = count + 1
-    mean_norm = norm_sum / count.astype(dt)
-    total_norm = jnp.sqrt(sum((_sq_norm(s, dt) for s in new_total), start=jnp.zeros((), dt)))
-    ok = (total_norm > 0) & (mean_norm > 0)
-    scaling = jnp.where(ok, total_norm / jnp.where(ok, mean_norm, 1), jnp.ones((), dt))
-    return new_total, scaling, norm_sum, count
+        new, a, c = _absorb_leaf(b, f, s, alpha, first, proj, drop_diagonal, dt)
+        new_total.append(new)
+        sq_tv, sq_total = sq_tv + a, sq_total + c
+    return new_total, *_next_scaling(sq_tv, sq_total, norm_sum, count)
+
+
+# The same, one leaf per call: models streamed from checkpoints (fusionjax.io).
+absorb_leaf = jax.jit(_absorb_leaf, static_argnums=(5, 6, 7))
+next_scaling = jax.jit(_next_scaling)
 
 
 def _resolve_mask(mask, base) -> list[bool]:
