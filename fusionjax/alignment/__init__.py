@@ -7,7 +7,7 @@ that moves ``other`` onto ``ref``, after which the two can be interpolated.
 
 Beyond one-to-one alignment: :func:`pleas` merges two dense chains to a wider merged
 width (partial matching, then per-layer least squares), :func:`clafusion` fuses networks
-of different depths (cross-layer alignment, identity padding, OT fusion), and
+of different depths (cross-layer alignment, identity padding or layer merging, OT fusion), and
 :func:`ot_fusion_many` fuses more than two models onto a reference.
 """
 
@@ -21,6 +21,7 @@ from fusionjax.alignment._clafusion import CLAFusionOutput
 from fusionjax.alignment._clafusion import align_layers
 from fusionjax.alignment._clafusion import clafusion
 from fusionjax.alignment._clafusion import linear_cka
+from fusionjax.alignment._clafusion import merge_layers
 from fusionjax.alignment._clafusion import pad_with_identities
 from fusionjax.alignment._derive import derive_spec
 from fusionjax.alignment._group_activations import group_activations
@@ -105,4 +106,5 @@ __all__ = [
     "clafusion",
     "linear_cka",
     "pad_with_identities",
+    "merge_layers",
 ]

@@ -13,16 +13,33 @@ hidden layers) with a *shallower* :math:`B` (:math:`n < m` hidden layers) in thr
    :math:`F_{j,i} = \min(F_{j,i-1},\ F_{j-1,i-1} + C_{i,j})` with backtracking,
    :math:`O(mn)`. As in the paper's code, the first hidden layers are matched to each
    other (``fix_first=True``) and the output layers always are.
-2. **Balancing the depths.** Identity layers are *added to the shallower* network (the
-   paper's main variant; it also studies merging layers of the deeper one, not done
-   here): after the layer of :math:`B` mapped to :math:`a(j)`, an identity dense layer
-   (:math:`W = I`, :math:`b = 0`, the width of that layer) fills every unmapped layer
-   of :math:`A` up to :math:`a(j+1)`. For ReLU networks this changes nothing, since
-   :math:`\mathrm{relu}(I h) = h` for :math:`h\ge 0`; an identity layer before the first
-   mapped layer acts on the raw input, which must then be non-negative.
-3. **OT fusion** of :math:`A` (the reference: the fused network has its depth and
-   widths) with the padded :math:`B`, by
-   :func:`~fusionjax.alignment.ot_fusion` layer by layer (different widths allowed).
+2. **Balancing the depths**, one of two ways (``balance``):
+
+   * ``"add"`` (the paper's main variant): identity layers are *added to the shallower*
+     network: after the layer of :math:`B` mapped to :math:`a(j)`, an identity dense
+     layer (:math:`W = I`, :math:`b = 0`, the width of that layer) fills every unmapped
+     layer of :math:`A` up to :math:`a(j+1)`. For ReLU networks this changes nothing,
+     since :math:`\mathrm{relu}(I h) = h` for :math:`h\ge 0`; an identity layer before
+     the first mapped layer acts on the raw input, which must then be non-negative.
+   * ``"merge"``: the *deeper* network's unmapped layers are merged into the next mapped
+     layer (or the output layer), the ReLU between them replaced by a fixed per-unit
+     gate :math:`D = \mathrm{diag}(g)` read from the unit's pre-activations
+     :math:`z` on the data (:func:`merge_layers`), so consecutive affine maps compose:
+
+     .. math::
+        W' = W_{a(j)}\,D_{l}\,W_{l} \cdots,\qquad
+        \mathrm{relu}(z) \approx g \odot z,\quad
+        g = \mathbb 1\big[\textstyle\sum_x z \ge 0\big]\ (\text{"sum"}),\
+        \mathbb 1\big[\Pr_x(z > 0) \ge \tfrac12\big]\ (\text{"majority"}),\
+        \Pr_x(z > 0)\ (\text{"avg"}).
+
+     Exact where the gated units' pre-activations keep one sign over the data; an
+     approximation otherwise (the paper's code, which has no biases; biases compose
+     the same way here).
+3. **OT fusion** by :func:`~fusionjax.alignment.ot_fusion` layer by layer (different
+   widths allowed): of :math:`A` (the reference: the fused network has its depth and
+   widths) with the padded :math:`B` (``"add"``), or of :math:`B` (the reference) with
+   the merged :math:`A` (``"merge"``).
 
 **What costs time, and what is done about it.** One forward pass of each network over
 the data, :math:`mn` CKA values (each :math:`O(M(d_i^2 + d_j^2 + d_i d_j))` in feature
@@ -57,6 +74,8 @@ from fusionjax.alignment._pleas import Layers
 from fusionjax.alignment._pleas import chain_features
 from fusionjax.alignment._pleas import check_inputs
 from fusionjax.alignment._pleas import check_layers
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def linear_cka(x: ArrayLike, y: ArrayLike) -> float:
@@ -208,23 +227,115 @@ def layer_costs(deep: Layers, shallow: Layers, x: ArrayLike, *, activation=jax.n
     return np.array([[1.0 - linear_cka(a, b) for b in hs] for a in hd])
 
 
+_GATES = ("sum", "majority", "avg")
+
+
+def merge_layers(
+    deep: Layers,
+    mapping: ArrayLike,
+    x: ArrayLike,
+    *,
+    relu_approx: str = "sum",
+    activation: Callable = jax.nn.relu,
+) -> list[dict]:
+    r"""The deeper chain with its unmapped hidden layers merged into the next mapped one.
+
+    CLAFusion's second way to balance depths: every hidden layer of ``deep`` not in
+    ``mapping`` is composed into the next mapped hidden layer (or into the output layer
+    when it comes after the last one), its ReLU replaced by the gate
+    :math:`D = \mathrm{diag}(g)` of its pre-activations on ``x`` (see the module
+    docstring): with pending affine map :math:`(P, c)` (identity after a mapped layer),
+    an unmapped layer :math:`(W, b)` gives :math:`(P W D,\ (c W + b) D)` and a mapped
+    one :math:`(P W,\ c W + b)`, then resets the pending map. The gates are read on the
+    *original* network's pre-activations.
+
+    Args:
+      deep: Dense chain ``[{"kernel": [in, out], "bias": [out]}, ...]`` with ``m`` hidden
+        layers.
+      mapping: ``int [n]`` increasing hidden-layer indices of ``deep`` to keep (from
+        :func:`align_layers`).
+      x: ``[M, in]`` inputs the gates are read on.
+      relu_approx: ``"sum"`` (:math:`g = 1[\sum_x z \ge 0]`, the paper's default),
+        ``"majority"`` (:math:`1[\Pr_x(z>0) \ge 1/2]`) or ``"avg"`` (:math:`\Pr_x(z>0)`).
+      activation: The network's nonlinearity (the gates approximate a ReLU).
+
+    Returns:
+      A chain with ``n`` hidden layers (widths ``deep``'s mapped ones) and the output
+      layer, in float32.
+
+    Raises:
+      ValueError: if ``mapping`` is not increasing in ``[0, m)``, ``relu_approx`` is
+        unknown, or ``x`` has the wrong shape.
+
+    Examples:
+      >>> import numpy as np
+      >>> r = np.random.default_rng(0)
+      >>> deep = [{"kernel": r.normal(size=(3, 4)), "bias": np.full(4, 5.0)},
+      ...         {"kernel": np.abs(r.normal(size=(4, 4))), "bias": np.full(4, 5.0)},
+      ...         {"kernel": r.normal(size=(4, 2)), "bias": np.zeros(2)}]
+      >>> x = np.abs(r.normal(size=(8, 3)))  # every pre-activation positive: exact
+      >>> merged = merge_layers(deep, [1], x)
+      >>> len(merged), merged[0]["kernel"].shape
+      (2, (3, 4))
+    """
+    layers = check_layers(deep, "deep")
+    m = len(layers) - 1
+    a = np.asarray(mapping)
+    if a.ndim != 1 or a.size == 0 or np.any(np.diff(a) <= 0) or a[0] < 0 or a[-1] >= m:
+        raise ValueError(
+            f"mapping must be increasing hidden-layer indices in [0, {m}), got {a.tolist()}."
+        )
+    if relu_approx not in _GATES:
+        raise ValueError(f"relu_approx must be one of {_GATES}, got {relu_approx!r}.")
+    x = check_inputs(x, layers)
+    zs, _ = chain_features(layers, x, activation)
+    keep = set(a.tolist())
+    width = layers[0]["kernel"].shape[0]
+    pending = (jnp.eye(width, dtype=jnp.float32), jnp.zeros(width, jnp.float32))
+    out = []
+    for i, layer in enumerate(layers):
+        w = jnp.asarray(layer["kernel"], jnp.float32)
+        b = jnp.asarray(layer["bias"], jnp.float32)
+        kernel = jnp.matmul(pending[0], w, precision=_HIGHEST)
+        bias = jnp.matmul(pending[1], w, precision=_HIGHEST) + b
+        if i in keep or i == m:
+            out.append({"kernel": kernel, "bias": bias})
+            width = w.shape[1]
+            pending = (jnp.eye(width, dtype=jnp.float32), jnp.zeros(width, jnp.float32))
+            continue
+        z = zs[i]
+        if relu_approx == "sum":
+            g = (jnp.sum(z, axis=0) >= 0).astype(jnp.float32)
+        elif relu_approx == "majority":
+            g = (jnp.mean(z > 0, axis=0) >= 0.5).astype(jnp.float32)
+        else:
+            g = jnp.mean(z > 0, axis=0).astype(jnp.float32)
+        pending = (kernel * g[None, :], bias * g)
+    return out
+
+
 class CLAFusionOutput(NamedTuple):
     """Result of :func:`clafusion`.
 
     Attributes:
-      fused: The fused chain, with the deeper network's depth and widths.
+      fused: The fused chain: the deeper network's depth and widths (``balance="add"``)
+        or the shallower one's (``"merge"``).
       mapping: ``int [n]``: the deeper hidden layer each shallower hidden layer maps to.
       cost: ``[m, n]`` layer dissimilarities the alignment minimised.
-      padded: The shallower chain with identity layers added (the deeper one's depth).
-      ot: The :class:`~fusionjax.alignment.OTFusionOutput` of ``deep`` with ``padded``
+      padded: ``"add"``: the shallower chain with identity layers added (the deeper
+        one's depth); ``None`` for ``"merge"``.
+      ot: The :class:`~fusionjax.alignment.OTFusionOutput` of the two balanced chains
         (its models are ``{"Dense_i": layer}`` dicts).
+      merged: ``"merge"``: the deeper chain with its unmapped layers merged
+        (:func:`merge_layers`, the shallower one's depth); ``None`` for ``"add"``.
     """
 
     fused: list
     mapping: np.ndarray
     cost: np.ndarray
-    padded: list
+    padded: list | None
     ot: OTFusionOutput
+    merged: list | None = None
 
 
 def _as_dict(layers) -> dict:
@@ -238,22 +349,31 @@ def clafusion(
     *,
     weight: ArrayLike = 0.5,
     fix_first: bool = True,
+    balance: str = "add",
+    relu_approx: str = "sum",
     activation: Callable = jax.nn.relu,
     **ot_kwargs: Any,
 ) -> CLAFusionOutput:
-    r"""CLAFusion: align a shallower network's layers to a deeper one's, pad, and OT-fuse.
+    r"""CLAFusion: align a shallower network's layers to a deeper one's, balance, OT-fuse.
 
-    See the module docstring. The fused network is
+    See the module docstring. ``balance="add"``: the fused network is
     :math:`(1-w)\,\theta_{deep} + w\,\tilde\theta_{padded}` after OT alignment of the
-    padded shallower network to the deeper one.
+    padded shallower network to the deeper one. ``balance="merge"``: it is
+    :math:`w\,\theta_{shallow} + (1-w)\,\tilde\theta_{merged}` after OT alignment of
+    the merged deeper network (:func:`merge_layers`) to the shallower one.
 
     Args:
       deep: The deeper dense chain ``[{"kernel": [in, out], "bias": [out]}, ...]`` (the
-        reference: its widths are kept).
-      shallow: The shallower chain, same input and output widths, no more hidden layers.
-      x: ``[M, in]`` inputs on which the layers' features are compared.
-      weight: :math:`w`, the weight of the aligned shallower network.
+        reference for ``"add"``: its widths are kept).
+      shallow: The shallower chain, same input and output widths, no more hidden layers
+        (the reference for ``"merge"``).
+      x: ``[M, in]`` inputs on which the layers' features are compared (and, for
+        ``"merge"``, the gates read).
+      weight: :math:`w`, the weight of the shallower network in the fused one.
       fix_first: Match the first hidden layers to each other (see :func:`align_layers`).
+      balance: ``"add"`` identity layers to the shallower network, or ``"merge"`` layers
+        of the deeper one.
+      relu_approx: ``"merge"`` only: the gate of :func:`merge_layers`.
       activation: The networks' nonlinearity; identity padding is exact for ReLU.
       **ot_kwargs: Passed to :func:`~fusionjax.alignment.ot_fusion` (``solver``,
         ``cost``, ``epsilon``, ...).
@@ -264,7 +384,8 @@ def clafusion(
     Raises:
       TypeError: if a network is not a sequence of dense layers.
       ValueError: if ``shallow`` is deeper than ``deep``, the input or output widths
-        differ, ``x`` has the wrong shape, or ``weight`` is outside ``[0, 1]``.
+        differ, ``x`` has the wrong shape, ``weight`` is outside ``[0, 1]``, or
+        ``balance``/``relu_approx`` is unknown.
 
     Examples:
       >>> import numpy as np
@@ -296,8 +417,19 @@ def clafusion(
             f"{ls[-1]['kernel'].shape[1]}."
         )
     validation.check_hparam("weight", weight, lower=0.0, upper=1.0)
+    if balance not in ("add", "merge"):
+        raise ValueError(f"balance must be 'add' or 'merge', got {balance!r}.")
+    if relu_approx not in _GATES:
+        raise ValueError(f"relu_approx must be one of {_GATES}, got {relu_approx!r}.")
     cost = layer_costs(ld, ls, x, activation=activation)
     mapping = align_layers(cost, fix_first=fix_first)
+    if balance == "merge":
+        merged = merge_layers(ld, mapping, x, relu_approx=relu_approx, activation=activation)
+        spec = mlp_spec(n, prefix=None)
+        w = 1.0 - jnp.asarray(weight, jnp.float32)
+        ot = ot_fusion(spec, _as_dict(ls), _as_dict(merged), weight=w, **ot_kwargs)
+        fused = [ot.fused[f"Dense_{i}"] for i in range(n + 1)]
+        return CLAFusionOutput(fused, mapping, cost, None, ot, merged)
     padded = pad_with_identities(ls, mapping, m)
     spec = mlp_spec(m, prefix=None)
     ot = ot_fusion(spec, _as_dict(ld), _as_dict(padded), weight=weight, **ot_kwargs)

@@ -373,8 +373,11 @@ def clafusion_study(seeds: tuple[int, ...]) -> dict[int, MergeOutput]:
 
     Rows: the two models, the vanilla average of the deeper model and the padded
     shallower one (its layers placed by the cross-layer alignment, identity layers in
-    between), CLAFusion (exact OT), and OT fusion of three 64-64 models (pair ``s`` and
-    the first model of pair ``s + 1``) vs their vanilla average.
+    between), CLAFusion (exact OT); CLAFusion's other balancing, the deeper model's
+    unmapped layer merged into the next (ReLU gated by the sign of its summed
+    pre-activations), that merged model alone, its vanilla average with the shallower
+    one, and their CLAFusion; and OT fusion of three 64-64 models (pair ``s`` and the
+    first model of pair ``s + 1``) vs their vanilla average.
     """
     narrow, _ = OT_WIDTHS
     shallow_model = zoo.MLP((narrow, narrow))
@@ -390,6 +393,11 @@ def clafusion_study(seeds: tuple[int, ...]) -> dict[int, MergeOutput]:
             jax.tree.map(lambda a, b: (a + b) / 2, u, v)
             for u, v in zip(deep_model, cla.padded, strict=True)
         ]
+        merge = alignment.clafusion(deep_model, shallow, x, balance="merge")
+        vanilla_merged = [
+            jax.tree.map(lambda a, b: (a + b) / 2, u, v)
+            for u, v in zip(shallow, merge.merged, strict=True)
+        ]
         third = pairs[seeds[(i + 1) % len(seeds)]][0]
         three = [pairs[seed][0], pairs[seed][1], third]
         rows = {
@@ -397,6 +405,9 @@ def clafusion_study(seeds: tuple[int, ...]) -> dict[int, MergeOutput]:
             "shallower model": _chain_metrics(shallow),
             "vanilla average": _chain_metrics(vanilla),
             "CLAFusion": _chain_metrics(cla.fused),
+            "deeper, layers merged": _chain_metrics(merge.merged),
+            "vanilla avg. (merged)": _chain_metrics(vanilla_merged),
+            "CLAFusion (merge)": _chain_metrics(merge.fused),
             "3 models: vanilla": _chain_metrics(
                 _layers(jax.tree.map(lambda *v: sum(v) / len(v), *three))
             ),

@@ -1,4 +1,5 @@
-"""Unit tests of CLAFusion (cross-layer alignment, identity padding) and OT fusion of K models."""
+"""Unit tests of CLAFusion (cross-layer alignment, identity padding or layer merging) and OT
+fusion of K models."""
 
 import numpy as np
 import pytest
@@ -100,6 +101,85 @@ def test_clafusion_checks_inputs():
         alignment.clafusion(deep, _mlp(1, (6, 6), d_in=5), X)
     with pytest.raises(ValueError, match="weight"):
         alignment.clafusion(deep, shallow, X, weight=1.5)
+    with pytest.raises(ValueError, match="balance"):
+        alignment.clafusion(deep, shallow, X, balance="drop")
+    with pytest.raises(ValueError, match="relu_approx"):
+        alignment.clafusion(deep, shallow, X, balance="merge", relu_approx="max")
+    with pytest.raises(ValueError, match="mapping"):
+        alignment.merge_layers(deep, [2, 1], X)
+    with pytest.raises(ValueError, match="mapping"):
+        alignment.merge_layers(deep, [0, 3], X)
+
+
+def _paper_merge(deep, mapping, x, method):
+    """NumPy reference of CLAFusion's layer merging as its code does it: bias-free layers,
+    torch [out, in] weights, A the 1-based deeper layer of each shallower hidden layer."""
+    ws = [np.asarray(layer["kernel"], np.float64).T for layer in deep]  # [out, in]
+    acts, h = [], np.asarray(x, np.float64)
+    for w in ws[:-1]:
+        acts.append(h @ w.T)  # pre-activations [M, out]
+        h = np.maximum(acts[-1], 0)
+    m, n = len(ws) - 1, len(mapping)
+    a = np.asarray(mapping) + 1
+    new, pre, l1 = [], np.eye(ws[0].shape[1]), 0
+    for l0, w in enumerate(ws):
+        if l1 < n and l0 + 1 < a[l1] or l1 >= n and l0 < m:
+            z = acts[l0]
+            gate = {"sum": z.sum(0) >= 0, "majority": (z > 0).mean(0) >= 0.5,
+                    "avg": (z > 0).mean(0)}[method]  # fmt: skip
+            pre = (w * np.tile(gate, (w.shape[1], 1)).T) @ pre
+        else:
+            pre = w @ pre
+            new.append(pre.T)
+            pre = np.eye(w.shape[0])
+            l1 += 1
+    return new
+
+
+@pytest.mark.parametrize("method", ["sum", "majority", "avg"])
+def test_merge_layers_matches_the_papers_merging(method):
+    deep = [dict(layer, bias=np.zeros_like(layer["bias"])) for layer in _mlp(3, (6, 5, 7, 6))]
+    x = np.random.default_rng(4).normal(size=(64, 4)).astype(np.float32)  # mixed signs
+    for mapping in ([0, 2], [1, 3], [0, 1, 3], [2]):
+        got = alignment.merge_layers(deep, mapping, x, relu_approx=method)
+        want = _paper_merge(deep, mapping, x, method)
+        assert len(got) == len(mapping) + 1
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g["kernel"]), w, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(g["bias"]), 0.0, atol=0)
+
+
+def test_merge_layers_is_exact_where_the_merged_units_stay_positive():
+    # Large positive biases on the merged layers keep their pre-activations positive on X:
+    # the ReLU there is the identity, every gate is 1 and the merged chain is the network.
+    deep = _mlp(5, (6, 6, 6, 6))
+    for i in (1, 2):
+        deep[i] = dict(kernel=np.abs(deep[i]["kernel"]), bias=np.full(6, 50.0, np.float32))
+    for method in ("sum", "majority", "avg"):
+        merged = alignment.merge_layers(deep, [0, 3], X, relu_approx=method)
+        assert [layer["kernel"].shape for layer in merged] == [(4, 6), (6, 6), (6, 3)]
+        np.testing.assert_allclose(dense_forward(merged, X), dense_forward(deep, X), rtol=1e-4)
+    # The last mapped layer is not the last hidden one: what follows joins the output layer.
+    merged = alignment.merge_layers(deep, [0, 1], X)
+    np.testing.assert_allclose(dense_forward(merged, X), dense_forward(deep, X), rtol=1e-4)
+
+
+def test_clafusion_merge_has_the_shallower_shape_and_its_weight_ends():
+    deep, shallow = _mlp(0, (6, 7, 6)), _mlp(1, (5, 6))
+    both = alignment.clafusion(deep, shallow, X, balance="merge", weight=1.0)
+    assert both.padded is None and len(both.merged) == 3
+    assert [layer["kernel"].shape for layer in both.fused] == [(4, 5), (5, 6), (6, 3)]
+    assert_trees_close(both.fused, shallow, rtol=1e-6, atol=1e-6)  # w = 1: the shallower one
+    # w = 0: the merged deeper network moved onto the shallower one's units (equal widths:
+    # a permutation), so the same function.
+    deep, shallow = _mlp(0, (6, 6, 6)), _mlp(1, (6, 6))
+    only = alignment.clafusion(deep, shallow, X, balance="merge", weight=0.0)
+    np.testing.assert_allclose(
+        dense_forward(only.fused, X), dense_forward(only.merged, X), rtol=1e-4, atol=1e-4
+    )
+    added = alignment.clafusion(deep, shallow, X)
+    assert added.merged is None and len(added.fused) == 4
+    np.testing.assert_array_equal(only.mapping, added.mapping)
 
 
 def _as_dict(layers):

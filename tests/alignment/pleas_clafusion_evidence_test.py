@@ -26,13 +26,20 @@ shallower layers to deeper layers (0, 1), (0, 1), (0, 2)::
   deeper / shallower      97.4 / 98.0    98.0 / 98.0    98.0 / 98.0
   vanilla average         22.4           50.1           42.7
   CLAFusion               86.3           92.8           82.0
+  deeper, layers merged   98.0           97.0           95.9
+  vanilla avg. (merged)   41.4           66.6           70.3
+  CLAFusion (merge)       93.5           94.8           95.0
   3 models: vanilla       36.5           61.4           45.8
   3 models: OT fusion     89.1           93.1           92.2
 
 CLAFusion beats the vanilla average of the aligned, padded layers by +63.9 / +42.7 /
 +39.3 points; one-shot (no fine-tuning) it stays below both parents (as in the paper,
-which fine-tunes afterwards). OT fusion of three models beats their vanilla average by
-+52.6 / +31.7 / +46.4.
+which fine-tunes afterwards). CLAFusion's other balancing (``balance="merge"``: the deeper
+model's unmapped layer merged into the next, its ReLU replaced by a per-unit gate) moves its
+accuracy by +0.6 / -1.0 / -2.1 points (the linearisation), then fuses at the shallower depth
++52.1 / +28.2 / +24.7 above the vanilla average of the same two and +7.2 / +2.0 / +13.0
+above identity padding (test loss 0.206 / 0.196 / 0.172 against 0.416 / 0.270 / 0.541).
+OT fusion of three models beats their vanilla average by +52.6 / +31.7 / +46.4.
 """
 
 import numpy as np
@@ -78,6 +85,17 @@ def test_clafusion_beats_the_vanilla_average_of_aligned_layers(clafusion_results
     r = clafusion_results[seed].accuracy
     assert r["CLAFusion"] > r["vanilla average"] + 30
     assert r["CLAFusion"] > 75
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_clafusion_by_layer_merging(clafusion_results, seed):
+    r, loss = clafusion_results[seed].accuracy, clafusion_results[seed].loss
+    # Merging the unmapped layer costs little: the gated ReLU is close on the data.
+    assert r["deeper, layers merged"] > r["deeper model"] - 3
+    assert r["CLAFusion (merge)"] > r["vanilla avg. (merged)"] + 20
+    # At this pair, fusing at the shallower depth beats identity padding.
+    assert r["CLAFusion (merge)"] > r["CLAFusion"] + 1
+    assert loss["CLAFusion (merge)"] < loss["CLAFusion"]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
