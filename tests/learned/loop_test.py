@@ -158,7 +158,8 @@ def test_adamerging_plus_plus_learns_on_trimmed_task_vectors(problem):
 
 def test_atlas_fits_labeled_batches(problem):
     base, fts, data, logits_fn = problem
-    labels = [np.asarray(jnp.argmax(logits_fn(fts[t], t, x), -1)) for t, x in enumerate(data)]
+    predict = jax.jit(lambda p, t, x: jnp.argmax(logits_fn(p, t, x), -1), static_argnums=1)
+    labels = [np.asarray(predict(fts[t], t, x)) for t, x in enumerate(data)]  # not op by op
     labeled = list(zip(data, labels, strict=False))
     res = fj.learned.atlas(base, fts, labeled, logits_fn, num_blocks=3, steps=40, batch_size=16, key=jax.random.key(0))
     assert res.coefficients["l1"]["kernel"].shape == (T, 3)
