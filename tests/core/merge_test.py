@@ -102,7 +102,7 @@ def test_task_arithmetic_is_linear_in_scaling():
 
 def test_scaling_sweep_under_vmap_traces_once():
     base = T.random_model(K(0))
-    fts = T.finetune_like(base, K(1), 2)
+    fts = T.finetune_like(base, K(1), 3)  # T = 3 as elsewhere in this file: the kernels are shared
     lams = jnp.linspace(0.0, 1.0, 5)
     sweep = jax.vmap(lambda lam: fj.merge(base, fts, fj.merging.task_arithmetic(scaling=lam)))
     out = sweep(lams)
@@ -128,7 +128,7 @@ def test_scaling_sweep_under_jit_traces_once():
 
 def test_integer_leaves_pass_through_and_inputs_unchanged():
     base = T.random_model(K(0))
-    fts = T.finetune_like(base, K(1), 2)
+    fts = T.finetune_like(base, K(1), 3)
     before = [jax.tree.map(np.array, m) for m in [base, *fts]]
     out = fj.merge(base, fts, fj.merging.mean())
     assert out["step"].dtype == jnp.int32 and int(out["step"]) == 7

@@ -110,7 +110,7 @@ def setting():
 def test_weights_lie_on_the_simplex(maybe_jit, hidden_sizes):
     """Weights are non-negative and sum to one, for any batch shape."""
     portland = nl.init_portland(jax.random.key(0), 3, D, hidden_sizes=hidden_sizes)
-    feats = 5.0 * jax.random.normal(jax.random.key(1), (3, 2, 9, D))  # batch dims [2, 9]
+    feats = _normal(1, 3, 2, 9, D, scale=5.0)  # batch dims [2, 9]
     w = maybe_jit(nl.portland_weights)(portland, feats)
     assert w.shape == (2, 9, 3)
     assert bool(jnp.all(w >= 0))
@@ -124,7 +124,7 @@ def test_portland_is_the_papers_linear_layer():
     assert list(p) == ["dense_0"]
     assert p["dense_0"]["kernel"].shape == (3 * D, 3)
     assert float(jnp.max(jnp.abs(p["dense_0"]["kernel"]))) <= 1 / np.sqrt(3 * D)
-    feats = jax.random.normal(jax.random.key(1), (3, 5, D))
+    feats = _normal(1, 3, 5, D)
     concat = jnp.concatenate([feats[0], feats[1], feats[2]], axis=1)  # [f_1; f_2; f_3]
     want = jax.nn.softmax(concat @ p["dense_0"]["kernel"] + p["dense_0"]["bias"][None, :])
     np.testing.assert_allclose(nl.portland_weights(p, feats), want, rtol=1e-5, atol=1e-6)
@@ -141,7 +141,7 @@ def test_identical_models_give_back_the_model(setting):
         np.testing.assert_array_equal(np.asarray(a), 0.0)  # no offsets, no NaN
     x = data[0][0]
     feats = nl.expert_features(same, x, features_fn)
-    w = jax.nn.softmax(jax.random.normal(jax.random.key(3), (x.shape[0], 3)))
+    w = jax.nn.softmax(_normal(3, x.shape[0], 3))
     want = normalized_head_fn(0, features_fn(theta, x))
     got_ens = nl.ensemble_logits(w, feats, normalized_head_fn, 0)
     got_merge = nl.merged_logits(
@@ -175,7 +175,7 @@ def test_feature_and_logit_ensembles_agree_for_an_affine_head(setting):
     """Mixing features or logits is the same through a linear head."""
     _, finetuned, data = setting
     feats = nl.expert_features(finetuned, data[0][0], features_fn)
-    w = jax.nn.softmax(jax.random.normal(jax.random.key(4), (feats.shape[1], 3)))
+    w = jax.nn.softmax(_normal(4, feats.shape[1], 3))
     a = nl.ensemble_logits(w, feats, head_fn, 0, level="features")
     b = nl.ensemble_logits(w, feats, head_fn, 0, level="logits")
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -186,7 +186,7 @@ def test_merged_features_do_not_depend_on_the_batch_size(setting):
     base, finetuned, data = setting
     x = data[0][0][:11]
     tvs = _coefficients.stacked_task_vectors(base, finetuned)
-    w = jax.nn.softmax(jax.random.normal(jax.random.key(5), (11, 3)))
+    w = jax.nn.softmax(_normal(5, 11, 3))
     outs = [
         nl.merged_features(base, tvs, w, x, features_fn=features_fn, batch_size=b)
         for b in (1, 4, 64)

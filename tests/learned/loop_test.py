@@ -8,6 +8,11 @@ import pytest
 
 import fusionjax as fj
 from fusionjax._src import training
+from fusionjax.learned import _loop
+
+# The file's tests share two compiled loops (Adam at 1e-2, 8 examples per task, the fixture's
+# logits_fn and clamp): one for "layer" and one for "task" coefficients.
+LR, BATCH = 1e-2, 8
 
 T, D, H, N = 3, 6, 16, 40
 
@@ -47,7 +52,7 @@ def problem():
 
 
 def test_entropy_matches_numpy():
-    z = jax.random.normal(jax.random.key(1), (5, 7)) * 3
+    z = _normal(np.random.default_rng(1), 5, 7, scale=3.0)
     p = np.exp(np.asarray(z, np.float64))
     p /= p.sum(-1, keepdims=True)
     np.testing.assert_allclose(fj.learned.entropy(z), -(p * np.log(p)).sum(-1), rtol=1e-5)
@@ -69,7 +74,7 @@ def test_ready_loop_equals_hand_written_optax_loop(problem):
     base, fts, data, logits_fn = problem
     key, steps = jax.random.key(5), 30
     ready = fj.learned.adamerging(
-        base, fts, data, logits_fn, steps=steps, learning_rate=1e-2, key=key, batch_size=8
+        base, fts, data, logits_fn, steps=steps, learning_rate=LR, key=key, batch_size=BATCH
     )
 
     tvs = fj.learned.stacked_task_vectors(base, fts)
@@ -102,7 +107,7 @@ def test_ready_loop_equals_hand_written_optax_loop(problem):
 def test_jit_and_eager_give_the_same_trajectory(problem, granularity):
     base, fts, data, logits_fn = problem
     kw = dict(
-        steps=8, learning_rate=1e-2, key=jax.random.key(2), batch_size=8, granularity=granularity
+        steps=8, learning_rate=LR, key=jax.random.key(2), batch_size=BATCH, granularity=granularity
     )
     jitted = fj.learned.adamerging(base, fts, data, logits_fn, **kw)
     eager = fj.learned.adamerging(base, fts, data, logits_fn, jit=False, **kw)
@@ -115,7 +120,10 @@ def test_chunking_does_not_change_the_result(problem):
     base, fts, data, logits_fn = problem
     tvs = fj.learned.stacked_task_vectors(base, fts)
     coef = fj.learned.init_coefficients(tvs, granularity="task")
-    kw = dict(optimizer=optax.sgd(0.1), steps=11, batch_size=8, key=jax.random.key(0))
+    # adamerging's own optimizer and clamp: chunk=50 reuses the compiled "task" loop.
+    kw = dict(
+        optimizer=_loop.adam(LR), steps=11, batch_size=BATCH, key=jax.random.key(0), clamp=(0.0, 1.0)
+    )
     a = fj.learned.fit_coefficients(
         fj.learned.adamerging_loss, base, tvs, data, logits_fn, coef, chunk=4, **kw
     )
@@ -129,7 +137,7 @@ def test_chunking_does_not_change_the_result(problem):
 def test_entropy_goes_down_and_params_are_the_merge_of_the_coefficients(problem):
     base, fts, data, logits_fn = problem
     res = fj.learned.adamerging(
-        base, fts, data, logits_fn, steps=60, learning_rate=3e-2, batch_size=16, key=jax.random.key(0))
+        base, fts, data, logits_fn, steps=60, learning_rate=LR, batch_size=BATCH, key=jax.random.key(0))
     assert res.losses[-10:].mean() < res.losses[:10].mean()
     tvs = fj.learned.stacked_task_vectors(base, fts)
     want = fj.learned.combine(base, tvs, res.coefficients, clamp=(0.0, 1.0))
@@ -141,7 +149,8 @@ def test_entropy_goes_down_and_params_are_the_merge_of_the_coefficients(problem)
 def test_adamerging_plus_plus_learns_on_trimmed_task_vectors(problem):
     base, fts, data, logits_fn = problem
     res = fj.learned.adamerging_plus_plus(
-        base, fts, data, logits_fn, steps=2, density=0.1, granularity="task", key=jax.random.key(0))
+        base, fts, data, logits_fn, steps=2, density=0.1, granularity="task",
+        learning_rate=LR, batch_size=BATCH, key=jax.random.key(0))
     # With λ = 0.3 and 10% of each task vector kept, the merge differs from base on few entries.
     changed = float(jnp.mean(res.params["l2"]["kernel"] != base["l2"]["kernel"]))
     assert 0.0 < changed <= 3 * 0.1 + 1e-6
@@ -149,7 +158,8 @@ def test_adamerging_plus_plus_learns_on_trimmed_task_vectors(problem):
 
 def test_atlas_fits_labeled_batches(problem):
     base, fts, data, logits_fn = problem
-    labels = [np.asarray(jnp.argmax(logits_fn(fts[t], t, x), -1)) for t, x in enumerate(data)]
+    predict = jax.jit(lambda p, t, x: jnp.argmax(logits_fn(p, t, x), -1), static_argnums=1)
+    labels = [np.asarray(predict(fts[t], t, x)) for t, x in enumerate(data)]  # not op by op
     labeled = list(zip(data, labels, strict=False))
     res = fj.learned.atlas(base, fts, labeled, logits_fn, num_blocks=3, steps=40, batch_size=16, key=jax.random.key(0))
     assert res.coefficients["l1"]["kernel"].shape == (T, 3)
@@ -160,7 +170,8 @@ def test_progress_callable_is_called(problem):
     base, fts, data, logits_fn = problem
     messages = []
     fj.learned.adamerging(
-        base, fts, data, logits_fn, steps=5, progress=messages.append, granularity="task", key=jax.random.key(0))
+        base, fts, data, logits_fn, steps=5, progress=messages.append, granularity="task",
+        learning_rate=LR, batch_size=BATCH, key=jax.random.key(0))
     assert messages and "step 5/5" in messages[-1]
 
 
@@ -227,7 +238,9 @@ def test_one_compile_serves_models_that_differ_in_their_head_arrays(problem):
 def test_output_is_a_pytree_jit_returns(problem):
     """LearnedMergeOutput holds arrays only: ``jax.jit`` returns it whole."""
     base, fts, data, logits_fn = problem
-    res = fj.learned.adamerging(base, fts, data, logits_fn, steps=2, granularity="task", key=jax.random.key(0))
+    res = fj.learned.adamerging(
+        base, fts, data, logits_fn, steps=2, granularity="task", learning_rate=LR, batch_size=BATCH,
+        key=jax.random.key(0))
     back = jax.jit(lambda out: out)(res)
     assert type(back) is fj.learned.LearnedMergeOutput
     np.testing.assert_array_equal(back.coefficients, res.coefficients)

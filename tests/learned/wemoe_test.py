@@ -148,6 +148,7 @@ def _random_routers(routers, seed=1, scale=0.5):
 # --------------------------------------------------------------------------------------
 
 
+@jax.jit  # one compile per shape instead of one per primitive (an eager vmap)
 def _naive(x, r, w0, b0, tk, tb):
     """Per-row weight matrices W_i = W0 + sum_k r_ik tau_k, the definition."""
     lead, d, e = x.shape[:-1], w0.shape[0], w0.shape[1]
