@@ -23,31 +23,47 @@ def assert_trees_close(a, b, **tol):
         )
 
 
+def _numpy_rng(key):
+    """A NumPy generator seeded from a JAX PRNG key (typed or raw ``uint32``), no XLA compile."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.random.default_rng([int(v) for v in np.asarray(key).ravel()])
+
+
 def random_model(key, *, dtype=jnp.float32, scale=1.0):
-    """A small nested-dict model with a kernel, a bias, a conv-like kernel and an int leaf."""
-    k1, k2, k3, k4 = jax.random.split(key, 4)
+    """A small nested-dict model with a kernel, a bias, a conv-like kernel and an int leaf.
+
+    Drawn with NumPy from a generator seeded by ``key`` and placed with ``jax.device_put``:
+    a ``jax.random`` draw compiles a threefry program per new shape (and ``jnp.asarray`` of a
+    NumPy array a copy program per shape); this compiles nothing.
+    """
+    r = _numpy_rng(key)
+
+    def draw(shape):
+        return jax.device_put(np.asarray(scale * r.normal(size=shape), np.float32).astype(dtype))
+
     return {
-        "dense": {
-            "kernel": (scale * jax.random.normal(k1, (8, 4))).astype(dtype),
-            "bias": (scale * jax.random.normal(k2, (4,))).astype(dtype),
-        },
-        "conv": {"kernel": (scale * jax.random.normal(k3, (3, 3, 2, 5))).astype(dtype)},
-        "scale": (scale * jax.random.normal(k4, ())).astype(dtype),
-        "step": jnp.array(7, jnp.int32),
+        "dense": {"kernel": draw((8, 4)), "bias": draw((4,))},
+        "conv": {"kernel": draw((3, 3, 2, 5))},
+        "scale": draw(()),
+        "step": jax.device_put(np.asarray(7, np.int32)),
     }
 
 
 def finetune_like(base, key, n, *, scale=0.1):
-    """``n`` models near ``base`` (float leaves perturbed, int leaves equal)."""
+    """``n`` models near ``base`` (float leaves perturbed, int leaves equal); NumPy draws."""
+    r = _numpy_rng(key)
+    leaves, treedef = jax.tree.flatten(base)
     out = []
-    for k in jax.random.split(key, n):
-        leaves, treedef = jax.tree.flatten(base)
-        keys = jax.random.split(k, len(leaves))
+    for _ in range(n):
         new = [
-            x + (scale * jax.random.normal(kk, x.shape)).astype(x.dtype)
+            jax.device_put(
+                np.asarray(x)
+                + np.asarray(scale * r.normal(size=x.shape), np.float32).astype(x.dtype)
+            )
             if jnp.issubdtype(x.dtype, jnp.floating)
             else x
-            for x, kk in zip(leaves, keys, strict=False)
+            for x in leaves
         ]
         out.append(treedef.unflatten(new))
     return out

@@ -12,18 +12,19 @@ from fusionjax.cli import _merge
 m = fj.merging
 
 
-def _tree(key, scale=1.0):
-    k1, k2 = jax.random.split(key)
-    return {"model": {"layers": {"0": {"w": scale * jax.random.normal(k1, (3, 5))}},
-                      "norm": {"weight": scale * jax.random.normal(k2, (5,))}}}
+def _tree(seed, scale=1.0):
+    """float32 NumPy draws (a ``jax.random`` draw compiles a threefry program per shape)."""
+    r = np.random.default_rng(seed)
+    return {"model": {"layers": {"0": {"w": (scale * r.normal(size=(3, 5))).astype(np.float32)}},
+                      "norm": {"weight": (scale * r.normal(size=(5,))).astype(np.float32)}}}
 
 
 @pytest.fixture(scope="module")
 def trees():
-    base = _tree(jax.random.key(0))
-    a = jax.tree.map(jnp.add, base, _tree(jax.random.key(1), 0.1))
-    b = jax.tree.map(jnp.add, base, _tree(jax.random.key(2), 0.1))
-    return {"base": base, "a": a, "b": b}
+    base = _tree(0)
+    a = jax.tree.map(np.add, base, _tree(1, 0.1))
+    b = jax.tree.map(np.add, base, _tree(2, 0.1))
+    return jax.device_put({"base": base, "a": a, "b": b})
 
 
 def _run(cfg, trees, torch_layout=True, flip=False):

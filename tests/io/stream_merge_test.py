@@ -18,27 +18,28 @@ from fusionjax import io
 def _model(seed, *, layers=3):
     r = np.random.default_rng(seed)
     m = {
-        "embed": jnp.asarray(r.normal(size=(8, 8)), jnp.float32),
+        "embed": np.asarray(r.normal(size=(8, 8)), np.float32),
         "layers": {
             str(i): {
-                "w": jnp.asarray(r.normal(size=(8, 8)), jnp.float32),
-                "b": jnp.asarray(r.normal(size=8), jnp.bfloat16),
+                "w": np.asarray(r.normal(size=(8, 8)), np.float32),
+                "b": np.asarray(r.normal(size=8), jnp.bfloat16),
             }
             for i in range(layers)
         },
-        "step": jnp.array(3, jnp.int32),
+        "step": np.asarray(3, np.int32),
     }
-    return m
+    # NumPy draws placed with device_put: jnp.asarray compiles a program per shape.
+    return jax.device_put(m)
 
 
 def _near(base, seed):
     r = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda x: (x + jnp.asarray(0.1 * r.normal(size=x.shape), x.dtype))
+    return jax.device_put(jax.tree.map(
+        lambda x: (np.asarray(x) + np.asarray(0.1 * r.normal(size=x.shape), x.dtype))
         if jnp.issubdtype(x.dtype, jnp.floating)
         else x,
         base,
-    )
+    ))
 
 
 BASE = _model(0)
@@ -224,7 +225,7 @@ _WORKER = textwrap.dedent(
 def test_sigkill_half_way_leaves_nothing_complete_and_a_rerun_resumes(tmp_path):
     # 12 leaves of 130x130 (above the small-leaf grouping size): merged one by one, in order.
     r = np.random.default_rng(0)
-    base = {f"l{i:02d}": jnp.asarray(r.normal(size=(130, 130)), jnp.float32) for i in range(12)}
+    base = jax.device_put({f"l{i:02d}": np.asarray(r.normal(size=(130, 130)), np.float32) for i in range(12)})
     fts = [_near(base, s) for s in (1, 2)]
     io.save_safetensors(base, tmp_path / "b.safetensors")
     for i, f in enumerate(fts):

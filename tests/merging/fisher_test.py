@@ -18,38 +18,44 @@ def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
     T.assert_trees_close(a, b, rtol=rtol, atol=atol)
 
 
-def random_params(key):
-    k1, k2, k3 = jax.random.split(key, 3)
+def put(x, dtype=np.float32):
+    """A device array from NumPy (``jax.device_put`` compiles nothing per shape)."""
+    return jax.device_put(np.asarray(x, dtype))
+
+
+def random_params(rng):
+    """Drawn with NumPy: a ``jax.random`` draw compiles a threefry program per shape."""
+    rng = np.random.default_rng(rng)
     return {
         "Dense_0": {
-            "kernel": jax.random.normal(k1, (4, 3)),
-            "bias": jax.random.normal(k2, (3,)),
+            "kernel": put(rng.normal(size=(4, 3))),
+            "bias": put(rng.normal(size=(3,))),
         },
-        "scale": jax.random.normal(k3, ()),
-        "step": jnp.array(7, jnp.int32),
+        "scale": put(rng.normal(size=())),
+        "step": put(7, np.int32),
     }
 
 
-def random_fisher(key, params, scale=1.0):
+def random_fisher(rng, params, scale=1.0):
     """Positive Fishers at float leaves, None at int leaves (like fisher_diagonal)."""
+    rng = np.random.default_rng(rng)
     leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
     out = [
-        scale * jax.random.uniform(k, x.shape, minval=0.1, maxval=2.0)
+        put(scale * rng.uniform(0.1, 2.0, size=x.shape))
         if jnp.issubdtype(x.dtype, jnp.floating)
         else None
-        for k, x in zip(keys, leaves, strict=False)
+        for x in leaves
     ]
     return treedef.unflatten(out)
 
 
 def make_problem(t=3, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 2 * t + 1)
-    base = random_params(keys[0])
-    fts = [random_params(k) for k in keys[1 : t + 1]]
+    rng = np.random.default_rng(seed)
+    base = random_params(rng)
+    fts = [random_params(rng) for _ in range(t)]
     for ft in fts:
         ft["step"] = base["step"]
-    fishers = [random_fisher(k, base) for k in keys[t + 1 :]]
+    fishers = [random_fisher(rng, base) for _ in range(t)]
     return base, fts, fishers
 
 
@@ -135,8 +141,8 @@ def test_equal_fishers_with_weights_is_weighted_mean():
 
 def test_dominating_fisher_selects_that_model():
     base, fts, fishers = make_problem(t=3, seed=4)
-    big = random_fisher(jax.random.key(9), base, scale=1e6)
-    small = random_fisher(jax.random.key(8), base, scale=1e-6)
+    big = random_fisher(9, base, scale=1e6)
+    small = random_fisher(8, base, scale=1e-6)
     stacked = fj.stack([small, big, small])
     got = fj.merge(base, fts, fisher_merging(fisher_floor=1e-12), fishers=stacked)
     assert_trees_close(got, fts[1], rtol=1e-4, atol=1e-4)
@@ -229,6 +235,16 @@ class TinyMLP(nn.Module):
         return nn.Dense(3)(x)
 
 
+def tiny_params(seed):
+    """TinyMLP params of the shapes ``model.init`` gives for 4 inputs, drawn with NumPy.
+
+    ``model.init`` compiles a truncated-normal threefry program per kernel shape.
+    """
+    rng = np.random.default_rng(seed)
+    dense = lambda i, o: {"kernel": put(rng.normal(size=(i, o)) / np.sqrt(i)), "bias": put(0.1 * rng.normal(size=o))}  # noqa: E731, E501
+    return {"Dense_0": dense(4, 5), "Dense_1": dense(5, 3)}
+
+
 def slow_fisher(model, params, xs):
     """Plain loop: per example, per class, one jax.grad of log p(c | x)."""
 
@@ -251,8 +267,8 @@ def slow_fisher(model, params, xs):
 @pytest.fixture(scope="module")
 def tiny_problem():
     model = TinyMLP()
-    xs = jax.random.normal(jax.random.key(1), (7, 4))
-    params = model.init(jax.random.key(0), xs[:1])["params"]
+    xs = put(np.random.default_rng(1).normal(size=(7, 4)))
+    params = tiny_params(0)
     return model, params, xs, slow_fisher(model, params, xs)
 
 
@@ -287,9 +303,9 @@ def test_fisher_diagonal_pytree_inputs_and_int_leaves():
 
 def test_fisher_diagonal_end_to_end_merge():
     model = TinyMLP()
-    xs = jax.random.normal(jax.random.key(2), (6, 4))
-    base = model.init(jax.random.key(0), xs[:1])["params"]
-    fts = [model.init(jax.random.key(k), xs[:1])["params"] for k in (1, 2)]
+    xs = put(np.random.default_rng(2).normal(size=(6, 4)))
+    base = tiny_params(0)
+    fts = [tiny_params(k) for k in (1, 2)]
 
     def logits_fn(p, xb):
         return model.apply({"params": p}, xb)

@@ -22,39 +22,37 @@ def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
 KERNELS = {"dense": ((4, 3), 4), "general": ((4, 2, 3), 4), "conv": ((2, 2, 3, 5), 12)}
 
 
-def random_params(key, kernels):
-    keys = jax.random.split(key, 2 * len(kernels) + 1)
+def put(x):
+    """A float32 device array from NumPy (``jax.device_put`` compiles nothing per shape)."""
+    return jax.device_put(np.asarray(x, np.float32))
+
+
+def random_params(rng, kernels):
     out = {}
-    for j, (name, (shape, _)) in enumerate(kernels.items()):
-        out[name] = {
-            "kernel": jax.random.normal(keys[2 * j], shape),
-            "bias": jax.random.normal(keys[2 * j + 1], shape[-1:]),
-        }
-    out["embed"] = jax.random.normal(keys[-1], (5, 2))
+    for name, (shape, _) in kernels.items():
+        out[name] = {"kernel": put(rng.normal(size=shape)), "bias": put(rng.normal(size=shape[-1:]))}
+    out["embed"] = put(rng.normal(size=(5, 2)))
     return out
 
 
-def random_gram(key, m, rows=None):
-    x = jax.random.normal(key, (rows or 3 * m, m)) * jnp.linspace(0.5, 2.0, m)[None, :]
-    return x.T @ x / x.shape[0]
+def random_gram(rng, m, rows=None):
+    x = rng.normal(size=(rows or 3 * m, m)).astype(np.float32) * np.linspace(0.5, 2.0, m, dtype=np.float32)
+    return put(x.T @ x / x.shape[0])
 
 
 def make_problem(t=3, seed=0, kernels=("dense",)):
     """Models with the given kernels (each with a bias) and an embedding, and Grams.
 
-    Every kernel costs one compiled solve per merge, so most tests use one.
+    Drawn with NumPy (a ``jax.random`` draw compiles a threefry program per shape). Every
+    kernel costs one compiled solve per merge, so most tests use one.
     """
     kernels = {k: KERNELS[k] for k in kernels}
-    keys = jax.random.split(jax.random.key(seed), 2 * t + 1)
-    base = random_params(keys[0], kernels)
-    fts = [random_params(k, kernels) for k in keys[1 : t + 1]]
+    rng = np.random.default_rng(seed)
+    base = random_params(rng, kernels)
+    fts = [random_params(rng, kernels) for _ in range(t)]
     grams = []
-    for k in keys[t + 1 :]:
-        ks = jax.random.split(k, len(kernels))
-        g = {
-            name: {"kernel": random_gram(kk, m), "bias": None}
-            for kk, (name, (_, m)) in zip(ks, kernels.items(), strict=False)
-        }
+    for _ in range(t):
+        g = {name: {"kernel": random_gram(rng, m), "bias": None} for name, (_, m) in kernels.items()}
         g["embed"] = None
         grams.append(g)
     return base, fts, grams
