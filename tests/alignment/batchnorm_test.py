@@ -42,7 +42,7 @@ def random_variables(model, x, seed):
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(model.init, jax.random.key(0), x)
     return jax.tree.map(
-        lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape) + 0.5, s.dtype), shapes
+        lambda s: jax.device_put(np.asarray(0.5 * rng.normal(size=s.shape) + 0.5, s.dtype)), shapes
     )
 
 
@@ -56,7 +56,7 @@ def intermediates(model, v, x):
 def convbn():
     """A ConvBN model, inputs and random variables (a stand-in for a merged model)."""
     net = ConvBN()
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(24, 6, 6, 2)), jnp.float32)
+    x = jax.device_put(np.random.default_rng(0).normal(size=(24, 6, 6, 2)).astype(np.float32))
     merged = random_variables(net, x, 1)
     return net, x, merged
 
@@ -104,7 +104,7 @@ def test_reset_errors(convbn):
 def mlps():
     """A norm-free MLP, inputs and two random endpoints."""
     mlp = MLP()
-    x = jnp.asarray(np.random.default_rng(3).normal(size=(32, 4)), jnp.float32)
+    x = jax.device_put(np.random.default_rng(3).normal(size=(32, 4)).astype(np.float32))
     return mlp, x, random_variables(mlp, x, 4), random_variables(mlp, x, 5)
 
 

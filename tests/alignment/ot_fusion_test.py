@@ -32,8 +32,11 @@ def mlp(seed, w0=8, w1=8, dtype=jnp.float32):
     shapes = [(5, w0), (w0,), (w0, w1), (w1,), (w1, 3), (3,)]
     flat = np.random.default_rng(seed).normal(size=sum(int(np.prod(s)) for s in shapes))
     offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+    # Drawn in float64, rounded to float32 first unless float64 is asked for (as
+    # jnp.asarray did), then put on the device (jnp.asarray compiles a program per shape).
+    wide = jnp.dtype(dtype) == np.float64
     leaves = [
-        jnp.asarray(flat[a:b].reshape(s), dtype)
+        jax.device_put(flat[a:b].reshape(s).astype(np.float64 if wide else np.float32).astype(dtype))
         for a, b, s in zip(offsets[:-1], offsets[1:], shapes, strict=True)
     ]
     return {f"Dense_{i}": {"kernel": leaves[2 * i], "bias": leaves[2 * i + 1]} for i in range(3)}
@@ -71,7 +74,7 @@ def permute(spec, params, seed):
         for a, g in enumerate(axes.get(path_str(kp), ())):
             if g is not None:
                 x = np.take(x, perms[g], axis=a)
-        return jnp.asarray(x)
+        return jax.device_put(x)
 
     return jax.tree_util.tree_map_with_path(leaf, params), perms
 
@@ -82,7 +85,7 @@ def models():
     ref = mlp(0)
     other = mlp(1)
     permuted, perms = permute(SPEC, ref, 2)
-    x = jnp.asarray(np.random.default_rng(3).normal(size=(16, 5)), jnp.float32)
+    x = jax.device_put(np.random.default_rng(3).normal(size=(16, 5)).astype(np.float32))
     return ref, other, permuted, x, perms
 
 
@@ -234,12 +237,12 @@ def test_activation_cost(models):
 def test_transformer_residual_stream_and_attention():
     """Hand spec with a shared residual map, heads, query-key and value groups."""
     model = Transformer(dim=8, depth=1, heads=2, mlp_width=16)
-    x = jnp.asarray(np.random.default_rng(9).normal(size=(4, 8, 8)), jnp.float32)
+    x = jax.device_put(np.random.default_rng(9).normal(size=(4, 8, 8)).astype(np.float32))
     spec = transformer_spec(1)
     shapes = jax.eval_shape(model.init, jax.random.key(0), x)
     rng = np.random.default_rng(10)
     ref, other = (
-        jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes)
+        jax.tree.map(lambda s: jax.device_put(rng.normal(size=s.shape).astype(s.dtype)), shapes)
         for _ in range(2)
     )
     permuted, _ = permute(spec, ref, 12)

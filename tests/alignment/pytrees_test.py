@@ -19,7 +19,7 @@ from tests.alignment.hand_specs_test import numpy_permutations
 from tests.alignment.hand_specs_test import randomize
 
 EXACT = dict(rtol=0, atol=0)
-X = jnp.asarray(np.random.default_rng(1).standard_normal((16, 3), np.float32))
+X = jax.device_put(np.random.default_rng(1).standard_normal((16, 3), np.float32))
 
 
 def eqx_mlp(seed):
@@ -106,8 +106,8 @@ def mlp_dict(seed, dims=(3, 8, 8, 2)):
     r = np.random.default_rng(seed)
     return {
         f"Dense_{i}": {
-            "kernel": jnp.asarray(r.standard_normal((m, n), np.float32)),
-            "bias": jnp.asarray(r.standard_normal((n,), np.float32)),
+            "kernel": jax.device_put(r.standard_normal((m, n), np.float32)),
+            "bias": jax.device_put(r.standard_normal((n,), np.float32)),
         }
         for i, (m, n) in enumerate(zip(dims[:-1], dims[1:], strict=True))
     }

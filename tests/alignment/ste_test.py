@@ -24,7 +24,7 @@ def init(seed):
     r = np.random.default_rng(seed)
     return {
         f"Dense_{i}": {
-            "kernel": jnp.asarray(r.standard_normal((a, b)).astype(np.float32) / np.sqrt(a)),
+            "kernel": jax.device_put(r.standard_normal((a, b)).astype(np.float32) / np.sqrt(a)),
             "bias": jnp.zeros((b,), jnp.float32),
         }
         for i, (a, b) in enumerate(zip(DIMS[:-1], DIMS[1:], strict=True))
@@ -68,7 +68,7 @@ def problem():
     teacher = r.standard_normal((DIMS[0], DIMS[-1])).astype(np.float32)
     y = np.argmax(np.tanh(x @ teacher) + 0.3 * np.sin(3 * x[:, :4]), axis=1)
     y = np.eye(DIMS[-1], dtype=np.float32)[y]
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    x, y = jax.device_put(x), jax.device_put(y)
     a, b = train(init(1), x, y), train(init(2), x, y)
     return a, b, (x, y)
 

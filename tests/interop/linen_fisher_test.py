@@ -44,7 +44,7 @@ class Tokens(nn.Module):
 
 def _normal(seed, shape, scale=1.0):
     """NumPy-drawn float32 normals (no threefry program to compile)."""
-    return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)
+    return jax.device_put((scale * np.random.default_rng(seed).normal(size=shape)).astype(np.float32))
 
 
 def _init(module, x, seed):

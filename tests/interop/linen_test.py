@@ -16,7 +16,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 def _normal(seed, shape, scale=1.0):
     """NumPy-drawn float32 normals (no threefry program to compile)."""
-    return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)
+    return jax.device_put((scale * np.random.default_rng(seed).normal(size=shape)).astype(np.float32))
 
 
 def _init(model, x, seed, **kwargs):
@@ -93,7 +93,7 @@ def _manual_inputs(params, x):
 @pytest.fixture(scope="module")
 def net():
     model = Net()
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((6, 3)), jnp.float32)
+    x = jax.device_put(np.random.default_rng(1).standard_normal((6, 3)).astype(np.float32))
     variables = _init(model, x[:1], 0)
     return model, variables, x
 

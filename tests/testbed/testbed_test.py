@@ -99,7 +99,7 @@ def test_heads_are_fixed(tb):
 
 def test_logits_jit_grad_vmap(tb):
     task = tb.tasks[4]
-    x = jnp.asarray(task.x_test[:16])
+    x = jax.device_put(task.x_test[:16])
     logits = jax.jit(tb.logits, static_argnums=1)
     np.testing.assert_allclose(
         logits(tb.pretrained, 4, x), tb.logits(tb.pretrained, 4, x), rtol=1e-5, atol=1e-4
@@ -110,7 +110,7 @@ def test_logits_jit_grad_vmap(tb):
         return jax.nn.log_softmax(tb.logits(params, 4, xi))[yi]
 
     grads = jax.jit(jax.vmap(jax.grad(log_likelihood), in_axes=(None, 0, 0)))(
-        tb.finetuned[4], x, jnp.asarray(task.y_test[:16])
+        tb.finetuned[4], x, jax.device_put(task.y_test[:16])
     )
     assert jax.tree.map(lambda g: g.shape, grads) == jax.tree.map(
         lambda p: (16,) + p.shape, tb.pretrained
