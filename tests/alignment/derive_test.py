@@ -41,12 +41,12 @@ def mlp_params(widths=(3, 6, 6, 2), seed=0):
     rng = np.random.default_rng(seed)
     p = {}
     for i, (m, n) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-        p[f"w{i}"] = jnp.asarray(rng.standard_normal((m, n), np.float32))
-        p[f"b{i}"] = jnp.asarray(rng.standard_normal(n, np.float32))
+        p[f"w{i}"] = jax.device_put(rng.standard_normal((m, n), np.float32))
+        p[f"b{i}"] = jax.device_put(rng.standard_normal(n, np.float32))
     return p
 
 
-X = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3), np.float32))
+X = jax.device_put(np.random.default_rng(1).standard_normal((4, 3), np.float32))
 
 
 def groups_of(spec):
@@ -164,7 +164,7 @@ def test_scan_and_cond_are_followed_soundly():
         return h @ p["w1"]
 
     p = mlp_params((3, 6, 2)) | {
-        "ws": jnp.asarray(np.random.default_rng(2).standard_normal((3, 6, 6), np.float32))
+        "ws": jax.device_put(np.random.default_rng(2).standard_normal((3, 6, 6), np.float32))
     }
     spec = derive_spec(model, p, X)
     # One permutation for every layer of the stack (the carry is one value).

@@ -49,7 +49,7 @@ def randomize(variables, seed=0):
     for path, x in flat:
         y = 0.5 * rng.standard_normal(x.shape, np.float32)
         leaves.append(
-            jnp.asarray(np.abs(y) + 0.5 if jax.tree_util.keystr(path).endswith("['var']") else y)
+            jax.device_put(np.abs(y) + 0.5 if jax.tree_util.keystr(path).endswith("['var']") else y)
         )
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -64,14 +64,14 @@ def case(name, seed=0):
     """``(apply_fn, variables, input, hand spec)`` with random variables and a random input."""
     model, x, spec = CASES[name]
     variables = randomize(jax.eval_shape(model.init, jax.random.key(0), x), seed)
-    x = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(x.shape, np.float32))
+    x = jax.device_put(np.random.default_rng(seed + 1).standard_normal(x.shape, np.float32))
     return compiled(model.apply), variables, x, spec
 
 
 def numpy_permutations(spec, variables, seed=1):
     """One random permutation per group (NumPy, so nothing compiles)."""
     rng = np.random.default_rng(seed)
-    return {k: jnp.asarray(rng.permutation(n)) for k, n in spec.sizes(variables).items()}
+    return {k: jax.device_put(rng.permutation(n)) for k, n in spec.sizes(variables).items()}
 
 
 def permute(spec, perms, variables):
@@ -83,7 +83,7 @@ def permute(spec, perms, variables):
         for axis, group in enumerate(axes.get(path_str(keypath), ())):
             if group is not None:
                 x = np.take(x, np.asarray(perms[group]), axis=axis)
-        return jnp.asarray(x)
+        return jax.device_put(x)
 
     return jax.tree_util.tree_map_with_path(move, variables)
 

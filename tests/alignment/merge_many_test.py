@@ -37,7 +37,7 @@ def permuted_copy(params, seed):
         "Dense_1": {"kernel": d1["kernel"][p0][:, p1], "bias": d1["bias"][p1]},
         "Dense_2": {"kernel": d2["kernel"][p1], "bias": d2["bias"]},
     }
-    return jax.tree.map(jnp.asarray, out)
+    return jax.tree.map(jax.device_put, out)
 
 
 def assert_trees_equal(a, b, atol=0.0):
@@ -99,4 +99,4 @@ def test_errors():
         merge_many(SPEC, [base])
     bad = mlp(0, dims=(16, 12, 10, 4))
     with pytest.raises(ValueError, match=r"models\[1\].*\['Dense_2'\]\['bias'\]"):
-        merge_many(SPEC, [jax.tree.map(jnp.asarray, base), jax.tree.map(jnp.asarray, bad)])
+        merge_many(SPEC, [jax.tree.map(jax.device_put, base), jax.tree.map(jax.device_put, bad)])

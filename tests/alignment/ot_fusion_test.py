@@ -32,8 +32,11 @@ def mlp(seed, w0=8, w1=8, dtype=jnp.float32):
     shapes = [(5, w0), (w0,), (w0, w1), (w1,), (w1, 3), (3,)]
     flat = np.random.default_rng(seed).normal(size=sum(int(np.prod(s)) for s in shapes))
     offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+    # Drawn in float64, rounded to float32 first unless float64 is asked for (as
+    # jnp.asarray did), then put on the device (jnp.asarray compiles a program per shape).
+    wide = jnp.dtype(dtype) == np.float64
     leaves = [
-        jnp.asarray(flat[a:b].reshape(s), dtype)
+        jax.device_put(flat[a:b].reshape(s).astype(np.float64 if wide else np.float32).astype(dtype))
         for a, b, s in zip(offsets[:-1], offsets[1:], shapes, strict=True)
     ]
     return {f"Dense_{i}": {"kernel": leaves[2 * i], "bias": leaves[2 * i + 1]} for i in range(3)}
@@ -71,7 +74,7 @@ def permute(spec, params, seed):
         for a, g in enumerate(axes.get(path_str(kp), ())):
             if g is not None:
                 x = np.take(x, perms[g], axis=a)
-        return jnp.asarray(x)
+        return jax.device_put(x)
 
     return jax.tree_util.tree_map_with_path(leaf, params), perms
 
@@ -82,7 +85,7 @@ def models():
     ref = mlp(0)
     other = mlp(1)
     permuted, perms = permute(SPEC, ref, 2)
-    x = jnp.asarray(np.random.default_rng(3).normal(size=(16, 5)), jnp.float32)
+    x = jax.device_put(np.random.default_rng(3).normal(size=(16, 5)).astype(np.float32))
     return ref, other, permuted, x, perms
 
 
@@ -173,7 +176,7 @@ def test_widened_copy_is_folded_back_exactly(models, direction):
 def test_marginal_correction():
     """Write maps divide by the ref marginals, read maps by the other marginals."""
     # An unbalanced coupling (as an unconverged Sinkhorn returns): 3 other x 2 ref units.
-    t = jnp.array([[0.2, 0.1], [0.0, 0.3], [0.1, 0.3]])
+    t = jax.device_put(np.array([[0.2, 0.1], [0.0, 0.3], [0.1, 0.3]], np.float32))
     maps = jax.jit(transport_maps, static_argnames="marginal_correction")  # not op by op
     write, read = maps(t)
     np.testing.assert_allclose(write, t / t.sum(0)[None], rtol=1e-6)  # T diag(1/beta)
@@ -183,16 +186,16 @@ def test_marginal_correction():
     w_uniform, r_uniform = maps(t, marginal_correction=False)
     np.testing.assert_allclose(w_uniform, 2 * t, rtol=1e-6)  # divides by 1/n, 1/m instead
     np.testing.assert_allclose(r_uniform, 3 * t, rtol=1e-6)
-    np.testing.assert_allclose(maps(jnp.eye(4) / 4)[0], jnp.eye(4))
+    np.testing.assert_allclose(maps(jax.device_put(np.eye(4, dtype=np.float32) / 4))[0], np.eye(4))
     # A boolean array flag (as an OTFusionOutput returned from jit holds) selects the same.
     flag_maps = jax.jit(lambda t, flag: transport_maps(t, marginal_correction=flag))
-    np.testing.assert_allclose(flag_maps(t, jnp.asarray(False))[0], w_uniform, rtol=1e-6)
-    np.testing.assert_allclose(flag_maps(t, jnp.asarray(True))[1], read, rtol=1e-6)
+    np.testing.assert_allclose(flag_maps(t, jax.device_put(np.asarray(False)))[0], w_uniform, rtol=1e-6)
+    np.testing.assert_allclose(flag_maps(t, jax.device_put(np.asarray(True)))[1], read, rtol=1e-6)
 
     # A constant written unit stays constant under a soft map of any widths.
     ref = mlp(7)
     other = mlp(8, 16, 16)
-    other["Dense_0"]["bias"] = jnp.full(16, 0.3)
+    other["Dense_0"]["bias"] = jax.device_put(np.full(16, 0.3, np.float32))
     out = ot_fusion(SPEC, ref, other, solver="sinkhorn", epsilon=0.5)
     np.testing.assert_allclose(out.aligned["Dense_0"]["bias"], 0.3, rtol=1e-5)
 
@@ -234,12 +237,12 @@ def test_activation_cost(models):
 def test_transformer_residual_stream_and_attention():
     """Hand spec with a shared residual map, heads, query-key and value groups."""
     model = Transformer(dim=8, depth=1, heads=2, mlp_width=16)
-    x = jnp.asarray(np.random.default_rng(9).normal(size=(4, 8, 8)), jnp.float32)
+    x = jax.device_put(np.random.default_rng(9).normal(size=(4, 8, 8)).astype(np.float32))
     spec = transformer_spec(1)
     shapes = jax.eval_shape(model.init, jax.random.key(0), x)
     rng = np.random.default_rng(10)
     ref, other = (
-        jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes)
+        jax.tree.map(lambda s: jax.device_put(rng.normal(size=s.shape).astype(s.dtype)), shapes)
         for _ in range(2)
     )
     permuted, _ = permute(spec, ref, 12)
@@ -274,7 +277,8 @@ def test_apply_transports_and_roles(models):
 @pytest.mark.parametrize("solver,w_other", [("exact", 8), ("sinkhorn", 8), ("exact", 16)])
 def test_bf16_models_are_fused_in_float32_and_returned_in_bf16(solver, w_other):
     """bf16 in, bf16 out: the float32 fusion of the same (upcast) values, cast to bf16."""
-    to = lambda tree, dt: jax.tree.map(lambda a: a.astype(dt), tree)  # noqa: E731
+    # Cast on the host (the same rounding as XLA's convert): no program per leaf shape.
+    to = lambda tree, dt: jax.tree.map(lambda a: jax.device_put(np.asarray(a).astype(dt)), tree)  # noqa: E731
     ref = to(mlp(0), jnp.bfloat16)
     other = to(mlp(1, w_other, w_other), jnp.bfloat16)
     out = ot_fusion(SPEC, ref, other, solver=solver, weight=0.3)
@@ -312,11 +316,11 @@ def test_errors(models):
     """Errors name the path, the group or the hyperparameter."""
     ref, other, _, _, _ = models
     bad = jax.tree.map(lambda a: a, other)
-    bad["Dense_2"]["bias"] = jnp.zeros(4)
+    bad["Dense_2"]["bias"] = jax.device_put(np.zeros(4, np.float32))
     with pytest.raises(ValueError, match=r"'Dense_2/bias': shape \(4,\) != \(3,\)"):
         ot_fusion(SPEC, ref, bad)
     bad = jax.tree.map(lambda a: a, other)
-    bad["Dense_0"]["kernel"] = jnp.zeros((6, 8))
+    bad["Dense_0"]["kernel"] = jax.device_put(np.zeros((6, 8), np.float32))
     with pytest.raises(ValueError, match=r"'Dense_0/kernel': axis 0 has 6 != 5"):
         ot_fusion(SPEC, ref, bad)
     bad = jax.tree.map(lambda a: a, other)
@@ -326,7 +330,9 @@ def test_errors(models):
     ):
         ot_fusion(SPEC, ref, bad)
     bad = jax.tree.map(lambda a: a, other)
-    bad["Dense_1"]["kernel"] = bad["Dense_1"]["kernel"].at[0, 0].set(jnp.nan)
+    nan = np.array(bad["Dense_1"]["kernel"])
+    nan[0, 0] = np.nan
+    bad["Dense_1"]["kernel"] = jax.device_put(nan)
     with pytest.raises(ValueError, match=r"other has NaN or Inf values at \['Dense_1'\]\['kernel'\]"):
         ot_fusion(SPEC, ref, bad)
     with pytest.raises(ValueError, match=r"weight must lie in \[0.0, 1.0\]"):
@@ -341,4 +347,4 @@ def test_errors(models):
     with pytest.raises(ValueError, match="group 'h' appears on no leaf exactly once"):
         ot_fusion(square, ref, other)
     with pytest.raises(ValueError, match=r"lcm\(97, 89\) = 8633 replicas"):
-        solve_transport(jnp.zeros((97, 89)))
+        solve_transport(jax.device_put(np.zeros((97, 89), np.float32)))

@@ -24,8 +24,8 @@ def init(seed):
     r = np.random.default_rng(seed)
     return {
         f"Dense_{i}": {
-            "kernel": jnp.asarray(r.standard_normal((a, b)).astype(np.float32) / np.sqrt(a)),
-            "bias": jnp.zeros((b,), jnp.float32),
+            "kernel": jax.device_put(r.standard_normal((a, b)).astype(np.float32) / np.sqrt(a)),
+            "bias": jax.device_put(np.zeros((b,), np.float32)),
         }
         for i, (a, b) in enumerate(zip(DIMS[:-1], DIMS[1:], strict=True))
     }
@@ -68,7 +68,7 @@ def problem():
     teacher = r.standard_normal((DIMS[0], DIMS[-1])).astype(np.float32)
     y = np.argmax(np.tanh(x @ teacher) + 0.3 * np.sin(3 * x[:, :4]), axis=1)
     y = np.eye(DIMS[-1], dtype=np.float32)[y]
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    x, y = jax.device_put(x), jax.device_put(y)
     a, b = train(init(1), x, y), train(init(2), x, y)
     return a, b, (x, y)
 
@@ -83,7 +83,11 @@ eval_loss = jax.jit(loss_fn)
 
 def test_ste_midpoint_loss_not_worse_than_weight_matching(problem):
     a, b, (x, y) = problem
-    batches = [(x[i : i + 128], y[i : i + 128]) for i in range(0, 512, 128)] * 8
+    x_np, y_np = np.asarray(x), np.asarray(y)  # sliced on the host: no slicing programs
+    batches = [
+        (jax.device_put(x_np[i : i + 128]), jax.device_put(y_np[i : i + 128]))
+        for i in range(0, 512, 128)
+    ] * 8
     wm = weight_matching(SPEC, a, b)
     out, trace = _ste_matching(
         SPEC,
@@ -126,7 +130,7 @@ def test_ste_gradient_is_straight_through(problem):
     for p, q, g in zip(
         jax.tree.leaves(proxy), jax.tree.leaves(a), jax.tree.leaves(grads), strict=True
     ):
-        np.testing.assert_allclose(p, q - 0.5 * g, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p, np.asarray(q) - 0.5 * np.asarray(g), rtol=1e-5, atol=1e-6)
 
 
 def test_ste_errors(problem):
@@ -136,6 +140,9 @@ def test_ste_errors(problem):
     with pytest.raises(ValueError, match="steps"):
         ste_matching(SPEC, a, b, loss_fn, [batch], steps=0)
     bad = jax.tree.map(lambda u: u, b)
-    bad["Dense_1"] = {"kernel": jnp.zeros((32, 5)), "bias": bad["Dense_1"]["bias"]}
+    bad["Dense_1"] = {
+        "kernel": jax.device_put(np.zeros((32, 5), np.float32)),
+        "bias": bad["Dense_1"]["bias"],
+    }
     with pytest.raises(ValueError, match=r"\['Dense_1'\]\['kernel'\]"):
         ste_matching(SPEC, a, bad, loss_fn, [batch])

@@ -14,6 +14,26 @@ from fusionjax.merging import regmean
 RTOL, ATOL = 1e-5, 1e-6
 
 
+def _normal(seed, shape, scale=1.0):
+    """NumPy-drawn float32 normals (no threefry program to compile)."""
+    return jax.device_put((scale * np.random.default_rng(seed).normal(size=shape)).astype(np.float32))
+
+
+def _init(model, x, seed, **kwargs):
+    """``model``'s variables, shapes from ``init`` (traced only), values drawn in NumPy.
+
+    Kernels are LeCun-normal as flax's default initialiser; other leaves are drawn too.
+    """
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **kwargs), x)
+    leaves, treedef = jax.tree.flatten(shapes)
+    return treedef.unflatten(
+        [
+            _normal((seed, i), s.shape, 1 / np.sqrt(s.shape[0]) if s.ndim == 2 else 0.1)
+            for i, s in enumerate(leaves)
+        ]
+    )
+
+
 @pytest.fixture(autouse=True)
 def _strict_promotion():
     with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
@@ -73,8 +93,8 @@ def _manual_inputs(params, x):
 @pytest.fixture(scope="module")
 def net():
     model = Net()
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((6, 3)), jnp.float32)
-    variables = model.init(jax.random.key(0), x[:1])
+    x = jax.device_put(np.random.default_rng(1).standard_normal((6, 3)).astype(np.float32))
+    variables = _init(model, x[:1], 0)
     return model, variables, x
 
 
@@ -97,8 +117,8 @@ def test_capture_dense_inputs_matches_manual_forward(net, jit):
 
 def test_capture_flattens_leading_axes():
     model = nn.Dense(3)
-    x = jax.random.normal(jax.random.key(0), (2, 5, 4))
-    variables = model.init(jax.random.key(1), x)
+    x = _normal(0, (2, 5, 4))
+    variables = _init(model, x, 1)
     got = capture_dense_inputs(model, variables, x)
     np.testing.assert_array_equal(got["kernel"], x.reshape(10, 4))
     assert got["bias"] is None
@@ -113,7 +133,7 @@ def test_capture_passes_apply_kwargs():
 
     model = Drop()
     x = jnp.ones((8, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
+    variables = _init(model, x, 0, train=False)
     eval_in = capture_dense_inputs(model, variables, x, train=False)
     np.testing.assert_array_equal(eval_in["Dense_0"]["kernel"], x)
     train_in = capture_dense_inputs(
@@ -124,7 +144,7 @@ def test_capture_passes_apply_kwargs():
 
 def test_capture_errors():
     model = nn.Dense(2)
-    variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    variables = _init(model, jnp.ones((1, 3)), 0)
     with pytest.raises(ValueError, match="'params'"):
         capture_dense_inputs(model, variables["params"], jnp.ones((1, 3)))
 
@@ -152,10 +172,9 @@ def test_dense_grams(net, batch_size):
 def test_stacked_dense_grams_merge_linear_models_by_least_squares():
     """End to end: RegMean(alpha=1) of linear models solves the stacked regression."""
     model = nn.Dense(3, use_bias=False)
-    keys = jax.random.split(jax.random.key(0), 6)
-    xs = [jax.random.normal(k, (40, 5)) * (i + 1.0) for i, k in enumerate(keys[:2])]
-    base = model.init(keys[2], xs[0][:1])["params"]
-    fts = [model.init(k, xs[0][:1])["params"] for k in keys[3:5]]
+    xs = [_normal(i, (40, 5), i + 1.0) for i in range(2)]
+    base = _init(model, xs[0][:1], 2)["params"]
+    fts = [_init(model, xs[0][:1], seed)["params"] for seed in (3, 4)]
     grams = fj.stack([dense_grams(model, {"params": p}, x) for p, x in zip(fts, xs, strict=False)])
     merged = fj.merge(base, fts, regmean(alpha=1.0), grams=grams)
     a = np.concatenate([np.asarray(x, np.float64) for x in xs])
@@ -189,9 +208,9 @@ class Counting(nn.Module):
 
 def test_dense_grams_kwargs_and_one_compile_per_architecture():
     model = Counting()
-    x = jax.random.normal(jax.random.key(0), (6, 3))
-    p0 = model.init(jax.random.key(1), x, train=False)
-    p1 = model.init(jax.random.key(2), x, train=False)
+    x = _normal(0, (6, 3))
+    p0 = _init(model, x, 1, train=False)
+    p1 = _init(model, x, 2, train=False)
     g0 = dense_grams(model, p0, x, batch_size=3, train=False)
     n = len(TRACES)
     g1 = dense_grams(model, p1, x, batch_size=3, train=False)
