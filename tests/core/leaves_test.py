@@ -90,5 +90,5 @@ def test_integer_leaves_of_nnx_rng_count_must_match():
     base = T.random_model(K(0))
     ft = dict(T.finetune_like(base, K(1), 1)[0])
     ft["step"] = jnp.array(8, jnp.int32)
-    with pytest.raises(ValueError, match=r"finetuned\[0\] differs from base at \['step'\]: .*not floating point"):
+    with pytest.raises(ValueError, match=r"finetuned\[0\] differs from base at \['step'\]: .*not a floating-point array"):
         fj.merge(base, [ft], fj.merging.mean())

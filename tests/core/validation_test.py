@@ -99,7 +99,7 @@ def test_nonfinite_check_can_be_disabled(models):
 def test_integer_leaf_must_match(models):
     base, fts = models
     fts[1]["step"] = jnp.array(8, jnp.int32)
-    with pytest.raises(ValueError, match=r"finetuned\[1\] differs from base at \['step'\]: .*not floating point"):
+    with pytest.raises(ValueError, match=r"finetuned\[1\] differs from base at \['step'\]: .*not a floating-point array"):
         fj.merge(base, fts, fj.merging.mean())
 
 
