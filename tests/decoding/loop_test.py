@@ -62,9 +62,10 @@ def test_per_model_prompts_left_padded_equal_unpadded_single_rows(lms):
     # Every member has its own prompt length; row 1 is shorter than row 0 in each, so it is
     # left-padded by a different amount per member (3, 5 and 3 pads). Its batched tokens
     # must equal an unpadded run of row 1 alone (row 0 has no pads; a single run of it
-    # would only cost one more compile).
+    # would only cost one more compile). The padded widths (5, 8, 8) are the `prompts`
+    # fixture's, so the batched run reuses the loop compiled for the other proxy tests.
     rng = np.random.default_rng(1)
-    lengths = {"strong": [6, 3], "expert": [7, 2], "base": [4, 1]}
+    lengths = {"strong": [5, 2], "expert": [8, 3], "base": [8, 5]}
     rows = {n: [rng.integers(1, VOCAB, k) for k in ls] for n, ls in lengths.items()}
 
     def left_pad(seqs):
@@ -81,22 +82,22 @@ def test_per_model_prompts_left_padded_equal_unpadded_single_rows(lms):
     np.testing.assert_allclose(batched.token_log_probs[1], out.token_log_probs[0], atol=1e-4)
 
 
-def mean_of_experts(logits):
-    strong, experts = logits
-    return jax.nn.log_softmax(strong + jnp.mean(jax.nn.log_softmax(experts), axis=0))
-
-
-def mean_of_separate(logits):
-    return mean_of_experts([logits[0], jnp.stack(logits[1:])])
+def proxy_of_stacked(logits, alpha):
+    """``proxy`` with expert and base stacked in one member (order-sensitive, unlike a mean)."""
+    strong, pair = logits
+    return proxy([strong, pair[0], pair[1]], alpha)
 
 
 def test_stacked_experts_equal_separate_members(lms, prompts):
-    names = ["expert", "expert2", "expert3"]
+    # The separate members are the other proxy tests' ones (same shapes, same fuse): only
+    # the stacked run compiles a new loop.
+    names = ["expert", "base"]
+    alpha = (jnp.float32(1.0),)
     strong = member(lms, "strong", prompts["strong"])
     stacked = member(lms, "expert", prompts["expert"], stacked_names=names)
     separate = [member(lms, n, prompts["expert"]) for n in names]
-    a = decoding.generate([strong, stacked], mean_of_experts, max_new_tokens=N)
-    b = decoding.generate([strong, *separate], mean_of_separate, max_new_tokens=N)
+    a = decoding.generate([strong, stacked], proxy_of_stacked, max_new_tokens=N, fuse_args=alpha)
+    b = decoding.generate([strong, *separate], proxy, max_new_tokens=N, fuse_args=alpha)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.token_log_probs, b.token_log_probs, atol=1e-5)
 
