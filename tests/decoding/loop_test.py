@@ -13,6 +13,8 @@ from tests.decoding.conftest import hand_greedy
 from tests.decoding.conftest import proxy
 
 N = 5
+# Stop ids no model draws: runs that stop nowhere share the stop test's compiled loop.
+NO_STOPS = dict(stop_tokens=(-1, -1), pad_token=-7)
 
 
 def member(lms, name, prompt, lengths=None, stacked_names=None):
@@ -53,7 +55,7 @@ def test_proxy_tuning_with_expert_equal_to_base_is_the_strong_model(lms, prompts
         member(lms, "base", shared),
     ]
     fused = decoding.generate(members, proxy, max_new_tokens=N, fuse_args=(jnp.float32(1.5),))
-    alone = decoding.generate(members[:1], first, max_new_tokens=N)
+    alone = decoding.generate(members[:1], with_alpha, max_new_tokens=N, **NO_STOPS)
     np.testing.assert_array_equal(fused.tokens, alone.tokens)
     np.testing.assert_allclose(fused.token_log_probs, alone.token_log_probs, atol=1e-5)
 
@@ -111,9 +113,7 @@ def with_alpha(logits):
 def test_stop_tokens_end_rows_pad_the_rest_and_aux_is_recorded(lms, prompts):
     members = [member(lms, "strong", prompts["strong"])]
     # Two stop ids in every call: the values are traced, so the three calls share a program.
-    free = decoding.generate(
-        members, with_alpha, max_new_tokens=N, stop_tokens=(-1, -1), pad_token=-7
-    )
+    free = decoding.generate(members, with_alpha, max_new_tokens=N, **NO_STOPS)
     stop = int(free.tokens[0, 2])
     out = decoding.generate(
         members, with_alpha, max_new_tokens=N, stop_tokens=(stop, -1), pad_token=-7
@@ -178,7 +178,7 @@ def test_under_jit_compiled_once_for_two_prompts(lms, prompts):
     assert len(traces) == n_traces  # no retrace for new prompt values
     assert isinstance(out2, decoding.GenerateOutput)
     ref = decoding.generate(
-        [decoding.Member(model, variables, p1, lengths)], first, max_new_tokens=N
+        [decoding.Member(model, variables, p1, lengths)], with_alpha, max_new_tokens=N, **NO_STOPS
     )
     np.testing.assert_array_equal(out1.tokens, ref.tokens)
     assert not np.array_equal(out1.tokens, out2.tokens)
