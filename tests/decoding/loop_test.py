@@ -13,6 +13,8 @@ from tests.decoding.conftest import hand_greedy
 from tests.decoding.conftest import proxy
 
 N = 5
+# Stop ids no model draws: runs that stop nowhere share the stop test's compiled loop.
+NO_STOPS = dict(stop_tokens=(-1, -1), pad_token=-7)
 
 
 def member(lms, name, prompt, lengths=None, stacked_names=None):
@@ -53,7 +55,7 @@ def test_proxy_tuning_with_expert_equal_to_base_is_the_strong_model(lms, prompts
         member(lms, "base", shared),
     ]
     fused = decoding.generate(members, proxy, max_new_tokens=N, fuse_args=(jnp.float32(1.5),))
-    alone = decoding.generate(members[:1], first, max_new_tokens=N)
+    alone = decoding.generate(members[:1], with_alpha, max_new_tokens=N, **NO_STOPS)
     np.testing.assert_array_equal(fused.tokens, alone.tokens)
     np.testing.assert_allclose(fused.token_log_probs, alone.token_log_probs, atol=1e-5)
 
@@ -62,9 +64,10 @@ def test_per_model_prompts_left_padded_equal_unpadded_single_rows(lms):
     # Every member has its own prompt length; row 1 is shorter than row 0 in each, so it is
     # left-padded by a different amount per member (3, 5 and 3 pads). Its batched tokens
     # must equal an unpadded run of row 1 alone (row 0 has no pads; a single run of it
-    # would only cost one more compile).
+    # would only cost one more compile). The padded widths (5, 8, 8) are the `prompts`
+    # fixture's, so the batched run reuses the loop compiled for the other proxy tests.
     rng = np.random.default_rng(1)
-    lengths = {"strong": [6, 3], "expert": [7, 2], "base": [4, 1]}
+    lengths = {"strong": [5, 2], "expert": [8, 3], "base": [8, 5]}
     rows = {n: [rng.integers(1, VOCAB, k) for k in ls] for n, ls in lengths.items()}
 
     def left_pad(seqs):
@@ -81,22 +84,22 @@ def test_per_model_prompts_left_padded_equal_unpadded_single_rows(lms):
     np.testing.assert_allclose(batched.token_log_probs[1], out.token_log_probs[0], atol=1e-4)
 
 
-def mean_of_experts(logits):
-    strong, experts = logits
-    return jax.nn.log_softmax(strong + jnp.mean(jax.nn.log_softmax(experts), axis=0))
-
-
-def mean_of_separate(logits):
-    return mean_of_experts([logits[0], jnp.stack(logits[1:])])
+def proxy_of_stacked(logits, alpha):
+    """``proxy`` with expert and base stacked in one member (order-sensitive, unlike a mean)."""
+    strong, pair = logits
+    return proxy([strong, pair[0], pair[1]], alpha)
 
 
 def test_stacked_experts_equal_separate_members(lms, prompts):
-    names = ["expert", "expert2", "expert3"]
+    # The separate members are the other proxy tests' ones (same shapes, same fuse): only
+    # the stacked run compiles a new loop.
+    names = ["expert", "base"]
+    alpha = (jnp.float32(1.0),)
     strong = member(lms, "strong", prompts["strong"])
     stacked = member(lms, "expert", prompts["expert"], stacked_names=names)
     separate = [member(lms, n, prompts["expert"]) for n in names]
-    a = decoding.generate([strong, stacked], mean_of_experts, max_new_tokens=N)
-    b = decoding.generate([strong, *separate], mean_of_separate, max_new_tokens=N)
+    a = decoding.generate([strong, stacked], proxy_of_stacked, max_new_tokens=N, fuse_args=alpha)
+    b = decoding.generate([strong, *separate], proxy, max_new_tokens=N, fuse_args=alpha)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.token_log_probs, b.token_log_probs, atol=1e-5)
 
@@ -110,9 +113,7 @@ def with_alpha(logits):
 def test_stop_tokens_end_rows_pad_the_rest_and_aux_is_recorded(lms, prompts):
     members = [member(lms, "strong", prompts["strong"])]
     # Two stop ids in every call: the values are traced, so the three calls share a program.
-    free = decoding.generate(
-        members, with_alpha, max_new_tokens=N, stop_tokens=(-1, -1), pad_token=-7
-    )
+    free = decoding.generate(members, with_alpha, max_new_tokens=N, **NO_STOPS)
     stop = int(free.tokens[0, 2])
     out = decoding.generate(
         members, with_alpha, max_new_tokens=N, stop_tokens=(stop, -1), pad_token=-7
@@ -177,7 +178,7 @@ def test_under_jit_compiled_once_for_two_prompts(lms, prompts):
     assert len(traces) == n_traces  # no retrace for new prompt values
     assert isinstance(out2, decoding.GenerateOutput)
     ref = decoding.generate(
-        [decoding.Member(model, variables, p1, lengths)], first, max_new_tokens=N
+        [decoding.Member(model, variables, p1, lengths)], with_alpha, max_new_tokens=N, **NO_STOPS
     )
     np.testing.assert_array_equal(out1.tokens, ref.tokens)
     assert not np.array_equal(out1.tokens, out2.tokens)

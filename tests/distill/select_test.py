@@ -124,8 +124,9 @@ def test_profuser_modes_and_schedule():
         (lambda: distill.select_sources(np.zeros((2, M), np.float32), k=1,
                                         strengths=np.ones((2, 3), np.float32)), ValueError, "strengths"),
         (lambda: distill.init_selector(jax.random.key(0), 0, M), ValueError, "feature_dim"),
-        (lambda: distill.selector_scores(distill.init_selector(jax.random.key(0), D, M),
-                                         np.zeros((2, D + 1), np.float32)), ValueError, "features"),
+        (lambda: distill.selector_scores(  # the training test's selector: no new init draws
+            distill.init_selector(jax.random.key(0), D, M, hidden_dim=6, noise=True),
+            np.zeros((2, D + 1), np.float32)), ValueError, "features"),
         (lambda: distill.fuse_selected(np.zeros((M, 2, V), np.float32), np.ones((3, M), np.float32)),
          ValueError, "weights"),
         (lambda: distill.selection_feedback_loss(np.ones((2, M), np.float32), where=np.ones(3, bool)),

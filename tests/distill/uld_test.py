@@ -150,6 +150,11 @@ def test_bad_input_raises_clear_errors():
         distill.uld_loss(zs, y[:, :-1], zt)
 
 
+# The student's gradient, one program per teacher form (an eager grad compiles the forward,
+# its linearisation and transpose apiece); module level, so both parametrizations share it.
+_grad_uld = jax.jit(jax.grad(lambda z, t: distill.uld_distance(z, t)))
+
+
 @pytest.mark.parametrize("standardize", [False, True])
 def test_precomputed_teacher_head_gives_the_logits_value(standardize):
     zs, zt = _normal(20, (B, L, VS)), _normal(21, (B, L, VT))
@@ -162,8 +167,7 @@ def test_precomputed_teacher_head_gives_the_logits_value(standardize):
     # Without k the missing tail counts as zeros: the value moves, the student's gradient
     # does not while the head is at least the student's vocabulary size.
     wide = distill.uld_teacher_targets(zt, k=VS)
-    grad = jax.grad(lambda z, t: distill.uld_distance(z, t))
-    _close(grad(zs, wide), grad(zs, zt), rtol=1e-5, atol=1e-6)
+    _close(_grad_uld(zs, wide), _grad_uld(zs, zt), rtol=1e-5, atol=1e-6)
     tail = 1.0 - np.exp(np.asarray(wide.log_probs, np.float64)).sum(-1).mean()
     gap = float(distill.uld_distance(zs, zt)) - float(distill.uld_distance(zs, wide))
     np.testing.assert_allclose(gap, tail, rtol=1e-4, atol=1e-6)

@@ -1,5 +1,7 @@
 """Dynamic Logit Fusion: the derivative identities, exact vs grid, several experts, masks."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +13,17 @@ from fusionjax.logits import _dynamic
 
 def _models(seed, shape, *, scale=1.0, expert_shift=0.5):
     """The inputs the solver was developed on (``jax.random``: the two-basin cases)."""
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    strong = scale * jax.random.normal(k1, shape)
-    base = scale * jax.random.normal(k2, shape)
-    expert = base + expert_shift * scale * jax.random.normal(k3, shape)
+    n1, n2, n3 = _normals(jax.random.key(seed), shape=shape)
+    strong = scale * n1
+    base = scale * n2
+    expert = base + expert_shift * scale * n3
     return strong, expert, base
+
+
+@functools.partial(jax.jit, static_argnames="shape")
+def _normals(key, *, shape):  # the same draws, one program per shape (not split + normal)
+    k1, k2, k3 = jax.random.split(key, 3)
+    return jax.random.normal(k1, shape), jax.random.normal(k2, shape), jax.random.normal(k3, shape)
 
 
 def _small(seed, shape, *, scale=1.0, expert_shift=0.5):
