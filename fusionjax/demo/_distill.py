@@ -426,13 +426,20 @@ def graph_weight(tb, batch: dict[str, np.ndarray], *, chunk: int = 128) -> float
     d = g = 0.0
     n = len(batch["windows"])
     for i in range(0, n, chunk):
-        part = {k: jnp.asarray(v[i : i + chunk]) for k, v in batch.items()}
-        logits = _apply(tb.target_module, tb.base, part)
-        _, (_, di) = _infifusion_loss(jnp.float32(1.0), logits, part)
+        part = {k: jax.device_put(v[i : i + chunk]) for k, v in batch.items()}
+        di, gi = _base_terms(tb.target_module, tb.base, part)
         share = len(part["windows"]) / n
         d += share * float(di)
-        g += share * float(_graph_term(logits, part))
+        g += share * float(gi)
     return d / g
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _base_terms(module, params, part):
+    """InfiFusion's distance and the graph term of ``params`` on one chunk (one compile)."""
+    logits = _apply(module, params, part)
+    _, (_, d) = _infifusion_loss(jnp.float32(1.0), logits, part)
+    return d, _graph_term(logits, part)
 
 
 MERGES: dict[str, Callable[[], Any]] = {
