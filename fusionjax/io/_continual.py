@@ -39,6 +39,7 @@ from fusionjax._src.tree import is_mergeable
 from fusionjax._src.validation import compute_dtype
 from fusionjax.io import _checkpoint
 from fusionjax.io._stream_merge import _as_source
+from fusionjax.io._stream_merge import output_path
 from fusionjax.merging import _opcm
 
 keystr = jax.tree_util.keystr
@@ -132,12 +133,7 @@ def opcm_checkpoints(
     ft_srcs = [_as_source(f, f"finetuned[{j}]", layout) for j, f in enumerate(finetuned)]
     validation.check_sources(base_src, ft_srcs)
     fmt = _checkpoint.output_format(out, format, like=base_src)
-    out_path = pathlib.Path(out).absolute()
-    for j, s in enumerate([base_src, *ft_srcs]):
-        p = getattr(s, "path", None)
-        if p is not None and pathlib.Path(p).absolute() == out_path:
-            who = "base" if j == 0 else f"finetuned[{j - 1}]"
-            raise ValueError(f"the output {out_path} is also the input {who}.")
+    out_path = output_path(out, [base_src, *ft_srcs])
     write_layout = getattr(base_src, "layout", None)
     sink = _checkpoint.open_sink(
         out_path, format=fmt, like=base_src, progress=progress, overwrite=overwrite,

@@ -99,6 +99,17 @@ def _as_source(x: Any, what: str, layout: Any = None, target: Any = None) -> Any
     raise TypeError(f"{what} must be a checkpoint path or a fusionjax.LeafSource, got {type(x)}.")
 
 
+def output_path(out: str | os.PathLike, sources: Sequence[Any]) -> pathlib.Path:
+    """``out`` as an absolute path, checked not to be one of the inputs (base first)."""
+    out_path = pathlib.Path(out).absolute()
+    for j, s in enumerate(sources):
+        p = getattr(s, "path", None)
+        if p is not None and pathlib.Path(p).absolute() == out_path:
+            who = "base" if j == 0 else f"finetuned[{j - 1}]"
+            raise ValueError(f"the output {out_path} is also the input {who}.")
+    return out_path
+
+
 def _files_of(path: pathlib.Path) -> list[pathlib.Path]:
     if path.is_file():
         return [path]
@@ -300,12 +311,7 @@ def merge_checkpoints(
     base_src = _as_source(base, "base", layout, target)
     ft_srcs = [_as_source(f, f"finetuned[{j}]", layout, target) for j, f in enumerate(finetuned)]
     fmt = _checkpoint.output_format(out, format, like=base_src)
-    out_path = pathlib.Path(out).absolute()
-    for j, s in enumerate([base_src, *ft_srcs]):
-        p = getattr(s, "path", None)
-        if p is not None and pathlib.Path(p).absolute() == out_path:
-            who = "base" if j == 0 else f"finetuned[{j - 1}]"
-            raise ValueError(f"the output {out_path} is also the input {who}.")
+    out_path = output_path(out, [base_src, *ft_srcs])
     validation.check_sources(base_src, ft_srcs)
     write_layout = getattr(base_src, "layout", None) if out_layout == "checkpoint" else None
     settings = {
