@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -431,17 +432,31 @@ def apply_permutations(spec: PermutationSpec, permutations: Permutations, params
     check_spec(spec)
     check_permutations(spec, params, permutations)
     axes = spec.leaf_axes(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    where = [i for i, (kp, _) in enumerate(flat) if axes.get(path_str(kp)) is not None]
+    leaves = [leaf for _, leaf in flat]
+    if where:
+        names = tuple(tuple(axes[path_str(flat[i][0])]) for i in where)
+        perms = {
+            k: v if isinstance(v, (jax.Array, jax.core.Tracer)) else np.asarray(v)
+            for k, v in permutations.items()
+        }
+        moved = _permute_leaves(names, [leaves[i] for i in where], perms)
+        for i, leaf in zip(where, moved, strict=True):
+            leaves[i] = leaf
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
-    def permute(kp, leaf):
-        names = axes.get(path_str(kp))
-        if names is None:
-            return leaf
-        for axis, g in enumerate(names):
+
+@functools.partial(jax.jit, static_argnums=0)
+def _permute_leaves(names, leaves, permutations):
+    # One compiled program per model (eager jnp.take compiled one per leaf shape and axis).
+    out = []
+    for leaf, groups in zip(leaves, names, strict=True):
+        for axis, g in enumerate(groups):
             if g is not None:
                 leaf = jnp.take(leaf, permutations[g], axis=axis)
-        return leaf
-
-    return jax.tree_util.tree_map_with_path(permute, params)
+        out.append(leaf)
+    return out
 
 
 class AlignmentOutput(NamedTuple):

@@ -113,7 +113,18 @@ def _trainer(model: nn.Module, learning_rate: float, chunk: int):
         return jax.lax.fori_loop(0, chunk, body, carry)
 
     run = jax.jit(jax.vmap(run_one, in_axes=(0, 0, None, None)), donate_argnums=0)
-    return jax.jit(model.init), run, opt.init
+    return jax.jit(model.init), run, jax.jit(jax.vmap(opt.init))
+
+
+@jax.jit
+def _stack(trees):
+    # One program per structure (eager jnp.stack compiled one per leaf shape).
+    return jax.tree.map(lambda *v: jnp.stack(v), *trees)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(tree, n):
+    return [jax.tree.map(lambda v, i=i: v[i], tree) for i in range(n)]
 
 
 def _batches(seed: int, n: int, steps: int, batch_size: int) -> np.ndarray:
@@ -127,18 +138,17 @@ def _batches(seed: int, n: int, steps: int, batch_size: int) -> np.ndarray:
 def _train(model, seeds, steps, batch_size, learning_rate, data, chunk):
     init, run, opt_init = _trainer(model, learning_rate, chunk)
     variables = [init(jax.random.key(int(s)), data.x_train[:1]) for s in seeds]
-    variables = jax.tree.map(lambda *v: jnp.stack(v), *variables)
+    variables = _stack(variables)
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
     batches = np.stack([_batches(int(s), data.x_train.shape[0], steps, batch_size) for s in seeds])
     # The optimizer runs under standard promotion (training.standard_promotion), whatever
     # the user's (or the test suite's) setting.
-    carry = (params, state, jax.vmap(opt_init)(params))
+    carry = (params, state, opt_init(params))
     for t0 in range(0, steps, chunk):
         carry = run(carry, batches[:, t0 : t0 + chunk], data.x_train, data.y_train)
     params, state, _ = carry
-    stacked = {"params": params, **state}
-    return [jax.tree.map(lambda v, i=i: v[i], stacked) for i in range(len(seeds))]
+    return _unstack({"params": params, **state}, len(seeds))
 
 
 def train_classifiers(
