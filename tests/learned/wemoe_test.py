@@ -92,7 +92,7 @@ class Nested(nn.Module):
 
 def _normal(seed, *shape):
     """Standard normal float32 draws from NumPy (no XLA compilation per shape)."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+    return jax.device_put(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
 
 
 def _problem(model, seed=0, scale=0.3):
@@ -104,11 +104,13 @@ def _problem(model, seed=0, scale=0.3):
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, D)))["params"]
 
     def draw(s, scale=1.0):
-        return jnp.asarray(scale * rng.standard_normal(s.shape), jnp.float32)
+        return (scale * rng.standard_normal(s.shape)).astype(np.float32)
 
+    # Built on the host and placed once (float32 sums as on the device; no compile per shape).
     base = jax.tree.map(lambda s: draw(s, 0.5), shapes)
     fts = [jax.tree.map(lambda b: b + draw(b, scale), base) for _ in range(T)]
     heads = [draw(jax.ShapeDtypeStruct((4, 2 + t), jnp.float32)) for t in range(T)]
+    base, fts, heads = jax.device_put((base, fts, heads))
     data = [rng.standard_normal((N, D)).astype(np.float32) for _ in range(T)]
 
     def logits_fn(params, t, x):
@@ -138,8 +140,11 @@ def trained(problem):
 def _random_routers(routers, seed=1, scale=0.5):
     """Routers whose output layer is not zero, so routing depends on the input."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda x: x + jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), routers
+    return jax.device_put(  # the sums on the host: no compile per leaf shape
+        jax.tree.map(
+            lambda x: np.asarray(x) + (scale * rng.standard_normal(x.shape)).astype(x.dtype),
+            routers,
+        )
     )
 
 
@@ -300,10 +305,16 @@ def test_tokens_are_routed_one_by_one(problem):
     backbone, tvs, _ = wm.wemoe_upscale(base, fts, logits_fn, data)
     routers = _random_routers(wm.init_routers(jax.random.key(0), tvs))
     x = _normal(2, 2, 3, D)
-    with wm.wemoe_apply(routers, tvs):
-        tokens = logits_fn(backbone, 1, x)
-        rows = logits_fn(backbone, 1, x.reshape(6, D)).reshape(2, 3, -1)
-        one = logits_fn(backbone, 1, x[1, 2][None])[0]
+
+    @jax.jit  # the three shapes in one program (eager wemoe_apply: test_nested_module_paths)
+    def three(routers, backbone, x):
+        with wm.wemoe_apply(routers, tvs):
+            tokens = logits_fn(backbone, 1, x)
+            rows = logits_fn(backbone, 1, x.reshape(6, D)).reshape(2, 3, -1)
+            one = logits_fn(backbone, 1, x[1, 2][None])[0]
+        return tokens, rows, one
+
+    tokens, rows, one = three(routers, backbone, x)
     np.testing.assert_allclose(tokens, rows, **_testing.F32)
     np.testing.assert_allclose(tokens[1, 2], one, rtol=1e-5, atol=1e-5)
 
