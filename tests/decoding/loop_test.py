@@ -11,6 +11,7 @@ from tests.decoding.conftest import VOCAB
 from tests.decoding.conftest import first
 from tests.decoding.conftest import hand_greedy
 from tests.decoding.conftest import proxy
+from tests.decoding.conftest import random_variables
 
 N = 5
 # Stop ids no model draws: runs that stop nowhere share the stop test's compiled loop.
@@ -221,7 +222,7 @@ class TestValidation:
         from fusionjax import zoo
 
         other = zoo.Decoder(vocab_size=VOCAB + 8, dim=16, depth=1, heads=2, max_length=32)
-        variables = jax.jit(other.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+        variables = random_variables(other, 0)
         ms = [
             member(lms, "strong", prompts["strong"]),
             decoding.Member(decoding.from_linen(other), variables, prompts["expert"]),
