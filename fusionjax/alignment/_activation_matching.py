@@ -211,11 +211,11 @@ def activation_matching(
         or a statistic is NaN.
 
     Examples:
-      >>> import jax, jax.numpy as jnp
+      >>> import numpy as np
       >>> from fusionjax.alignment import PermutationSpec
       >>> spec = PermutationSpec({"h": [("0/kernel", 1), ("1/kernel", 0)]})
-      >>> z = jax.random.normal(jax.random.key(0), (64, 4))
-      >>> out = activation_matching(spec, ({"h": z}, {"h": z[:, jnp.array([3, 1, 0, 2])]}))
+      >>> z = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+      >>> out = activation_matching(spec, ({"h": z}, {"h": z[:, [3, 1, 0, 2]]}))
       >>> out.permutations["h"]
       Array([2, 1, 3, 0], dtype=int32)
 

@@ -268,9 +268,9 @@ def reset_batch_stats(
         ``axis_name`` (cross-device statistics) or a ``mask``.
 
     Examples:
-      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
       >>> model = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=True)])
-      >>> x = 3.0 + jax.random.normal(jax.random.key(0), (64, 2))
+      >>> x = (3.0 + np.random.default_rng(0).normal(size=(64, 2))).astype(np.float32)
       >>> variables = model.init(jax.random.key(1), x)
       >>> new = reset_batch_stats(model.apply, variables, [x[:32], x[32:]])
       >>> dense = variables["params"]["layers_0"]

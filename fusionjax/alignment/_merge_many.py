@@ -109,16 +109,17 @@ def merge_many(
         matching input is invalid.
 
     Examples:
-      >>> import jax, jax.numpy as jnp
+      >>> import numpy as np
       >>> from fusionjax.alignment import PermutationSpec
       >>> spec = PermutationSpec({"h": [("0", 1), ("1", 0)]})
-      >>> base = {"0": jax.random.normal(jax.random.key(0), (8, 5)),
-      ...         "1": jax.random.normal(jax.random.key(1), (5, 2))}
-      >>> perm = jnp.array([4, 0, 3, 1, 2])
+      >>> rng = np.random.default_rng(0)
+      >>> base = {"0": rng.normal(size=(8, 5)).astype(np.float32),
+      ...         "1": rng.normal(size=(5, 2)).astype(np.float32)}
+      >>> perm = np.array([4, 0, 3, 1, 2])
       >>> copy = {"0": base["0"][:, perm], "1": base["1"][perm]}
       >>> out = merge_many(spec, [base, copy, base])
       >>> a = out.aligned([base, copy, base])   # all three in one basin
-      >>> bool(jnp.allclose(a[0]["0"], a[1]["0"])), bool(jnp.allclose(out.merged["0"], a[2]["0"]))
+      >>> bool(np.allclose(a[0]["0"], a[1]["0"])), bool(np.allclose(out.merged["0"], a[2]["0"]))
       (True, True)
 
     References:

@@ -144,13 +144,14 @@ def ste_matching(
         invalid.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax
+      >>> import jax, jax.numpy as jnp, numpy as np
       >>> from fusionjax.alignment import PermutationSpec
       >>> spec = PermutationSpec({"h": [("0", 1), ("1", 0)]})
-      >>> ref = {"0": jax.random.normal(jax.random.key(0), (3, 4)),
-      ...        "1": jax.random.normal(jax.random.key(1), (4, 1))}
+      >>> rng = np.random.default_rng(0)
+      >>> ref = {"0": rng.normal(size=(3, 4)).astype(np.float32),
+      ...        "1": rng.normal(size=(4, 1)).astype(np.float32)}
       >>> other = {"0": ref["0"][:, ::-1], "1": ref["1"][::-1]}
-      >>> x = jax.random.normal(jax.random.key(2), (32, 3))
+      >>> x = rng.normal(size=(32, 3)).astype(np.float32)
       >>> def loss_fn(p, x):
       ...     y = jax.nn.relu(x @ p["0"]) @ p["1"]
       ...     return jnp.mean((y - jax.nn.relu(x @ ref["0"]) @ ref["1"]) ** 2)

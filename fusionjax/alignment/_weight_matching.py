@@ -141,19 +141,20 @@ def weight_matching(
       TypeError: if ``spec`` is not a :class:`PermutationSpec`.
 
     Examples:
-      >>> import jax, jax.numpy as jnp
+      >>> import numpy as np
       >>> from fusionjax.alignment import PermutationSpec, weight_matching
       >>> spec = PermutationSpec({"h": [("0/kernel", 1), ("0/bias", 0), ("1/kernel", 0)]})
-      >>> k1, k2 = jax.random.split(jax.random.key(0))
-      >>> ref = {"0": {"kernel": jax.random.normal(k1, (3, 4)), "bias": jnp.zeros(4)},
-      ...        "1": {"kernel": jax.random.normal(k2, (4, 2))}}
-      >>> perm = jnp.array([2, 0, 3, 1])
-      >>> other = {"0": {"kernel": ref["0"]["kernel"][:, perm], "bias": jnp.zeros(4)},
+      >>> rng = np.random.default_rng(0)
+      >>> normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+      >>> zeros = np.zeros(4, np.float32)
+      >>> ref = {"0": {"kernel": normal(3, 4), "bias": zeros}, "1": {"kernel": normal(4, 2)}}
+      >>> perm = np.array([2, 0, 3, 1])
+      >>> other = {"0": {"kernel": ref["0"]["kernel"][:, perm], "bias": zeros},
       ...          "1": {"kernel": ref["1"]["kernel"][perm]}}
       >>> out = weight_matching(spec, ref, other)
       >>> out.permutations["h"]   # other's unit perm[i] is ref's unit i
       Array([1, 3, 0, 2], dtype=int32)
-      >>> bool(jnp.allclose(out.apply(other)["0"]["kernel"], ref["0"]["kernel"]))
+      >>> bool(np.allclose(out.apply(other)["0"]["kernel"], ref["0"]["kernel"]))
       True
 
     References:

@@ -509,10 +509,11 @@ def multi_teacher_infigfusion_loss(
         vocabulary, or ``weights`` has the wrong shape or sign.
 
     Examples:
-      >>> import jax
+      >>> import numpy as np
       >>> from fusionjax import distill
-      >>> s = jax.random.normal(jax.random.key(0), (2, 5, 11))
-      >>> t = [jax.random.normal(jax.random.key(1), (2, 5, 7))]
+      >>> rng = np.random.default_rng(0)
+      >>> s = rng.normal(size=(2, 5, 11)).astype(np.float32)
+      >>> t = [rng.normal(size=(2, 5, 7)).astype(np.float32)]
       >>> distill.multi_teacher_infigfusion_loss(s, t, k=4).shape
       ()
 
@@ -557,9 +558,9 @@ def infigfusion_loss(
       ValueError: if ``[..., L]`` differs or ``k`` exceeds a vocabulary.
 
     Examples:
-      >>> import jax
+      >>> import numpy as np
       >>> from fusionjax import distill
-      >>> s = jax.random.normal(jax.random.key(0), (2, 5, 11))
+      >>> s = np.random.default_rng(0).normal(size=(2, 5, 11)).astype(np.float32)
       >>> float(distill.infigfusion_loss(s, s, k=4))
       0.0
 
@@ -634,11 +635,10 @@ def infigfusion_objective(
         or as in :func:`multi_teacher_infigfusion_loss`.
 
     Examples:
-      >>> import jax
-      >>> import jax.numpy as jnp
+      >>> import numpy as np
       >>> from fusionjax import distill
-      >>> s = jax.random.normal(jax.random.key(0), (2, 5, 11))
-      >>> y = jnp.zeros((2, 5), jnp.int32)
+      >>> s = np.random.default_rng(0).normal(size=(2, 5, 11)).astype(np.float32)
+      >>> y = np.zeros((2, 5), np.int32)
       >>> out = distill.infigfusion_objective(s, y, [s], k=4, clm_weight=1.0)
       >>> bool(out.loss == out.clm)
       True
