@@ -121,7 +121,10 @@ def make_plan(spec: PermutationSpec, ref: Params) -> _Plan:
                 # g's cost reads h's permutation, so a change of h dirties g.
                 neighbours[h].add(g)
     float_leaves = tuple(i for i, x in enumerate(leaves) if _is_float(x))
-    f64 = any(leaves[i].dtype == jnp.float64 for i in float_leaves)
+    # float64 compute only where JAX has it (x64 on); float64 NumPy inputs otherwise run in
+    # float32, as JAX would truncate them, without asking for a dtype it lacks.
+    x64 = jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
+    f64 = x64 and any(leaves[i].dtype == jnp.float64 for i in float_leaves)
     return _Plan(
         sizes=tuple(sizes[k] for k in names),
         entries=tuple(tuple(e) for e in entries),

@@ -136,6 +136,23 @@ def test_planted_conv_permutation_recovered():
 
 
 @pytest.mark.parametrize("solver", ["scipy", "hungarian"])
+def test_float64_numpy_inputs_without_x64_match_in_float32(solver):
+    # x64 off (the suite's setting): float64 NumPy weights are matched as JAX holds them,
+    # in float32, without a "float64 is not available" warning from inside the library
+    # (the suite turns warnings into errors).
+    assert not jax.config.read("jax_enable_x64")
+    spec, ref, other, perms = planted(0, (8, 32, 24, 32, 5))
+    as64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
+    out = weight_matching(spec, as64(ref), as64(other), solver=solver)
+    assert_perms_equal(out.permutations, inverse(perms))
+    assert out.objective.dtype == jnp.float32
+    with jax.enable_x64(True):  # with x64 on, the same inputs are matched in float64
+        out = weight_matching(spec, as64(ref), as64(other), solver=solver)
+        assert_perms_equal(out.permutations, inverse(perms))
+        assert out.objective.dtype == jnp.float64
+
+
+@pytest.mark.parametrize("solver", ["scipy", "hungarian"])
 def test_identical_models_give_identity(solver):
     spec = mlp_spec(3)
     ref = mlp_params(3, (8, 32, 24, 32, 5))
