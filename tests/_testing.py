@@ -11,6 +11,21 @@ F32 = dict(rtol=1e-5, atol=1e-6)
 BF16 = dict(rtol=1e-2, atol=1e-2)
 
 
+def np_log_softmax(x) -> np.ndarray:
+    """Float64 NumPy log-softmax over the last axis: a reference with no JAX program per shape."""
+    x = np.asarray(x, np.float64)
+    z = x - np.max(x, axis=-1, keepdims=True)
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+def np_logsumexp(x) -> np.ndarray:
+    """Float64 NumPy logsumexp over the last axis (``-inf`` rows give ``-inf``)."""
+    x = np.asarray(x, np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return np.log(np.sum(np.exp(x - m), axis=-1)) + m[..., 0]
+
+
 def assert_trees_close(a, b, **tol):
     """Asserts two pytrees have the same structure and close leaves."""
     tol = tol or F32

@@ -7,6 +7,7 @@ import pytest
 
 from fusionjax import distill
 from tests._testing import F32
+from tests._testing import np_log_softmax
 
 M, B, L, V = 3, 2, 5, 7
 
@@ -24,7 +25,7 @@ def _labels(seed, shape=(B, L)):
 
 
 def _log_softmax(x):
-    return _np_log_softmax(x).astype(np.float32)
+    return np_log_softmax(x).astype(np.float32)
 
 
 def _top_k(x, k):
@@ -35,12 +36,6 @@ def _top_k(x, k):
 
 def _close(a, b, **tol):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), **(tol or F32))
-
-
-def _np_log_softmax(x):
-    x = np.asarray(x, np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 def _dense_from_topk(t, v=V):
@@ -63,7 +58,7 @@ def test_sequence_ce_matches_numpy_with_mask_and_ignored_labels():
     where = np.ones((B, L), bool)
     where[1, 3:] = False
     got = distill.sequence_cross_entropy(x, y, where=where)
-    lp = _np_log_softmax(x)
+    lp = np_log_softmax(x)
     counted = where & (y >= 0)
     want = np.zeros((M, B))
     for m in range(M):
@@ -109,7 +104,7 @@ def test_min_ce_picks_the_lowest_ce_teacher_per_sequence():
     fused = np.asarray(distill.fuse_teachers(x, ce, method="min_ce"))
     best = np.argmin(ce, axis=0)
     for b in range(B):
-        _close(fused[b], _np_log_softmax(x[best[b], b]), rtol=1e-5, atol=1e-5)
+        _close(fused[b], np_log_softmax(x[best[b], b]), rtol=1e-5, atol=1e-5)
     w = distill.teacher_weights(ce, method="min_ce")
     np.testing.assert_array_equal(np.asarray(w), np.eye(M)[best].T)
 
@@ -120,11 +115,11 @@ def test_min_ce_equals_a_dominant_teacher_dense_and_top_k():
     x = np.stack([_normal(7, (B, L, V)), good, _normal(8, (B, L, V))])
     ce = np.asarray(distill.sequence_cross_entropy(x, y))
     assert np.all(np.argmin(ce, axis=0) == 1)
-    _close(distill.fuse_teachers(x, ce, method="min_ce"), _np_log_softmax(good), atol=1e-5)
+    _close(distill.fuse_teachers(x, ce, method="min_ce"), np_log_softmax(good), atol=1e-5)
     fused = distill.fuse_teachers(_top_k(x, 3), ce, method="min_ce", temperature=0.5)
     want = _top_k(good, 3)
     np.testing.assert_array_equal(np.asarray(fused.ids), want.ids)
-    _close(fused.log_probs, _np_log_softmax(want.log_probs / 0.5), atol=1e-5)
+    _close(fused.log_probs, np_log_softmax(want.log_probs / 0.5), atol=1e-5)
 
 
 def test_min_ce_skips_a_teacher_with_no_mass_at_a_position():
@@ -160,7 +155,7 @@ def test_avg_ce_is_the_weighted_mixture_and_order_invariant():
     ce = np.asarray(distill.sequence_cross_entropy(x, y))
     fused = distill.fuse_teachers(x, ce, method="avg_ce", temperature=2.0)
     w = np.asarray(distill.teacher_weights(ce, method="avg_ce"), np.float64)
-    want = np.einsum("mb,mblv->blv", w, np.exp(_np_log_softmax(x / 2.0)))
+    want = np.einsum("mb,mblv->blv", w, np.exp(np_log_softmax(x / 2.0)))
     _close(np.exp(np.asarray(fused)), want, rtol=1e-5, atol=1e-6)
     perm = np.array([2, 0, 1])
     _close(distill.fuse_teachers(x[perm], ce[perm], method="avg_ce", temperature=2.0), fused)
@@ -171,11 +166,11 @@ def test_equal_teachers_give_the_same_distribution():
     stacked = np.stack([x, x, x])
     ce = np.abs(_normal(14, (M, B)))
     for method in ("min_ce", "avg_ce"):
-        _close(distill.fuse_teachers(stacked, ce, method=method), _np_log_softmax(x), atol=2e-6)
+        _close(distill.fuse_teachers(stacked, ce, method=method), np_log_softmax(x), atol=2e-6)
     t = _top_k(stacked, 3)
     fused = distill.fuse_teachers(t, ce, method="avg_ce")
     assert fused.ids.shape == (B, L, M * 3)
-    one = distill.TopK(t.ids[0], _np_log_softmax(t.log_probs[0]))
+    one = distill.TopK(t.ids[0], np_log_softmax(t.log_probs[0]))
     _close(_dense_from_topk(fused), _dense_from_topk(one), atol=1e-6)
     assert np.all(np.asarray(fused.ids)[..., 3:] == -1)  # repeated ids merged into one slot
 
@@ -208,7 +203,7 @@ def test_fusion_loss_has_zero_gradient_when_the_student_is_the_target():
     # Against a top-k target the student equal to the renormalised top k has zero gradient,
     # and a different student a non-zero one.
     t = _top_k(target, 3)
-    student = _dense_from_topk(distill.TopK(t.ids, _np_log_softmax(t.log_probs)))
+    student = _dense_from_topk(distill.TopK(t.ids, np_log_softmax(t.log_probs)))
     student = np.log(np.maximum(student, 1e-30)).astype(np.float32)
     _close(grad(student, t, kind="kl"), np.zeros(z.shape), atol=1e-5)
     assert float(np.abs(np.asarray(grad(z, t, kind="kl"))).max()) > 1e-3
@@ -225,12 +220,12 @@ def test_masks_drop_positions():
     _close(got[0], _np_masked_ce(z, p, where), rtol=1e-5)
     clm = [distill.clm_loss(zz, y, where=where) for zz in (z, moved)]
     _close(clm[1], clm[0])
-    _close(clm[0], -np.take_along_axis(_np_log_softmax(z), y[..., None], -1)[..., 0][where].mean(),
+    _close(clm[0], -np.take_along_axis(np_log_softmax(z), y[..., None], -1)[..., 0][where].mean(),
            rtol=1e-5)
 
 
 def _np_masked_ce(z, logp, where):
-    per_pos = -(np.exp(logp.astype(np.float64)) * _np_log_softmax(z)).sum(-1)
+    per_pos = -(np.exp(logp.astype(np.float64)) * np_log_softmax(z)).sum(-1)
     return per_pos[where].mean()
 
 

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from fusionjax import distill
+from tests._testing import np_log_softmax
+from tests._testing import np_logsumexp
 
 
 def _levenshtein(a, b):
@@ -71,20 +73,11 @@ def test_statistical_map_from_alignments():
     np.testing.assert_array_equal(one.mapping, [-1, -1, -1, -1, -1, -1, 3, 4])
 
 
-def _np_log_softmax(x):
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def _np_logsumexp(x):
-    return np.log(np.exp(np.asarray(x, np.float64)).sum(-1))
-
-
 @pytest.mark.parametrize("jit", [False, True])
 def test_carry_top_k_sums_mass(jit):
     # Data drawn and log-softmaxed in NumPy, put on the device: no programs per shape.
     x = 3.0 * np.random.default_rng(0).standard_normal((4, 6, 20))
-    log_probs = jax.device_put(_np_log_softmax(x).astype(np.float32))
+    log_probs = jax.device_put(np_log_softmax(x).astype(np.float32))
     top = distill.top_k(log_probs, 8)
     mapping = jax.device_put(np.array([i % 7 if i % 5 else -1 for i in range(20)], np.int32))
     fn = jax.jit(distill.carry_top_k, static_argnames="unmapped") if jit else distill.carry_top_k
@@ -106,7 +99,7 @@ def test_carry_top_k_sums_mass(jit):
         assert np.all(np.diff(np.exp(np.asarray(out.log_probs)[idx])) <= 0)
         assert np.all(np.isneginf(np.asarray(out.log_probs)[idx][ids[idx] < 0]))
     ren = fn(top, mapping, unmapped="renormalize")
-    np.testing.assert_allclose(_np_logsumexp(ren.log_probs), _np_logsumexp(top.log_probs), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np_logsumexp(ren.log_probs), np_logsumexp(top.log_probs), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("jit", [False, True])

@@ -9,6 +9,7 @@ import pytest
 
 from fusionjax import logits as fl
 from fusionjax.logits import _dynamic
+from tests._testing import np_log_softmax
 
 
 def _models(seed, shape, *, scale=1.0, expert_shift=0.5):
@@ -39,13 +40,6 @@ def _small(seed, shape, *, scale=1.0, expert_shift=0.5):
     n = np.random.default_rng(seed).standard_normal((3, *shape), np.float32) * scale
     strong, base = n[0], n[1]
     return strong, base + expert_shift * n[2], base
-
-
-def _log_softmax(x):
-    """A float64 NumPy reference (no eager JAX op compiled per shape)."""
-    x = np.asarray(x, np.float64)
-    z = x - np.max(x, axis=-1, keepdims=True)
-    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
 
 
 def _kl(lp, lq):
@@ -139,7 +133,7 @@ def test_boundaries_and_degenerate_cases():
     # Expert equal to base: nothing to transfer.
     out = fl.dynamic_logit_fusion(strong, base, base)
     np.testing.assert_array_equal(out.alpha, 0.0)
-    np.testing.assert_allclose(out.log_probs, _log_softmax(strong), atol=1e-6)
+    np.testing.assert_allclose(out.log_probs, np_log_softmax(strong), atol=1e-6)
     # alpha_max binds: a strong model peaked on one token barely moves by alpha <= 2 while
     # the expert moved far from its base, so f decreases on [0, 2] and both solvers return
     # the boundary (at the default options: no extra compilation).
@@ -159,7 +153,7 @@ def test_fusion_output_is_the_weighted_logit_arithmetic():
     strong, expert, base = _small(3, SHAPE)
     out = fl.dynamic_logit_fusion(strong, expert, base)
     alpha = np.asarray(out.alpha, np.float64)
-    want = _log_softmax(strong + alpha[:, None] * (np.float64(expert) - base))
+    want = np_log_softmax(strong + alpha[:, None] * (np.float64(expert) - base))
     np.testing.assert_allclose(out.log_probs, want, rtol=1e-5, atol=1e-5)
 
 

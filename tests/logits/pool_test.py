@@ -7,6 +7,8 @@ import pytest
 
 from fusionjax import logits as fl
 from tests._testing import F32
+from tests._testing import np_log_softmax
+from tests._testing import np_logsumexp
 
 POOLS = [fl.mean_logits, fl.linear_pool, fl.log_linear_pool]
 ALL_POOLS = POOLS + [lambda z, w=None, **kw: fl.max_logits(z, **kw)]
@@ -26,18 +28,6 @@ def _f32(x):
     return np.asarray(x, np.float32)
 
 
-def _log_softmax(x):
-    """A float64 NumPy reference."""
-    x = np.asarray(x, np.float64)
-    z = x - np.max(x, axis=-1, keepdims=True)
-    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
-
-
-def _logsumexp(x):
-    x = np.asarray(x, np.float64)
-    return np.log(np.sum(np.exp(x), axis=-1))
-
-
 def _close(a, b, **tol):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), **(tol or F32))
 
@@ -50,40 +40,40 @@ def test_identical_models_give_the_model(pool, maybe_jit):
         out = maybe_jit(pool)(stacked, np.full((3,), 1 / 3, np.float32))
     else:
         out = maybe_jit(pool)(stacked)
-    _close(out, _log_softmax(z), rtol=1e-5, atol=2e-6)
+    _close(out, np_log_softmax(z), rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("pool", POOLS)
 def test_one_hot_weights_select_a_model(pool):
     z = _logits(1, Z3)
     out = pool(z, _f32([0.0, 1.0, 0.0]))
-    _close(out, _log_softmax(z[1]), rtol=1e-5, atol=2e-6)
+    _close(out, np_log_softmax(z[1]), rtol=1e-5, atol=2e-6)
 
 
 def test_per_example_one_hot_weights_select_per_example():
     z = _logits(2, Z3)
     w = _f32([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])  # [M, batch]
     out = fl.linear_pool(z, w)
-    want = np.where(w[0][:, None] > 0, _log_softmax(z[0]), _log_softmax(z[1]))
+    want = np.where(w[0][:, None] > 0, np_log_softmax(z[0]), np_log_softmax(z[1]))
     _close(out, want, rtol=1e-5, atol=2e-6)
 
 
 def test_product_of_a_model_with_itself_is_temperature_one_half():
     z = _logits(3, Z2[1:])
     out = fl.log_linear_pool(np.stack([z, z]), _f32([1.0, 1.0]))
-    _close(out, _log_softmax(z / 0.5), rtol=1e-5, atol=1e-5)
+    _close(out, np_log_softmax(z / 0.5), rtol=1e-5, atol=1e-5)
 
 
 def test_mixture_of_a_model_with_itself_is_the_model():
     z = _logits(4, Z2[1:])
     out = fl.linear_pool(np.stack([z, z]), _f32([0.3, 0.7]))
-    _close(out, _log_softmax(z), rtol=1e-5, atol=2e-6)
+    _close(out, np_log_softmax(z), rtol=1e-5, atol=2e-6)
 
 
 def test_linear_pool_is_the_mixture():
     z = _logits(5, Z3)
     w = _f32([0.2, 0.3, 0.5])
-    want = np.log(np.einsum("m,mbv->bv", np.float64(w), np.exp(_log_softmax(z))))
+    want = np.log(np.einsum("m,mbv->bv", np.float64(w), np.exp(np_log_softmax(z))))
     _close(fl.linear_pool(z, w), want, rtol=1e-5, atol=2e-6)
 
 
@@ -94,7 +84,7 @@ def test_per_model_shifts_change_nothing_and_outputs_are_normalised(pool):
     w = _f32([0.5, 1.0, 2.0])
     a, b = pool(z, w), pool(z + shift, w)
     _close(a, b, rtol=1e-5, atol=1e-5)
-    _close(_logsumexp(a), np.zeros(4), atol=1e-5)
+    _close(np_logsumexp(a), np.zeros(4), atol=1e-5)
 
 
 def test_masked_tokens_make_no_nan():
@@ -126,7 +116,7 @@ def test_where_restricts_every_model():
     for pool in ALL_POOLS:
         out = np.asarray(pool(z, where=where))
         assert np.all(np.isneginf(out[:, ~where])) and np.all(np.isfinite(out[:, where]))
-        _close(_logsumexp(out), np.zeros(4), atol=1e-5)
+        _close(np_logsumexp(out), np.zeros(4), atol=1e-5)
 
 
 @pytest.mark.parametrize("pool", POOLS + [fl.majority_vote, fl.runoff_vote])
