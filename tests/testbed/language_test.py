@@ -37,8 +37,10 @@ TINY = dataclasses.replace(
 )
 
 
-# The tests below that build TINY share one process (and so one build and one corpus).
-_TINY_GROUP = pytest.mark.xdist_group("language_tiny")
+# The tests below that build TINY share one process (and so one build and one corpus): the
+# worker of the language testbeds (xdist group "language"), which by then holds the default
+# corpus in memory, so the tiny build neither cuts it again nor waits for another worker's cut.
+_TINY_GROUP = pytest.mark.xdist_group("language")
 
 
 @pytest.fixture(scope="module")
