@@ -67,8 +67,11 @@ class EMROutput(NamedTuple):
 
 
 @jax.jit
-def _emr_leaf(x):
-    # x: [T, ...] task vectors of one leaf, in the compute dtype.
+def _emr_leaf(b, fts):
+    # The [T, ...] task vectors of one leaf, in the compute dtype, formed in the same
+    # program (not by eager subtract/stack programs per leaf shape and T).
+    dt = validation.compute_dtype(b.dtype)
+    x = jnp.stack([jnp.asarray(f, dt) - jnp.asarray(b, dt) for f in fts])
     t = x.shape[0]
     rows = [x[i] for i in range(t)]
     total = functools.reduce(operator.add, rows)
@@ -138,9 +141,7 @@ def emr_merge(
             unified.append(None)
             masks.append(None)
             continue
-        dt = validation.compute_dtype(b.dtype)
-        x = jnp.stack([jnp.asarray(f[i], dt) - jnp.asarray(b, dt) for f in flat_fts])
-        u, m, a, am = _emr_leaf(x)
+        u, m, a, am = _emr_leaf(b, [f[i] for f in flat_fts])
         unified.append(u.astype(b.dtype))
         masks.append(m)
         size = max(int(np.prod(np.shape(b))), 1)
@@ -153,12 +154,15 @@ def emr_merge(
 
 
 @jax.jit
-def _recover(base, unified, masks, lam):
+def _recover(base, unified, masks, rescalers, task):
+    # task's mask rows and rescaler are taken in the program (no eager slice per leaf shape)
+    lam = rescalers[task]
+
     def one(b, u, m):
         if u is None:
             return b
         dt = validation.compute_dtype(b.dtype)
-        delta = jnp.where(m, u.astype(dt), jnp.zeros((), dt)) * lam.astype(dt)
+        delta = jnp.where(m[task], u.astype(dt), jnp.zeros((), dt)) * lam.astype(dt)
         return (b.astype(dt) + delta).astype(b.dtype)
 
     return jax.tree.map(one, base, unified, masks, is_leaf=_is_none)
@@ -195,5 +199,4 @@ def emr_task_model(base: Params, output: EMROutput, task: int) -> Params:
     task = validation.check_int("task", task, lower=0, upper=n - 1)
     if jax.tree.structure(base) != jax.tree.structure(output.unified, is_leaf=_is_none):
         raise ValueError("output does not match base: output.unified has another tree structure.")
-    masks = jax.tree.map(lambda m: None if m is None else m[task], output.masks, is_leaf=_is_none)
-    return _recover(base, output.unified, masks, output.rescalers[task])
+    return _recover(base, output.unified, output.masks, output.rescalers, np.int32(task))

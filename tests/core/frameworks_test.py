@@ -21,26 +21,35 @@ class LinenMLP(nn.Module):
 
 
 def perturb(params, seed, scale=0.05):
-    """``params`` plus Gaussian noise drawn with NumPy (no XLA compilation per leaf shape)."""
+    """``params`` plus Gaussian noise drawn and added with NumPy, placed by ``device_put``
+    (no XLA compilation per leaf shape)."""
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree.flatten(params)
-    return treedef.unflatten(
-        [x + jnp.asarray(scale * rng.standard_normal(np.shape(x)), x.dtype) for x in leaves]
-    )
+    return treedef.unflatten([
+        jax.device_put(np.asarray(x) + np.asarray(scale * rng.standard_normal(np.shape(x)), x.dtype))
+        for x in leaves
+    ])
+
+
+def np_mean(a, b):
+    """The average of two models, leaf by leaf in NumPy (float32)."""
+    return jax.tree.map(lambda x, y: (np.asarray(x) + np.asarray(y)) / np.float32(2), a, b)
+
+
+X = np.ones((2, 5), np.float32)  # host input: no broadcast program
 
 
 def test_linen_params():
     model = LinenMLP()
-    x = jnp.ones((2, 5))
-    variables = model.init(jax.random.key(0), x)
+    variables = model.init(jax.random.key(0), X)
     base = variables["params"]
     fts = [perturb(base, i) for i in (1, 2)]
     merged = fj.merge(base, fts, fj.merging.ties(density=0.5))
     assert jax.tree.structure(merged) == jax.tree.structure(base)
-    out = model.apply({**variables, "params": merged}, x)
+    out = model.apply({**variables, "params": merged}, X)
     assert out.shape == (2, 3) and np.isfinite(out).all()
     avg = fj.merge(base, fts, fj.merging.mean())
-    T.assert_trees_close(avg, jax.tree.map(lambda a, b: (a + b) / 2, *fts))
+    T.assert_trees_close(avg, np_mean(*fts))
 
 
 class NnxMLP(nnx.Module):
@@ -74,8 +83,8 @@ def test_equinox_module_filtered_arrays():
     fts = [perturb(params, i) for i in (1, 2)]
     merged = fj.merge(params, fts, fj.merging.mean())
     out_model = eqx.combine(merged, static)
-    assert out_model(jnp.ones(4)).shape == (2,)
-    T.assert_trees_close(merged, jax.tree.map(lambda a, b: (a + b) / 2, *fts))
+    assert out_model(np.ones(4, np.float32)).shape == (2,)
+    T.assert_trees_close(merged, np_mean(*fts))
 
 
 def test_equinox_module_directly():
@@ -85,19 +94,18 @@ def test_equinox_module_directly():
     fts = [eqx.combine(perturb(params, i), static) for i in (1, 2)]
     merged = fj.merge(model, fts, fj.merging.mean())
     assert isinstance(merged, eqx.nn.MLP)
-    assert merged(jnp.ones(4)).shape == (2,)
+    assert merged(np.ones(4, np.float32)).shape == (2,)
 
 
 def test_linen_variables_with_batch_stats_merge_whole():
     model = LinenMLP()
-    x = jnp.ones((2, 5))
-    variables = model.init(jax.random.key(0), x)
+    variables = model.init(jax.random.key(0), X)
     fts = [perturb(variables, i, scale=0.3) for i in (1, 2)]
     merged = fj.merge(variables, fts, fj.merging.task_arithmetic(scaling=1.5))
     var = merged["batch_stats"]["BatchNorm_0"]["var"]
-    want = (fts[0]["batch_stats"]["BatchNorm_0"]["var"] + fts[1]["batch_stats"]["BatchNorm_0"]["var"]) / 2
+    want = np_mean(fts[0], fts[1])["batch_stats"]["BatchNorm_0"]["var"]
     np.testing.assert_allclose(var, want, rtol=1e-6)
-    assert np.isfinite(model.apply(merged, x)).all()
+    assert np.isfinite(model.apply(merged, X)).all()
 
 
 def test_flax_train_state():
@@ -105,8 +113,7 @@ def test_flax_train_state():
     from flax.training import train_state
 
     model = LinenMLP()
-    x = jnp.ones((2, 5))
-    variables = model.init(jax.random.key(0), x)
+    variables = model.init(jax.random.key(0), X)
     tx = optax.adam(1e-3)
     states = [
         train_state.TrainState.create(
@@ -116,7 +123,7 @@ def test_flax_train_state():
     ]
     merged = fj.merge(states[0].params, [s.params for s in states[1:]], fj.merging.ties(density=0.5))
     state = states[0].replace(params=merged)
-    assert state.apply_fn({**variables, "params": state.params}, x).shape == (2, 3)
+    assert state.apply_fn({**variables, "params": state.params}, X).shape == (2, 3)
     # The whole TrainState merges too: its step counter must agree, Adam's moments are floats.
     whole = fj.merge(states[0], states[1:], fj.merging.mean())
     assert int(whole.step) == 0 and whole.apply_fn == model.apply

@@ -103,9 +103,9 @@ def test_task_arithmetic_is_linear_in_scaling():
 def test_scaling_sweep_under_vmap_traces_once():
     base = T.random_model(K(0))
     fts = T.finetune_like(base, K(1), 3)  # T = 3 as elsewhere in this file: the kernels are shared
-    lams = jnp.linspace(0.0, 1.0, 5)
+    lams = np.linspace(0.0, 1.0, 5, dtype=np.float32)  # host values: no linspace program
     sweep = jax.vmap(lambda lam: fj.merge(base, fts, fj.merging.task_arithmetic(scaling=lam)))
-    out = sweep(lams)
+    out = jax.device_get(sweep(lams))  # rows indexed on the host: no slice program per shape
     for i, lam in enumerate(lams):
         one = fj.merge(base, fts, fj.merging.task_arithmetic(scaling=float(lam)))
         T.assert_trees_close(jax.tree.map(lambda x, i=i: x[i], out), one)
@@ -141,11 +141,12 @@ def test_bfloat16_computed_in_float32_and_cast_back():
     fts = T.finetune_like(base, K(1), 3)
     out = fj.merge(base, fts, fj.merging.mean())
     assert out["dense"]["kernel"].dtype == jnp.bfloat16
-    def ref(b, *fs):
+    def ref(b, *fs):  # in NumPy (float32 arithmetic, bfloat16 from ml_dtypes): no programs
+        b, fs = np.asarray(b), [np.asarray(f) for f in fs]
         if b.dtype != jnp.bfloat16:
             return b
-        b32, f32 = b.astype(jnp.float32), [f.astype(jnp.float32) for f in fs]
-        return (b32 + ((f32[0] - b32) + (f32[1] - b32) + (f32[2] - b32)) / 3).astype(b.dtype)
+        b32, f32 = b.astype(np.float32), [f.astype(np.float32) for f in fs]
+        return (b32 + ((f32[0] - b32) + (f32[1] - b32) + (f32[2] - b32)) / np.float32(3)).astype(b.dtype)
 
     T.assert_trees_close(out, jax.tree.map(ref, base, *fts), rtol=0, atol=0)
 

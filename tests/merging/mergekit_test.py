@@ -306,7 +306,7 @@ def test_mergekit_counts_keep_exactly_k_with_ties_by_index():
 
 def test_l1_rescale_keeps_each_tensor_l1_norm():
     base, fts = models(4)
-    tvs = {"k": jnp.asarray(tvs_of(base, fts, "k"), jnp.float32)}
+    tvs = {"k": jax.device_put(tvs_of(base, fts, "k").astype(np.float32))}
     key = jax.random.key(0)
     a = M.drop_and_rescale(drop_rate=0.6, rescale="l1")(tvs, key=key)
     b = M.drop_and_rescale(drop_rate=0.6)(tvs, key=key)
@@ -328,15 +328,17 @@ def test_l1_rescale_keeps_each_tensor_l1_norm():
 def test_della_rank_axis_groups_like_torch_dim1():
     from fusionjax.merging._sparsify import _ranks01
 
+    # jitted (one program per call, not an eager program per op and shape)
+    ranks01 = jax.jit(_ranks01, static_argnums=1)
     mag = np.abs(np.random.default_rng(0).normal(size=(2, 4, 6, 3))).astype(np.float32)
-    r = np.asarray(_ranks01(jnp.asarray(mag), 1))  # leaf axis 1 = stacked axis 2
+    r = np.asarray(ranks01(mag, 1))  # leaf axis 1 = stacked axis 2
     ref = np.argsort(np.argsort(mag, axis=2), axis=2) / 5
     np.testing.assert_allclose(r, ref, rtol=1e-6)
     # A flax Dense kernel (in, out) ranked per output unit (None) is torch's
     # (out, in) ranked along dim 1 (mergekit), transposed.
     k = np.abs(np.random.default_rng(1).normal(size=(2, 7, 3))).astype(np.float32)
-    flax = np.asarray(_ranks01(jnp.asarray(k)))
-    torch = np.asarray(_ranks01(jnp.asarray(np.swapaxes(k, 1, 2)), 1))
+    flax = np.asarray(ranks01(k, None))
+    torch = np.asarray(ranks01(np.swapaxes(k, 1, 2), 1))
     np.testing.assert_allclose(flax, np.swapaxes(torch, 1, 2), rtol=1e-6)
 
 
@@ -476,11 +478,13 @@ def test_model_count_errors_name_the_method():
 def test_round_to_rounds_task_vectors_like_a_bf16_subtraction():
     base = {"w": np.array([1.0, 3.0, -2.0, 0.5], np.float32)}
     ft = {"w": np.array([1.0078125, 2.9, -1.7, 0.51], np.float32)}
-    b16, f16 = (jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), t) for t in (base, ft))
+    # bfloat16 on the host (ml_dtypes: each op in float32, rounded to bfloat16 as XLA does)
+    h16, g16 = ({"w": x["w"].astype(jnp.bfloat16)} for x in (base, ft))
+    b16, f16 = (jax.device_put(t) for t in (h16, g16))
     out = fj.merge(b16, [f16], fj.chain(M.round_to("bfloat16"), M.sum()))
-    want = (f16["w"] - b16["w"]).astype(jnp.bfloat16)  # bf16 task vector
+    want = (g16["w"] - h16["w"]).astype(jnp.bfloat16)  # bf16 task vector
     np.testing.assert_array_equal(
-        np.asarray(out["w"], np.float32), np.asarray((b16["w"] + want).astype(jnp.float32))
+        np.asarray(out["w"], np.float32), (h16["w"] + want).astype(np.float32)
     )
     with pytest.raises(TypeError, match="dtype"):
         M.round_to("int8")
