@@ -213,7 +213,6 @@ def apply_transports(
     sizes = spec.sizes(params)
     axes = spec.leaf_axes(params)
     role_map = _resolve_roles(spec, params, roles)
-    maps = {}
     for g, m in sizes.items():
         if g not in transports:
             raise ValueError(f"transports has no entry for group {g!r}.")
@@ -223,17 +222,39 @@ def apply_transports(
                 f"transport of group {g!r} has shape {shape}, expected ({m}, n): "
                 f"params has {m} units in that group."
             )
-        maps[g] = transport_maps(transports[g], marginal_correction=marginal_correction)
+    mapped = {
+        path_str(kp): x
+        for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]
+        if path_str(kp) in axes
+    }
+    static = isinstance(marginal_correction, (bool, np.bool_))
+    out = _apply_maps(
+        {g: transports[g] for g in sizes},
+        mapped,
+        None if static else marginal_correction,
+        names=tuple(sorted((p, axes[p]) for p in mapped)),
+        roles=tuple(sorted(role_map.items())),
+        correction=bool(marginal_correction) if static else None,
+    )
+    return jax.tree_util.tree_map_with_path(lambda kp, x: out.get(path_str(kp), x), params)
 
-    def leaf_fn(kp, x):
-        path = path_str(kp)
-        names = axes.get(path)
-        if names is None:
-            return x
-        y = _map_leaf(compute_array(x), names, path, role_map, maps)
-        return y.astype(jax.dtypes.canonicalize_dtype(x.dtype))
 
-    return jax.tree_util.tree_map_with_path(leaf_fn, params)
+@functools.partial(jax.jit, static_argnames=("names", "roles", "correction"))
+def _apply_maps(transports, leaves, flag, *, names, roles, correction):
+    """:func:`apply_transports`' arithmetic, one compiled program (not op by op per leaf).
+
+    ``correction``: the marginal correction when a Python bool, else ``None`` and ``flag``
+    holds it as a boolean array.
+    """
+    flag = correction if correction is not None else flag
+    maps = {g: transport_maps(t, marginal_correction=flag) for g, t in transports.items()}
+    roles = dict(roles)
+    out = {}
+    for path, leaf_names in names:
+        x = leaves[path]
+        y = _map_leaf(compute_array(x), leaf_names, path, roles, maps)
+        out[path] = y.astype(jax.dtypes.canonicalize_dtype(x.dtype))
+    return out
 
 
 def _names(spec: PermutationSpec, path: str, ndim: int) -> tuple:

@@ -191,7 +191,8 @@ def _weight_matching(
         check_permutations(spec, ref, init_permutations)
         perms0 = tuple(jnp.asarray(init_permutations[k]).astype(jnp.int32) for k in spec.names)
     else:
-        perms0 = tuple(jnp.arange(n, dtype=jnp.int32) for n in plan.sizes)
+        # From the host: jnp.arange would compile an iota program per group size.
+        perms0 = tuple(jax.device_put(np.arange(n, dtype=np.int32)) for n in plan.sizes)
     traced = _is_traced(ref, other, perms0, key)
     solver = _assignment.resolve_solver(solver, plan.sizes, traced)
     ref_leaves = tuple(jax.tree.leaves(ref))
@@ -200,12 +201,12 @@ def _weight_matching(
     stats = MatchStats()
     orders = sweep_orders(key, int(max_iter), num_groups)
     if max_iter == 0:
-        perms, converged = perms0, jnp.asarray(False)
+        perms, converged = perms0, jax.device_put(np.asarray(False))
     elif solver == "scipy":
         perms, converged = host_loop(
             plan, ref_leaves, other_leaves, perms0, np.asarray(orders), 1e-12, stats
         )
-        converged = jnp.asarray(converged)
+        converged = jax.device_put(np.asarray(converged))
     else:
         perms, converged, sweeps, solves = compiled_loop(
             ref_leaves, other_leaves, perms0, orders, plan=plan

@@ -137,7 +137,7 @@ def host_loop(plan, ref, other, perms0, orders, tol, stats: MatchStats):
     num_groups = len(plan.sizes)
     statics = static_costs_jit(ref, other, plan=plan)
     perms = [np.asarray(p, np.int32) for p in perms0]
-    perms_dev = [jnp.asarray(p) for p in perms]
+    perms_dev = [jax.device_put(p) for p in perms]  # int32 NumPy: no copy program per size
     version = [0] * num_groups
     cache: dict = {}
     aranges = [np.arange(n) for n in plan.sizes]
@@ -191,7 +191,7 @@ def host_loop(plan, ref, other, perms0, orders, tol, stats: MatchStats):
                 if np.array_equal(new_perm, perms[g]):
                     continue
                 gain, scale = _group_gain_jit(
-                    ref, other, tuple(perms_dev), jnp.asarray(new_perm), plan=plan, g=g
+                    ref, other, tuple(perms_dev), jax.device_put(new_perm), plan=plan, g=g
                 )
                 if not float(gain) > SELF_RTOL[plan.dtype] * float(scale):
                     stats.rejected += 1
@@ -204,7 +204,7 @@ def host_loop(plan, ref, other, perms0, orders, tol, stats: MatchStats):
                 progress = progress or bool(new > old + tol)
             if not np.array_equal(new_perm, perms[g]):
                 perms[g] = new_perm
-                perms_dev[g] = jnp.asarray(new_perm)
+                perms_dev[g] = jax.device_put(new_perm)
                 version[g] += 1
                 for h in plan.neighbours[g]:
                     dirty[h] = True

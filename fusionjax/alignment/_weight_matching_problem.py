@@ -240,11 +240,11 @@ def sweep_orders(key: PRNGKey | None, max_iter: int, num_groups: int) -> jax.Arr
     """
     max_iter = max(int(max_iter), 0)
     if key is None:
-        return jnp.tile(jnp.arange(num_groups, dtype=jnp.int32), (max_iter, 1))
+        return jax.device_put(np.tile(np.arange(num_groups, dtype=np.int32), (max_iter, 1)))
     if isinstance(key, jax.core.Tracer):
         return jnp.asarray(_orders_from_bits(_key_bits(key), max_iter, num_groups, jnp))
     bits = np.asarray(_key_bits(key)).astype(np.uint32)
-    return jnp.asarray(_orders_from_bits(bits, max_iter, num_groups, np))
+    return jax.device_put(_orders_from_bits(bits, max_iter, num_groups, np))  # int32 NumPy
 
 
 def _key_bits(key):

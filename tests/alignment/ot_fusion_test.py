@@ -51,8 +51,8 @@ def forward(p, x):
 
 
 def widen(p):
-    """Every hidden unit twice: incoming weights copied, outgoing weights halved."""
-    rep = lambda a, ax: jnp.repeat(a, 2, axis=ax)  # noqa: E731
+    """Every hidden unit twice: incoming weights copied, outgoing weights halved (in NumPy)."""
+    rep = lambda a, ax: np.repeat(np.asarray(a), 2, axis=ax)  # noqa: E731
     return {
         "Dense_0": {"kernel": rep(p["Dense_0"]["kernel"], 1), "bias": rep(p["Dense_0"]["bias"], 0)},
         "Dense_1": {
@@ -139,7 +139,8 @@ def test_weight_endpoints_and_linearity(models):
     fh, _ = run(0.25)
     assert_trees_close(f0, ref, **EXACT)
     assert_trees_close(f1, aligned, **EXACT)
-    assert_trees_close(fh, jax.tree.map(lambda a, b: 0.75 * a + 0.25 * b, ref, aligned))
+    mix = lambda a, b: np.float32(0.75) * np.asarray(a) + np.float32(0.25) * np.asarray(b)  # noqa: E731
+    assert_trees_close(fh, jax.tree.map(mix, ref, aligned))
 
 
 @pytest.mark.parametrize("solver", ["exact", "sinkhorn"])
@@ -179,13 +180,14 @@ def test_marginal_correction():
     t = jax.device_put(np.array([[0.2, 0.1], [0.0, 0.3], [0.1, 0.3]], np.float32))
     maps = jax.jit(transport_maps, static_argnames="marginal_correction")  # not op by op
     write, read = maps(t)
-    np.testing.assert_allclose(write, t / t.sum(0)[None], rtol=1e-6)  # T diag(1/beta)
-    np.testing.assert_allclose(read, t / t.sum(1)[:, None], rtol=1e-6)  # diag(1/alpha) T
+    tn = np.asarray(t)  # references on the host
+    np.testing.assert_allclose(write, tn / tn.sum(0)[None], rtol=1e-6)  # T diag(1/beta)
+    np.testing.assert_allclose(read, tn / tn.sum(1)[:, None], rtol=1e-6)  # diag(1/alpha) T
     np.testing.assert_allclose(write.sum(0), 1.0, rtol=1e-6)  # ref units: convex combinations
     np.testing.assert_allclose(read.sum(1), 1.0, rtol=1e-6)  # other units: mass divided up
     w_uniform, r_uniform = maps(t, marginal_correction=False)
-    np.testing.assert_allclose(w_uniform, 2 * t, rtol=1e-6)  # divides by 1/n, 1/m instead
-    np.testing.assert_allclose(r_uniform, 3 * t, rtol=1e-6)
+    np.testing.assert_allclose(w_uniform, 2 * tn, rtol=1e-6)  # divides by 1/n, 1/m instead
+    np.testing.assert_allclose(r_uniform, 3 * tn, rtol=1e-6)
     np.testing.assert_allclose(maps(jax.device_put(np.eye(4, dtype=np.float32) / 4))[0], np.eye(4))
     # A boolean array flag (as an OTFusionOutput returned from jit holds) selects the same.
     flag_maps = jax.jit(lambda t, flag: transport_maps(t, marginal_correction=flag))
@@ -204,12 +206,11 @@ def test_activation_cost(models):
     """Activation costs recover a permuted copy; missing groups fall back to weights."""
     ref, _, permuted, x, perms = models
 
-    def acts(p):  # pre-activations: no dead (tied) units on few inputs
-        h0 = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"][None]
-        return {
-            "h0": h0,
-            "h1": jax.nn.relu(h0) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"][None],
-        }
+    def acts(p):  # pre-activations: no dead (tied) units on few inputs; float64 NumPy, cast
+        p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+        h0 = np.asarray(x, np.float64) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"][None]
+        h1 = np.maximum(h0, 0) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"][None]
+        return {"h0": jax.device_put(h0.astype(np.float32)), "h1": jax.device_put(h1.astype(np.float32))}
 
     out = ot_fusion(SPEC, ref, permuted, cost="activation", activations=(acts(ref), acts(permuted)))
     assert_trees_close(out.aligned, ref, **EXACT)
@@ -223,14 +224,14 @@ def test_activation_cost(models):
     with pytest.raises(ValueError, match="needs activations"):
         ot_fusion(SPEC, ref, permuted, cost="activation")
     with pytest.raises(ValueError, match=r"ref activations of group 'h0': expected \[M, 8\]"):
-        ot_fusion(SPEC, ref, permuted, cost="activation", activations=({"h0": a_r["h0"].T}, a_p))
+        ot_fusion(SPEC, ref, permuted, cost="activation", activations=({"h0": np.asarray(a_r["h0"]).T}, a_p))
     with pytest.raises(ValueError, match="same inputs"):
         ot_fusion(
             SPEC,
             ref,
             permuted,
             cost="activation",
-            activations=({"h0": a_r["h0"][:3]}, {"h0": a_p["h0"]}),
+            activations=({"h0": np.asarray(a_r["h0"])[:3]}, {"h0": a_p["h0"]}),
         )
 
 

@@ -12,22 +12,22 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
-    import fusionjax as fj
     from fusionjax import decoding, zoo
 
     assert jax.device_count() == 4
     strong = zoo.Decoder(vocab_size=32, dim=32, depth=1, heads=4, mlp_width=64, max_length=32)
     small = zoo.Decoder(vocab_size=32, dim=16, depth=1, heads=2, mlp_width=32, max_length=32)
-    x = jnp.zeros((1, 4), jnp.int32)
+    x = np.zeros((1, 4), np.int32)
     init = jax.jit(small.init)
-    scale = lambda v: jax.tree.map(lambda a: a * 4.0, v)
-    experts = fj.stack([scale(init(jax.random.key(i), x)) for i in range(4)])
+    # The experts' weights x4, stacked on the host (no eager program per leaf shape).
+    experts = jax.tree.map(lambda *a: np.stack(a) * np.float32(4.0),
+                           *[jax.device_get(init(jax.random.key(i), x)) for i in range(4)])
     members = [
         decoding.Member(decoding.from_linen(strong), jax.jit(strong.init)(jax.random.key(9), x),
-                        jnp.array([[1, 2, 3, 4], [0, 0, 5, 6]]), jnp.array([4, 2])),
+                        np.array([[1, 2, 3, 4], [0, 0, 5, 6]]), np.array([4, 2])),
         decoding.Member(decoding.from_linen(small), experts,
-                        jnp.array([[7, 8, 9, 10, 11, 12], [0, 0, 0, 13, 14, 15]]),
-                        jnp.array([6, 3]), stacked=True),
+                        np.array([[7, 8, 9, 10, 11, 12], [0, 0, 0, 13, 14, 15]]),
+                        np.array([6, 3]), stacked=True),
     ]
 
     def fuse(logits):
