@@ -64,10 +64,10 @@ def capture_dense_inputs(
         ``kernel`` in it (the module path is named).
 
     Examples:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import jax, numpy as np, flax.linen as nn
       >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
-      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
-      >>> xs = capture_dense_inputs(model, variables, jnp.ones((5, 3)))
+      >>> variables = jax.jit(model.init)(jax.random.key(0), np.ones((1, 3), np.float32))
+      >>> xs = capture_dense_inputs(model, variables, np.ones((5, 3), np.float32))
       >>> xs["layers_0"]["kernel"].shape, xs["layers_2"]["kernel"].shape
       ((5, 3), (5, 4))
       >>> xs["layers_0"]["bias"] is None
@@ -158,10 +158,10 @@ def dense_grams(
         ``batch_size`` is not a positive integer.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import jax, numpy as np, flax.linen as nn
       >>> model = nn.Dense(2)
-      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
-      >>> g = dense_grams(model, variables, jnp.ones((10, 3)), batch_size=4)
+      >>> variables = jax.jit(model.init)(jax.random.key(0), np.ones((1, 3), np.float32))
+      >>> g = dense_grams(model, variables, np.ones((10, 3), np.float32), batch_size=4)
       >>> g["kernel"]
       Array([[1., 1., 1.],
              [1., 1., 1.],

@@ -97,15 +97,15 @@ def dense_fisher_diagonal(
         ``[n, C]``.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import jax, numpy as np, flax.linen as nn
       >>> from fusionjax.merging import fisher_diagonal
       >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
-      >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+      >>> params = jax.jit(model.init)(jax.random.key(0), np.ones((1, 4), np.float32))["params"]
       >>> logits_fn = lambda p, x: model.apply({"params": p}, x)
-      >>> x = jax.random.normal(jax.random.key(1), (16, 4))
+      >>> x = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
       >>> fast = dense_fisher_diagonal(logits_fn, params, x, batch_size=8)
       >>> slow = fisher_diagonal(logits_fn, params, x, batch_size=8)
-      >>> all(jnp.allclose(a, b, rtol=1e-5, atol=1e-7)
+      >>> all(np.allclose(a, b, rtol=1e-5, atol=1e-7)
       ...     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)))
       True
     """

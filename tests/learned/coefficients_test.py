@@ -18,13 +18,13 @@ def random_model(seed, *, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
 
     def draw(*shape):
-        return jnp.asarray(rng.standard_normal(shape).astype(np.float32).astype(dtype))
+        return jax.device_put(rng.standard_normal(shape).astype(np.float32).astype(dtype))
 
     return {
         "dense": {"kernel": draw(8, 4), "bias": draw(4)},
         "conv": {"kernel": draw(3, 3, 2, 5)},
         "scale": draw(),
-        "step": jnp.array(7, jnp.int32),
+        "step": jax.device_put(np.int32(7)),
     }
 
 
@@ -35,7 +35,7 @@ def finetune_like(base, seed, n, *, scale=0.1):
     for _ in range(n):
         leaves, treedef = jax.tree.flatten(base)
         new = [
-            jnp.asarray(
+            jax.device_put(
                 (
                     np.asarray(x, np.float32)
                     + (scale * rng.standard_normal(x.shape)).astype(np.float32).astype(x.dtype)
@@ -88,7 +88,11 @@ def test_combine_matches_manual_sum(models, granularity, maybe_jit):
     coef = fj.learned.init_coefficients(tvs, granularity=granularity)
     # Distinct values per task and per leaf.
     leaves, treedef = jax.tree.flatten(coef)
-    coef = treedef.unflatten([x * (1.0 + i) + jnp.arange(3.0) for i, x in enumerate(leaves)])
+    coef = treedef.unflatten(  # built on the host, placed once
+        jax.device_put(
+            [np.asarray(x) * np.float32(1.0 + i) + np.arange(3, dtype=np.float32) for i, x in enumerate(leaves)]
+        )
+    )
     got = maybe_jit(fj.learned.combine)(base, tvs, coef)
     lam = dict(zip(_flat(coef).keys(), [np.asarray(x, np.float64) for x in jax.tree.leaves(coef)], strict=False))
 
@@ -107,8 +111,8 @@ def test_block_coefficients_scale_each_block(models):
     coef = fj.learned.init_coefficients(tvs, granularity="block", partition=partition)
     assert coef["dense"]["kernel"].shape == (3, 4)
     assert partition["step"] is None
-    values = jnp.arange(12.0).reshape(3, 4) / 10
-    coef = jax.tree.map(lambda c: values[:, : c.shape[1]], coef)
+    values = np.arange(12.0, dtype=np.float32).reshape(3, 4) / np.float32(10)
+    coef = jax.tree.map(lambda c: jax.device_put(values[:, : c.shape[1]]), coef)
     got = fj.learned.combine(base, tvs, coef, partition=partition)
     ids = np.asarray(partition["dense"]["kernel"])
     want = np.asarray(base["dense"]["kernel"], np.float64) + sum(
@@ -117,11 +121,10 @@ def test_block_coefficients_scale_each_block(models):
     )
     np.testing.assert_allclose(got["dense"]["kernel"], want, **F32)
     # One block with equal coefficients is layer-wise merging.
-    one = fj.learned.init_coefficients(
-        tvs, granularity="block", partition=jax.tree.map(jnp.zeros_like, partition)
-    )
+    zero = jax.device_put(jax.tree.map(lambda p: np.zeros(p.shape, p.dtype), partition))
+    one = fj.learned.init_coefficients(tvs, granularity="block", partition=zero)
     assert_trees_close(
-        fj.learned.combine(base, tvs, one, partition=jax.tree.map(jnp.zeros_like, partition)),
+        fj.learned.combine(base, tvs, one, partition=zero),
         fj.learned.combine(base, tvs, fj.learned.init_coefficients(tvs)),
     )
 
@@ -142,7 +145,7 @@ def test_clamp_clips_forward_and_zeroes_gradient_outside(models):
         p = fj.learned.combine(base, tvs, c, clamp=(0.0, 1.0))
         return jnp.sum(p["dense"]["kernel"] ** 2)
 
-    g = jax.grad(f)(coef)
+    g = np.asarray(jax.jit(jax.grad(f))(coef))  # one program (eager grads: learned/loop_test)
     assert g[0] == 0 and g[2] == 0 and g[1] != 0
     np.testing.assert_array_equal(fj.learned.effective(coef, (0.0, 1.0)), [0.0, 0.5, 1.0])
 
@@ -157,11 +160,11 @@ def test_gradient_is_taken_with_respect_to_coefficients_only(models):
             jnp.sum(x**2) for x in jax.tree.leaves(p) if jnp.issubdtype(x.dtype, jnp.floating)
         )
 
-    g = jax.grad(f)(coef)
+    g = jax.jit(jax.grad(f))(coef)  # one program (eager grads: learned/loop_test)
     assert jax.tree.structure(g) == jax.tree.structure(coef)
     # d/dλ_t Σ θ² = Σ 2 θ τ_t; check one leaf by hand.
     p = fj.learned.combine(base, tvs, coef)
-    want = 2 * jnp.tensordot(tvs["dense"]["bias"], p["dense"]["bias"], axes=1)
+    want = 2 * np.tensordot(np.asarray(tvs["dense"]["bias"]), np.asarray(p["dense"]["bias"]), axes=1)
     np.testing.assert_allclose(g["dense"]["bias"], want, rtol=1e-5)
     # The jaxpr of the gradient has no output the size of the task vectors.
     out_shapes = [o.aval.shape for o in jax.make_jaxpr(jax.grad(f))(coef).jaxpr.outvars]

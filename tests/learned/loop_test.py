@@ -18,46 +18,71 @@ T, D, H, N = 3, 6, 16, 40
 
 
 def _normal(rng, *shape, scale=1.0):
-    """Standard normal float32 draws from NumPy (no XLA compilation per shape)."""
-    return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
+    """Standard normal float32 draws from NumPy, placed with device_put (no XLA compilation)."""
+    return jax.device_put(np.asarray(scale * rng.standard_normal(shape), np.float32))
+
+
+def _zeros(*shape):
+    return jax.device_put(np.zeros(shape, np.float32))
+
+
+def _head_logits(heads, params, t, x):
+    h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"][None])
+    h = jnp.tanh(h @ params["l2"]["kernel"] + params["l2"]["bias"][None])
+    return 3.0 * h @ heads[t]
+
+
+def _np_head_logits(heads, params, t, x):
+    """``_head_logits`` in float64 NumPy."""
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    h = np.tanh(f(x) @ f(params["l1"]["kernel"]) + f(params["l1"]["bias"])[None])
+    h = np.tanh(h @ f(params["l2"]["kernel"]) + f(params["l2"]["bias"])[None])
+    return 3.0 * h @ f(heads[t])
 
 
 @pytest.fixture(scope="module")
-def problem():
+def drawn():
     """A 2-layer model fine-tuned three ways, a head per task and an unlabeled pool per task."""
     rng = np.random.default_rng(0)
     base = {
-        "l1": {"kernel": _normal(rng, D, H, scale=1 / np.sqrt(D)), "bias": jnp.zeros(H)},
-        "l2": {"kernel": _normal(rng, H, H, scale=1 / np.sqrt(H)), "bias": jnp.zeros(H)},
-        "count": jnp.array(3, jnp.int32),
+        "l1": {"kernel": _normal(rng, D, H, scale=1 / np.sqrt(D)), "bias": _zeros(H)},
+        "l2": {"kernel": _normal(rng, H, H, scale=1 / np.sqrt(H)), "bias": _zeros(H)},
+        "count": jax.device_put(np.int32(3)),
     }
     fts = []
     for _ in range(T):
         ft = jax.tree.map(lambda x: x, base)
         for layer in ("l1", "l2"):
             ft[layer] = {
-                n: jnp.asarray(np.asarray(v) + 0.3 * rng.standard_normal(v.shape), jnp.float32)
+                n: jax.device_put(
+                    np.asarray(np.asarray(v) + 0.3 * rng.standard_normal(v.shape), np.float32)
+                )
                 for n, v in base[layer].items()
             }
         fts.append(ft)
     heads = [_normal(rng, H, 2 + t) for t in range(T)]
     data = [rng.standard_normal((N, D)).astype(np.float32) for _ in range(T)]
 
-    def logits_fn(params, t, x):
-        h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"][None])
-        h = jnp.tanh(h @ params["l2"]["kernel"] + params["l2"]["bias"][None])
-        return 3.0 * h @ heads[t]
+    def logits_fn(params, t, x):  # a plain closure over the heads
+        return _head_logits(heads, params, t, x)
 
-    return base, fts, data, logits_fn
+    return base, fts, data, logits_fn, heads
+
+
+@pytest.fixture(scope="module")
+def problem(drawn):
+    """``(base, finetuned, unlabeled pools, logits_fn)``."""
+    return drawn[:4]
 
 
 def test_entropy_matches_numpy():
+    entropy = jax.jit(fj.learned.entropy)  # one program per shape, not op by op (eager: loop tests)
     z = _normal(np.random.default_rng(1), 5, 7, scale=3.0)
     p = np.exp(np.asarray(z, np.float64))
     p /= p.sum(-1, keepdims=True)
-    np.testing.assert_allclose(fj.learned.entropy(z), -(p * np.log(p)).sum(-1), rtol=1e-5)
-    np.testing.assert_allclose(fj.learned.entropy(jnp.zeros(4)), np.log(4), rtol=1e-6)
-    assert float(fj.learned.entropy(jnp.array([1e4, 0.0]))) == 0.0
+    np.testing.assert_allclose(entropy(z), -(p * np.log(p)).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(entropy(_zeros(4)), np.log(4), rtol=1e-6)
+    assert float(entropy(jax.device_put(np.float32([1e4, 0.0])))) == 0.0
 
 
 def test_sample_batches_is_deterministic_and_keeps_pairs_aligned():
@@ -65,6 +90,7 @@ def test_sample_batches_is_deterministic_and_keeps_pairs_aligned():
     y = np.arange(10)
     a = fj.learned.sample_batches(jax.random.key(3), [(x, y), x[:4]], 6)
     b = fj.learned.sample_batches(jax.random.key(3), [(x, y), x[:4]], 6)
+    a, b = jax.tree.map(np.asarray, (a, b))  # checked on the host
     np.testing.assert_array_equal(a[0][0], b[0][0])
     np.testing.assert_array_equal(a[0][0][:, 0] / 2, a[0][1])
     assert a[1].shape == (6, 2) and float(a[1].max()) < 8
@@ -156,10 +182,13 @@ def test_adamerging_plus_plus_learns_on_trimmed_task_vectors(problem):
     assert 0.0 < changed <= 3 * 0.1 + 1e-6
 
 
-def test_atlas_fits_labeled_batches(problem):
-    base, fts, data, logits_fn = problem
-    predict = jax.jit(lambda p, t, x: jnp.argmax(logits_fn(p, t, x), -1), static_argnums=1)
-    labels = [np.asarray(predict(fts[t], t, x)) for t, x in enumerate(data)]  # not op by op
+def test_atlas_fits_labeled_batches(drawn):
+    base, fts, data, logits_fn, heads = drawn
+    # The fine-tuned models' own predictions as labels, computed on the host (float64).
+    labels = [
+        np.argmax(_np_head_logits(heads, fts[t], t, x), -1).astype(np.int32)
+        for t, x in enumerate(data)
+    ]
     labeled = list(zip(data, labels, strict=False))
     res = fj.learned.atlas(base, fts, labeled, logits_fn, num_blocks=3, steps=40, batch_size=16, key=jax.random.key(0))
     assert res.coefficients["l1"]["kernel"].shape == (T, 3)
@@ -205,33 +234,26 @@ def test_errors(problem):
         )
 
 
-def _head_logits(heads, params, t, x):
-    h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"][None])
-    h = jnp.tanh(h @ params["l2"]["kernel"] + params["l2"]["bias"][None])
-    return 3.0 * h @ heads[t]
-
-
-def test_one_compile_serves_models_that_differ_in_their_head_arrays(problem):
+def test_one_compile_serves_models_that_differ_in_their_head_arrays(drawn):
     """A ``Partial`` logits_fn passes its arrays (heads) as arguments: no recompilation.
 
-    As the testbed's ``tb.logits`` does for every seed; the result is the closure's.
+    As the testbed's ``tb.logits`` does for every seed; the result is the closure's. The
+    heads are the fixture's and twice them; the fixture's closure over its heads is the
+    first reference (with the file's "task" hyperparameters it reuses that compiled loop).
     """
-    base, fts, data, logits_fn = problem
-    rng = np.random.default_rng(9)
-    heads = [rng.standard_normal((H, 2 + t)) for t in range(T)]
-    kw = dict(steps=3, batch_size=4, granularity="task", learning_rate=0.02, key=jax.random.key(0))
+    base, fts, data, logits_fn, heads = drawn
+    kw = dict(steps=3, batch_size=BATCH, granularity="task", learning_rate=LR, key=jax.random.key(0))
     before = training._run_chunk_shared._cache_size()
-    scaled = [[jnp.asarray(scale * h, jnp.float32) for h in heads] for scale in (1.0, 2.0)]
+    scaled = [heads, [jax.device_put(2 * np.asarray(h)) for h in heads]]
     outs = [
         fj.learned.adamerging(base, fts, data, jax.tree_util.Partial(_head_logits, hs), **kw)
         for hs in scaled
     ]
     assert training._run_chunk_shared._cache_size() - before == 1
-    for hs, out in zip(scaled, outs, strict=True):
-        closure = fj.learned.adamerging(
-            base, fts, data, lambda p, t, x, hs=hs: _head_logits(hs, p, t, x), **kw
-        )
-        np.testing.assert_array_equal(out.losses, closure.losses)
+    closures = [logits_fn, lambda p, t, x, hs=scaled[1]: _head_logits(hs, p, t, x)]
+    for closure, out in zip(closures, outs, strict=True):
+        want = fj.learned.adamerging(base, fts, data, closure, **kw)
+        np.testing.assert_array_equal(out.losses, want.losses)
     assert not np.allclose(outs[0].losses, outs[1].losses)  # the heads did reach the loop
 
 

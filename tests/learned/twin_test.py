@@ -39,7 +39,7 @@ def _cluster(t, n, seed):
     """Inputs of task ``t``: a Gaussian cloud around ``6 e_t``."""
     rng = np.random.default_rng([seed, t])
     x = rng.standard_normal((n, D)) + 6.0 * np.eye(D)[t]
-    return jnp.asarray(x, jnp.float32)
+    return jax.device_put(x.astype(np.float32))
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +47,13 @@ def problem():
     """``(base, finetuned, task inputs)``; random numbers from NumPy (no per-shape compiles)."""
     rng = np.random.default_rng(0)
     shapes = jax.eval_shape(MLP().init, jax.random.key(0), jnp.ones((1, D)))["params"]
-    base = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), jnp.float32),
+    base = jax.tree.map(lambda s: (0.5 * rng.standard_normal(s.shape)).astype(np.float32),
                         shapes)  # fmt: skip
-    fts = [
-        jax.tree.map(lambda b: b + jnp.asarray(0.3 * rng.standard_normal(b.shape), b.dtype), base)
+    fts = [  # float32 sums on the host, as on the device; placed once
+        jax.tree.map(lambda b: b + (0.3 * rng.standard_normal(b.shape)).astype(b.dtype), base)
         for _ in range(T)
     ]
+    base, fts = jax.device_put((base, fts))
     return base, fts, [_cluster(t, N, 0) for t in range(T)]
 
 
@@ -78,6 +79,7 @@ def test_exclusive_factors_match_numpy_svd(problem, rank):
     base, fts, _ = problem
     shared = fj.merge(base, fts, TA)
     factors = fl.exclusive_factors(shared, fts, layers=LAYERS, rank=rank)
+    factors = jax.tree.map(np.asarray, factors)  # indexed on the host
     for (name,) in LAYERS:
         entry, w_shared = factors[name], np.asarray(shared[name]["kernel"], np.float64)
         d, e = w_shared.shape
@@ -135,12 +137,13 @@ def test_twin_dense_matches_materialised_per_input_weights(x_shape, with_bias):
     rng = np.random.default_rng(1)
     d, e, r, n = 7, 5, 2, x_shape[0]
 
-    def draw(*shape):
-        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    def draw(*shape):  # NumPy draws placed with device_put (no compile per shape)
+        return jax.device_put(rng.standard_normal(shape).astype(np.float32))
 
     x, kernel = draw(*x_shape), draw(d, e)
-    weights = jax.nn.softmax(draw(n, T), axis=-1)
-    f = {"u": draw(T, d, r), "s": jnp.abs(draw(T, r)), "vt": draw(T, r, e)}
+    z = rng.standard_normal((n, T)).astype(np.float32)
+    weights = jax.device_put(np.exp(z) / np.exp(z).sum(-1, keepdims=True))  # softmax on the host
+    f = {"u": draw(T, d, r), "s": jax.device_put(np.abs(np.asarray(draw(T, r)))), "vt": draw(T, r, e)}
     bias = draw(e) if with_bias else None
     if with_bias:
         f["bias"] = draw(T, e)
@@ -164,13 +167,15 @@ def test_twin_apply_is_the_per_input_merge_of_the_whole_model(problem):
 
     x = _cluster(0, M, seed=9)
     for t in range(T):
-        onehot = jnp.zeros((M, T), jnp.float32).at[:, t].set(1.0)
+        onehot = jax.device_put(np.tile(np.eye(T, dtype=np.float32)[t], (M, 1)))
         np.testing.assert_allclose(routed(factors, onehot, x), FWD(fts[t], x),
                                    rtol=1e-4, atol=1e-4)  # fmt: skip
     w = np.array([0.2, 0.5, 0.3], np.float32)
-    merged = jax.tree.map(lambda s, *f: s + sum(wt * (ft - s) for wt, ft in zip(w, f, strict=True)),
-                          shared, *fts)  # fmt: skip
-    got = routed(factors, jnp.broadcast_to(jnp.asarray(w), (M, T)), x)
+    merged = jax.tree.map(  # float32 on the host: no eager op per leaf shape
+        lambda s, *f: s + sum(wt * (ft - s) for wt, ft in zip(w, f, strict=True)),
+        *jax.tree.map(np.asarray, (shared, *fts)),
+    )  # fmt: skip
+    got = routed(factors, jax.device_put(np.tile(w, (M, 1))), x)
     np.testing.assert_allclose(got, FWD(merged, x), rtol=1e-4, atol=1e-4)
 
 

@@ -185,7 +185,7 @@ def test_moe_dense_matches_per_row_weights(maybe_jit, x_shape, r_shape):
 def test_moe_dense_without_biases():
     """A layer without bias (use_bias=False) and without task-vector biases."""
     x, r, w0, tk = _normal(0, 5, 6), _normal(1, 5, 2), _normal(2, 6, 3), _normal(3, 2, 6, 3)
-    zeros_b, zeros_tb = jnp.zeros(3), jnp.zeros((2, 3))
+    zeros_b, zeros_tb = jax.device_put((np.zeros(3, np.float32), np.zeros((2, 3), np.float32)))
     np.testing.assert_allclose(
         wm.moe_dense(x, r, w0, None, tk),
         _naive(x, r, w0, zeros_b, tk, zeros_tb),
@@ -196,34 +196,36 @@ def test_moe_dense_without_biases():
 
 def test_moe_dense_shape_errors_name_the_layer():
     """Shape mismatches raise ValueError with the layer's name and the expected shape."""
-    x, r, w0, tk = jnp.ones((5, 6)), jnp.ones((5, 2)), jnp.ones((6, 3)), jnp.ones((2, 6, 3))
+    ones = lambda *shape: jax.device_put(np.ones(shape, np.float32))  # noqa: E731  no compile
+    x, r, w0, tk = ones(5, 6), ones(5, 2), ones(6, 3), ones(2, 6, 3)
     with pytest.raises(ValueError, match=r"my layer: task kernels must be \[T, 6, 3\]"):
-        wm.moe_dense(x, r, w0, None, jnp.ones((2, 3, 6)), name="my layer")
+        wm.moe_dense(x, r, w0, None, ones(2, 3, 6), name="my layer")
     with pytest.raises(ValueError, match=r"inputs must be \[\.\.\., 6\]"):
-        wm.moe_dense(jnp.ones((5, 4)), r, w0, None, tk)
+        wm.moe_dense(ones(5, 4), r, w0, None, tk)
     with pytest.raises(ValueError, match=r"routing must be \[\.\.\., 2\]"):
-        wm.moe_dense(x, jnp.ones((5, 3)), w0, None, tk)
+        wm.moe_dense(x, ones(5, 3), w0, None, tk)
     with pytest.raises(ValueError, match=r"routing \(4, 2\) does not match the inputs \(5, 6\)"):
-        wm.moe_dense(x, jnp.ones((4, 2)), w0, None, tk)
+        wm.moe_dense(x, ones(4, 2), w0, None, tk)
     with pytest.raises(ValueError, match=r"task biases must be \[2, 3\]"):
-        wm.moe_dense(x, r, w0, jnp.ones(3), tk, jnp.ones((3, 3)))
+        wm.moe_dense(x, r, w0, ones(3), tk, ones(3, 3))
 
 
 def test_init_routers_route_every_input_to_init():
     """The initial router outputs ``init`` for every input; hidden width defaults to d."""
-    tvs = {"a": {"kernel": jnp.ones((3, 4, 2)), "bias": jnp.ones((3, 2))}}
-    routers = wm.init_routers(jax.random.key(0), tvs, init=jnp.array([0.1, 0.2, 0.3]))
-    x = _normal(1, 6, 4)
-    np.testing.assert_array_equal(
-        wm.routing_weights(routers["a"], x), jnp.broadcast_to(jnp.array([0.1, 0.2, 0.3]), (6, 3))
+    tvs = jax.device_put(
+        {"a": {"kernel": np.ones((3, 4, 2), np.float32), "bias": np.ones((3, 2), np.float32)}}
     )
+    init = np.float32([0.1, 0.2, 0.3])
+    routers = wm.init_routers(jax.random.key(0), tvs, init=jax.device_put(init))
+    x = _normal(1, 6, 4)
+    np.testing.assert_array_equal(wm.routing_weights(routers["a"], x), np.tile(init, (6, 1)))
     assert routers["a"]["hidden"]["kernel"].shape == (4, 4)  # hidden = input width
     assert wm.init_routers(jax.random.key(0), tvs, hidden=7)["a"]["hidden"]["kernel"].shape == (
         4,
         7,
     )
     with pytest.raises(ValueError, match=r"init must be a scalar or have shape \(3,\)"):
-        wm.init_routers(jax.random.key(0), tvs, init=jnp.ones(2))
+        wm.init_routers(jax.random.key(0), tvs, init=np.ones(2, np.float32))
 
 
 # --------------------------------------------------------------------------------------
@@ -261,7 +263,9 @@ def test_backbone_and_task_vectors(problem):
     np.testing.assert_array_equal(backbone["Dense_1"]["bias"], base["Dense_1"]["bias"])
     for name in ("Dense_0", "Dense_2"):
         np.testing.assert_array_equal(backbone[name]["kernel"], ta[name]["kernel"])
-    expected = jnp.stack([ft["Dense_1"]["kernel"] - base["Dense_1"]["kernel"] for ft in fts])
+    expected = np.stack(  # on the host
+        [np.asarray(ft["Dense_1"]["kernel"]) - np.asarray(base["Dense_1"]["kernel"]) for ft in fts]
+    )
     np.testing.assert_array_equal(tvs["Dense_1"]["kernel"], expected)
     assert tvs["Dense_1"]["bias"].shape == (T, 8)
 
@@ -323,7 +327,10 @@ def test_single_dense_model_matches_moe_dense_and_batch_reduce():
     """A root nn.Dense under wemoe_apply is moe_dense; batch_reduce uses the mean routing."""
     model = nn.Dense(3)
     base = {"kernel": _normal(0, D, 3), "bias": _normal(1, 3)}
-    fts = [jax.tree.map(lambda p, i=i: p + _normal(2 + i, *p.shape), base) for i in range(T)]
+    fts = [  # float32 sums on the host
+        jax.tree.map(lambda p, i=i: jax.device_put(np.asarray(p) + np.asarray(_normal(2 + i, *p.shape))), base)
+        for i in range(T)
+    ]
     x = _normal(9, 4, D)
     backbone, tvs, paths = wm.wemoe_upscale(
         base, fts, lambda p, t, x: model.apply({"params": p}, x), [x] * T
@@ -371,8 +378,8 @@ def test_gradients_reach_the_routers_only(problem, batch_reduce):
         g = grads[name]
         # The output kernel starts at zero, so no gradient reaches the hidden layer yet.
         np.testing.assert_array_equal(g["hidden"]["kernel"], 0.0)
-        assert float(jnp.abs(g["output"]["kernel"]).max()) > 0
-        assert float(jnp.abs(g["output"]["bias"]).max()) > 0
+        assert np.abs(np.asarray(g["output"]["kernel"])).max() > 0  # on the host
+        assert np.abs(np.asarray(g["output"]["bias"])).max() > 0
 
 
 def test_training_moves_the_routers_only(problem, trained):
@@ -384,7 +391,9 @@ def test_training_moves_the_routers_only(problem, trained):
     jax.tree.map(np.testing.assert_array_equal, res.backbone, backbone)
     start = wm.init_routers(jax.random.split(TRAIN["key"])[0], tvs)
     for name in tvs:  # every router leaf moved, the hidden layer too after the first step
-        moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), res.routers[name], start[name])
+        moved = jax.tree.map(  # compared on the host
+            lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), res.routers[name], start[name]
+        )
         assert all(jax.tree.leaves(moved)), (name, moved)
 
 
