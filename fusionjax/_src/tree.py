@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -122,6 +123,12 @@ def stack(trees: Sequence[Params]) -> Stacked:
     """
     if not trees:
         raise ValueError("stack needs at least one tree, got an empty sequence.")
+    return _stack(list(trees))
+
+
+@jax.jit
+def _stack(trees):
+    # One compiled program per structure (eager jnp.stack compiled one per leaf shape).
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
@@ -134,8 +141,13 @@ def unstack(tree: Stacked) -> list[Params]:
     Returns:
       A list of ``T`` pytrees (empty if ``tree`` has no leaves).
     """
-    leaves, treedef = jax.tree.flatten(tree)
+    leaves = jax.tree.leaves(tree)
     if not leaves:
         return []
-    n = leaves[0].shape[0]
-    return [treedef.unflatten([x[i] for x in leaves]) for i in range(n)]
+    return _unstack(tree, int(np.shape(leaves[0])[0]))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(tree, n):
+    # One compiled program per structure (eager indexing compiled one per leaf shape).
+    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from fusionjax._src import training
+from fusionjax._src import tree as tree_lib
 from fusionjax._src.base import Params
 from fusionjax.testbed._tasks import load_images
 from fusionjax.testbed._tasks import split_indices
@@ -116,17 +117,6 @@ def _trainer(model: nn.Module, learning_rate: float, chunk: int):
     return jax.jit(model.init), run, jax.jit(jax.vmap(opt.init))
 
 
-@jax.jit
-def _stack(trees):
-    # One program per structure (eager jnp.stack compiled one per leaf shape).
-    return jax.tree.map(lambda *v: jnp.stack(v), *trees)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack(tree, n):
-    return [jax.tree.map(lambda v, i=i: v[i], tree) for i in range(n)]
-
-
 def _batches(seed: int, n: int, steps: int, batch_size: int) -> np.ndarray:
     """``[steps, batch_size]`` example indices: seeded epochs, no repeats within one."""
     rng = np.random.default_rng(seed)
@@ -138,7 +128,7 @@ def _batches(seed: int, n: int, steps: int, batch_size: int) -> np.ndarray:
 def _train(model, seeds, steps, batch_size, learning_rate, data, chunk):
     init, run, opt_init = _trainer(model, learning_rate, chunk)
     variables = [init(jax.random.key(int(s)), data.x_train[:1]) for s in seeds]
-    variables = _stack(variables)
+    variables = tree_lib.stack(variables)
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
     batches = np.stack([_batches(int(s), data.x_train.shape[0], steps, batch_size) for s in seeds])
@@ -148,7 +138,7 @@ def _train(model, seeds, steps, batch_size, learning_rate, data, chunk):
     for t0 in range(0, steps, chunk):
         carry = run(carry, batches[:, t0 : t0 + chunk], data.x_train, data.y_train)
     params, state, _ = carry
-    return _unstack({"params": params, **state}, len(seeds))
+    return tree_lib.unstack({"params": params, **state})
 
 
 def train_classifiers(
